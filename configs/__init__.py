@@ -1,0 +1,1 @@
+"""Model and mesh presets (see configs/models.py)."""

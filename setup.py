@@ -1,0 +1,34 @@
+"""teacherlm_jax: TeacherLM (He et al., 2023) on JAX/Flax, TPU-native."""
+import setuptools
+
+setuptools.setup(
+    name="teacherlm_jax",
+    version="0.1.0",
+    description="TeacherLM data augmentation (fundamentals, chain of thought, common mistakes) in JAX/Flax.",
+    packages=setuptools.find_packages(include=["teacherlm_jax", "teacherlm_jax.*", "configs", "configs.*"]),
+    package_data={"teacherlm_jax": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax",
+        "orbax-checkpoint",
+        "seqio==0.0.20",
+        "tensorflow>=2.16",
+        "tensorflow-datasets",
+        "sentencepiece",
+        "absl-py",
+        "gin-config",
+        "numpy",
+        "pyarrow",
+        "tqdm",
+        "tensorboardX",
+        "matplotlib",
+    ],
+    extras_require={
+        # torch is pinned by .ci/run (pip install torch==2.13.0) before this extra so that the
+        # CPU build is used; the range here admits it without pulling anything newer.
+        "hf": ["transformers>=4.40", "safetensors", "torch>=2.1"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+)
