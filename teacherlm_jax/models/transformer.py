@@ -1,0 +1,383 @@
+"""Flax NNX decoder LMs: BLOOM (ALiBi), OPT (learned positions), LLaMA-style (RoPE, GQA).
+
+One `DecoderLM` covers the three families; the family only selects the embedding, position
+scheme, norms and MLP. Every parameter carries `logical_axes` metadata that
+`partitioning.py` maps to the mesh.
+
+Masking is expressed with two integer arrays instead of a boolean attention mask:
+  * `segment_ids_BxL`: 0 marks padding, equal non-zero ids mark one text (packed batches hold
+    several texts per row; attention never crosses a segment boundary);
+  * `positions_BxL`: the token's position inside its text (reset per segment, 0 for the first
+    non-pad token of a left-padded row, which is what HF derives from `attention_mask`).
+A key is visible to a query iff both are in the same non-zero segment and the key's position is
+not after the query's. The same rule serves full forwards, packed training, and cached
+decoding, where the cache stores the segment ids and positions of the keys it holds.
+
+The KV cache is a plain pytree (`init_cache`) passed in and returned, so the decode loop can
+jit, shard and donate it like any other state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from teacherlm_jax import partitioning
+from teacherlm_jax.models.config import ModelConfig
+
+Cache = Dict[str, Any]
+
+_default_kernel_init = nnx.initializers.normal(stddev=0.02)
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel (+ bias); kernel shape = in_shape + out_shape with logical axes."""
+
+  def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias: bool,
+               config: ModelConfig, rngs: nnx.Rngs):
+    self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+    self.kernel = _param(rngs, _default_kernel_init, self.in_shape + self.out_shape,
+                         tuple(in_axes) + tuple(out_axes), config.weight_dtype)
+    self.bias = (_param(rngs, nnx.initializers.zeros, self.out_shape, out_axes, config.weight_dtype)
+                 if use_bias else None)
+    self.dtype = config.compute_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_shape)
+    kernel = self.kernel[...].astype(self.dtype)
+    y = jax.lax.dot_general(
+        x.astype(self.dtype), kernel,
+        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm (with bias) or RMSNorm, statistics in float32."""
+
+  def __init__(self, dim: int, *, rms: bool, eps: float, config: ModelConfig, rngs: nnx.Rngs):
+    del rngs
+    self.rms, self.eps, self.dtype = rms, eps, config.compute_dtype
+    self.scale = nnx.Param(jnp.ones((dim,), config.weight_dtype), logical_axes=("norm",))
+    self.bias = None if rms else nnx.Param(jnp.zeros((dim,), config.weight_dtype),
+                                           logical_axes=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.rms:
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+      # LLaMA casts back to the input dtype before the scale.
+      return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """BLOOM's ALiBi slopes, including head counts that are not powers of two."""
+  closest = 2 ** math.floor(math.log2(num_heads))
+  base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+  slopes = [base ** p for p in range(1, closest + 1)]
+  if closest != num_heads:
+    extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+    remaining = min(closest, num_heads - closest)
+    slopes += [extra_base ** p for p in range(1, 1 + 2 * remaining, 2)]
+  return np.asarray(slopes, np.float32)
+
+
+def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding with HF LLaMA's rotate-half convention, computed in float32."""
+  dim = x_BxLxHxD.shape[-1]
+  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # B x L x D/2
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x = x_BxLxHxD.astype(jnp.float32)
+  half = dim // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxLxHxD.dtype)
+
+
+def _write_cache(cache_BxSxKxD: jax.Array, new_BxLxKxD: jax.Array, index_B: jax.Array):
+  """Writes each row's new entries at that row's own cache index."""
+  update = lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (i, 0, 0))
+  return jax.vmap(update)(cache_BxSxKxD, new_BxLxKxD, index_B)
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query attention with ALiBi, RoPE or no in-attention positions."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, h, k, hd = config.hidden_size, config.num_heads, config.kv_heads, config.dim_per_head
+    if config.family == "bloom":
+      # Fused QKV as in BLOOM checkpoints: per head, [q, k, v] rows of head_dim each.
+      self.qkv = Dense((d,), (h, 3, hd), ("embed",), ("heads", "qkv", "head_dim"),
+                       use_bias=config.use_bias, config=config, rngs=rngs)
+    else:
+      self.q = Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=config.use_bias,
+                     config=config, rngs=rngs)
+      self.k = Dense((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"),
+                     use_bias=config.use_bias, config=config, rngs=rngs)
+      self.v = Dense((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"),
+                     use_bias=config.use_bias, config=config, rngs=rngs)
+    self.out = Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), use_bias=config.use_bias,
+                     config=config, rngs=rngs)
+
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, layer_cache: Optional[Cache],
+               key_segment_ids_BxS, key_positions_BxS, cache_index_B):
+    cfg = self.config
+    if cfg.family == "bloom":
+      qkv = self.qkv(x_BxLxD)
+      q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    else:
+      q, k, v = self.q(x_BxLxD), self.k(x_BxLxD), self.v(x_BxLxD)
+    if cfg.family == "llama":
+      q = rope(q, positions_BxL, cfg.rope_theta)
+      k = rope(k, positions_BxL, cfg.rope_theta)
+    q = partitioning.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+
+    new_cache = None
+    if layer_cache is not None:
+      keys = _write_cache(layer_cache["key"], k, cache_index_B)
+      values = _write_cache(layer_cache["value"], v, cache_index_B)
+      new_cache = {"key": keys, "value": values}
+      k, v = keys.astype(q.dtype), values.astype(q.dtype)
+
+    b, l, h, hd = q.shape
+    groups = h // cfg.kv_heads
+    q = q.reshape(b, l, cfg.kv_heads, groups, hd)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores / np.float32(math.sqrt(hd))
+    if cfg.family == "bloom":
+      # HF adds slope * key_position (its `alibi`), equal to a relative bias up to a per-query
+      # constant that softmax ignores; we keep HF's form for bit-level parity.
+      slopes = jnp.asarray(alibi_slopes(h)).reshape(cfg.kv_heads, groups)
+      scores = scores + slopes[None, :, :, None, None] * key_positions_BxS[:, None, None, None, :]
+    visible = ((segment_ids_BxL[:, :, None] == key_segment_ids_BxS[:, None, :])
+               & (key_segment_ids_BxS[:, None, :] != 0)
+               & (key_positions_BxS[:, None, :] <= positions_BxL[:, :, None]))
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    attended = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, hd)
+    return self.out(attended), new_cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.family = config.family
+    d, f = config.hidden_size, config.mlp_dim
+    dense = lambda i, o, ia, oa: Dense((i,), (o,), (ia,), (oa,), use_bias=config.use_bias,
+                                       config=config, rngs=rngs)
+    self.up = dense(d, f, "embed", "mlp")
+    if config.family == "llama":
+      self.gate = dense(d, f, "embed", "mlp")
+    self.down = dense(f, d, "mlp", "embed")
+
+  def __call__(self, x_BxLxD):
+    if self.family == "llama":
+      h = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+    elif self.family == "bloom":
+      h = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
+    else:
+      h = jax.nn.relu(self.up(x_BxLxD))
+    h = partitioning.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+    return self.down(h)
+
+
+class Block(nnx.Module):
+  """Pre-LN decoder block (post-LN for OPT with do_layer_norm_before=False)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    norm = lambda: LayerNorm(config.hidden_size, rms=config.family == "llama",
+                             eps=config.norm_eps, config=config, rngs=rngs)
+    self.pre_ln = config.family != "opt" or config.do_layer_norm_before
+    self.attention_norm = norm()
+    self.attention = Attention(config, rngs=rngs)
+    self.mlp_norm = norm()
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, segment_ids, positions, layer_cache, key_segment_ids, key_positions,
+               cache_index):
+    residual = x
+    h = self.attention_norm(x) if self.pre_ln else x
+    h, new_cache = self.attention(h, segment_ids, positions, layer_cache, key_segment_ids,
+                                  key_positions, cache_index)
+    x = residual + h
+    if not self.pre_ln:
+      x = self.attention_norm(x)
+    residual = x
+    h = self.mlp_norm(x) if self.pre_ln else x
+    x = residual + self.mlp(h)
+    if not self.pre_ln:
+      x = self.mlp_norm(x)
+    x = partitioning.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, new_cache
+
+
+def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
+  """Position of each token inside its segment (0 at each segment start; pads count too)."""
+  length = segment_ids_BxL.shape[1]
+  index = jnp.arange(length, dtype=jnp.int32)[None, :]
+  previous = jnp.pad(segment_ids_BxL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  starts = jnp.where(segment_ids_BxL != previous, index, 0)
+  return index - jax.lax.cummax(starts, axis=1)
+
+
+class DecoderLM(nnx.Module):
+  """Decoder-only LM for the BLOOM, OPT and LLaMA families."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = config.weight_dtype
+    self.token_embedding = _param(rngs, _default_kernel_init, (config.vocab_size, config.embed_dim),
+                                  ("vocab", "embed"), dtype)
+    if config.family == "bloom":
+      self.embedding_norm = LayerNorm(config.hidden_size, rms=False, eps=config.norm_eps,
+                                      config=config, rngs=rngs)
+    if config.family == "opt":
+      # OPT offsets learned positions by 2 (rows 0 and 1 are legacy padding slots).
+      self.position_embedding = _param(
+          rngs, _default_kernel_init, (config.max_position_embeddings + 2, config.hidden_size),
+          ("positions", "embed"), dtype)
+      if config.embed_dim != config.hidden_size:
+        self.project_in = Dense((config.embed_dim,), (config.hidden_size,), ("norm",), ("embed",),
+                                use_bias=False, config=config, rngs=rngs)
+        self.project_out = Dense((config.hidden_size,), (config.embed_dim,), ("embed",),
+                                 ("norm",), use_bias=False, config=config, rngs=rngs)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    if config.has_final_norm:
+      self.final_norm = LayerNorm(config.hidden_size, rms=config.family == "llama",
+                                  eps=config.norm_eps, config=config, rngs=rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, _default_kernel_init, (config.embed_dim, config.vocab_size),
+                            ("embed", "vocab"), dtype)
+
+  def embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+    cfg = self.config
+    x = jnp.take(self.token_embedding[...], tokens_BxL, axis=0).astype(cfg.compute_dtype)
+    if cfg.family == "bloom":
+      x = self.embedding_norm(x)
+    elif cfg.family == "opt":
+      if cfg.embed_dim != cfg.hidden_size:
+        x = self.project_in(x)
+      table = self.position_embedding[...]
+      x = x + jnp.take(table, positions_BxL + 2, axis=0, mode="clip").astype(cfg.compute_dtype)
+    return partitioning.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    if cfg.has_final_norm:
+      x_BxLxD = self.final_norm(x_BxLxD)
+    if cfg.family == "opt" and cfg.embed_dim != cfg.hidden_size:
+      x_BxLxD = self.project_out(x_BxLxD)
+    if cfg.tie_word_embeddings:
+      head_ExV = self.token_embedding[...].astype(cfg.compute_dtype).T
+    else:
+      head_ExV = self.lm_head[...].astype(cfg.compute_dtype)
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_ExV, preferred_element_type=jnp.float32)
+    return partitioning.constrain(logits, ("activation_batch", "activation_length",
+                                           "activation_vocab"))
+
+  def __call__(self, tokens_BxL: jax.Array, *, segment_ids_BxL: Optional[jax.Array] = None,
+               positions_BxL: Optional[jax.Array] = None, cache: Optional[Cache] = None,
+               return_hidden: bool = False) -> Tuple[jax.Array, Optional[Cache]]:
+    """Runs the decoder.
+
+    Args:
+      tokens_BxL: int token ids.
+      segment_ids_BxL: 0 for padding, >0 per packed text; default all ones.
+      positions_BxL: positions inside each segment; default derived from segment_ids_BxL.
+      cache: from `init_cache`; when given, the L new tokens are written at each row's
+        `cache["index"]` and attend to everything the cache holds.
+      return_hidden: return final hidden states instead of logits.
+
+    Returns:
+      (logits_BxLxV in float32 (or hidden states), updated cache or None).
+    """
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+    segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
+    if positions_BxL is None:
+      positions_BxL = positions_from_segments(segment_ids_BxL)
+      if cache is not None:
+        # Continue each row's text after the tokens its cache already holds.
+        held_B = jnp.sum(cache["segment_ids"] != 0, axis=1, dtype=jnp.int32)
+        positions_BxL = positions_BxL + held_B[:, None]
+    positions_BxL = positions_BxL.astype(jnp.int32)
+
+    if cache is not None:
+      index_B = cache["index"]
+      key_segment_ids = _write_cache(cache["segment_ids"][..., None, None],
+                                     segment_ids_BxL[..., None, None], index_B)[..., 0, 0]
+      key_positions = _write_cache(cache["positions"][..., None, None],
+                                   positions_BxL[..., None, None], index_B)[..., 0, 0]
+    else:
+      index_B, key_segment_ids, key_positions = None, segment_ids_BxL, positions_BxL
+
+    x = self.embed(tokens_BxL, positions_BxL)
+    new_layer_caches = []
+    for i, block in enumerate(self.layers):
+      layer_cache = cache["layers"][i] if cache is not None else None
+      if self.config.remat != "none" and cache is None:
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                  if self.config.remat == "dots" else None)
+        run = nnx.remat(lambda blk, *a: blk(*a), policy=policy)
+        x, new_layer_cache = run(block, x, segment_ids_BxL, positions_BxL, layer_cache,
+                                 key_segment_ids, key_positions, index_B)
+      else:
+        x, new_layer_cache = block(x, segment_ids_BxL, positions_BxL, layer_cache,
+                                   key_segment_ids, key_positions, index_B)
+      new_layer_caches.append(new_layer_cache)
+    out = x if return_hidden else self.logits(x)
+
+    new_cache = None
+    if cache is not None:
+      new_cache = {"layers": tuple(new_layer_caches), "segment_ids": key_segment_ids,
+                   "positions": key_positions, "index": index_B + tokens_BxL.shape[1]}
+    return out, new_cache
+
+
+CACHE_AXES = {
+    "key": ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"),
+    "value": ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"),
+    "segment_ids": ("cache_batch", "cache_length"),
+    "positions": ("cache_batch", "cache_length"),
+    "index": ("cache_batch",),
+}
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int,
+               dtype: Optional[jnp.dtype] = None) -> Cache:
+  """An empty KV cache: `max_length` slots per row, all marked as padding (segment 0)."""
+  dtype = dtype or config.compute_dtype
+  shape = (batch_size, max_length, config.kv_heads, config.dim_per_head)
+  layer = lambda: {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+  return {
+      "layers": tuple(layer() for _ in range(config.num_layers)),
+      "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+      "positions": jnp.zeros((batch_size, max_length), jnp.int32),
+      "index": jnp.zeros((batch_size,), jnp.int32),
+  }
+
+
+def cache_logical_axes(cache: Cache) -> Cache:
+  """The logical axis names of every cache leaf (same tree structure as `cache`)."""
+  return {
+      "layers": tuple({"key": CACHE_AXES["key"], "value": CACHE_AXES["value"]}
+                      for _ in cache["layers"]),
+      "segment_ids": CACHE_AXES["segment_ids"],
+      "positions": CACHE_AXES["positions"],
+      "index": CACHE_AXES["index"],
+  }
