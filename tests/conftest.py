@@ -1,0 +1,28 @@
+"""Shared test setup: 8 simulated CPU devices, the real-data directory, HF peers."""
+import os
+
+# Must happen before JAX initialises its backends: sharding tests use 8 simulated devices,
+# and single-device tests simply run on the first one.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("TEACHERLM_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+  """The real datasets (../shared/data or $TEACHERLM_DATA_DIR); skips when absent."""
+  path = data_dir()
+  if not path.is_dir():
+    pytest.skip(f"real data directory {path} is absent (set TEACHERLM_DATA_DIR)")
+  return path
