@@ -1,0 +1,431 @@
+"""HF checkpoints <-> our params, and tokenizers from the same local directory.
+
+One table per family (`_tensor_table`) lists, for every HF tensor, where it lives in our
+parameter tree and how its layout differs (torch Linear weights are `out x in`; our kernels are
+`in x (out shape)`); import and export both read that table, so they cannot drift apart.
+
+Import reads `config.json` plus `model.safetensors`, a sharded `*.index.json`, or a PyTorch
+`.bin` (loaded with `weights_only=True`). Every tensor is checked before a model is built, so a
+bad directory raises a `CheckpointError` naming the file and tensor and nothing half-loaded is
+returned. Hub downloads are not attempted: pass a local directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from teacherlm_jax.models.config import ModelConfig
+from teacherlm_jax.models.transformer import DecoderLM
+
+PathTuple = Tuple  # a path into our nested param dict, e.g. ('layers', 0, 'mlp', 'up', 'kernel')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be imported; the message names file and tensor."""
+
+
+# --------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def config_from_hf(hf_config: Mapping, *, source: str = "config.json", dtype: str = "float32",
+                   param_dtype: Optional[str] = None) -> ModelConfig:
+  """Maps an HF `config.json` dict onto a `ModelConfig`."""
+  model_type = hf_config.get("model_type")
+  get = lambda key, default=None: hf_config.get(key, default)
+
+  def require(*keys):
+    for key in keys:
+      if key in hf_config:
+        return hf_config[key]
+    raise CheckpointError(f"{source}: field {keys[0]!r} is missing for model_type {model_type!r}")
+
+  ids = dict(pad_token_id=get("pad_token_id") if get("pad_token_id") is not None else 0,
+             bos_token_id=get("bos_token_id") if get("bos_token_id") is not None else 1,
+             eos_token_id=get("eos_token_id") if get("eos_token_id") is not None else 2)
+  if isinstance(ids["eos_token_id"], list):
+    ids["eos_token_id"] = ids["eos_token_id"][0]
+  common = dict(dtype=dtype, param_dtype=param_dtype or dtype, **ids)
+  if model_type == "bloom":
+    if get("apply_residual_connection_post_layernorm", False):
+      raise CheckpointError(f"{source}: apply_residual_connection_post_layernorm=True is not "
+                            "supported (no released BLOOM uses it)")
+    hidden = require("hidden_size", "n_embed")
+    return ModelConfig(family="bloom", vocab_size=require("vocab_size"), hidden_size=hidden,
+                       num_layers=require("n_layer", "num_hidden_layers"),
+                       num_heads=require("n_head", "num_attention_heads"), mlp_dim=4 * hidden,
+                       norm_eps=get("layer_norm_epsilon", 1e-5), tie_word_embeddings=True,
+                       use_bias=True, **common)
+  if model_type == "opt":
+    if get("_remove_final_layer_norm", False) or not get("layer_norm_elementwise_affine", True):
+      raise CheckpointError(f"{source}: OPT variants without a final or affine LayerNorm are "
+                            "not supported")
+    if get("activation_function", "relu") != "relu":
+      raise CheckpointError(f"{source}: activation_function={get('activation_function')!r}; "
+                            "only 'relu' OPT models are supported")
+    hidden = require("hidden_size")
+    proj = get("word_embed_proj_dim", hidden)
+    return ModelConfig(family="opt", vocab_size=require("vocab_size"), hidden_size=hidden,
+                       num_layers=require("num_hidden_layers"),
+                       num_heads=require("num_attention_heads"), mlp_dim=require("ffn_dim"),
+                       max_position_embeddings=require("max_position_embeddings"),
+                       do_layer_norm_before=get("do_layer_norm_before", True),
+                       word_embed_proj_dim=None if proj == hidden else proj,
+                       use_bias=get("enable_bias", True), norm_eps=1e-5,
+                       tie_word_embeddings=get("tie_word_embeddings", True), **common)
+  if model_type in ("llama", "mistral", "qwen2"):
+    if get("rope_scaling"):
+      raise CheckpointError(f"{source}: rope_scaling={get('rope_scaling')!r} is not supported")
+    if get("attention_bias", False) or get("mlp_bias", False) or model_type == "qwen2":
+      raise CheckpointError(f"{source}: attention/MLP biases are not supported for LLaMA-style "
+                            "models")
+    rope_theta = get("rope_theta") or (get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return ModelConfig(family="llama", vocab_size=require("vocab_size"),
+                       hidden_size=require("hidden_size"), num_layers=require("num_hidden_layers"),
+                       num_heads=require("num_attention_heads"),
+                       num_kv_heads=get("num_key_value_heads"), head_dim=get("head_dim"),
+                       mlp_dim=require("intermediate_size"),
+                       max_position_embeddings=get("max_position_embeddings", 2048),
+                       norm_eps=get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
+                       use_bias=False, tie_word_embeddings=get("tie_word_embeddings", False),
+                       **common)
+  raise CheckpointError(f"{source}: unknown model_type {model_type!r}; supported: bloom, opt, "
+                        "llama")
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+  """The HF `config.json` dict for `config` (loadable by `transformers.AutoConfig`)."""
+  ids = dict(pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
+             eos_token_id=config.eos_token_id)
+  if config.family == "bloom":
+    return dict(model_type="bloom", architectures=["BloomForCausalLM"],
+                vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                n_layer=config.num_layers, n_head=config.num_heads,
+                layer_norm_epsilon=config.norm_eps, apply_residual_connection_post_layernorm=False,
+                tie_word_embeddings=True, **ids)
+  if config.family == "opt":
+    return dict(model_type="opt", architectures=["OPTForCausalLM"], vocab_size=config.vocab_size,
+                hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                num_attention_heads=config.num_heads, ffn_dim=config.mlp_dim,
+                max_position_embeddings=config.max_position_embeddings,
+                do_layer_norm_before=config.do_layer_norm_before,
+                word_embed_proj_dim=config.embed_dim, enable_bias=config.use_bias,
+                activation_function="relu", tie_word_embeddings=config.tie_word_embeddings, **ids)
+  return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=config.vocab_size,
+              hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+              num_attention_heads=config.num_heads, num_key_value_heads=config.kv_heads,
+              head_dim=config.dim_per_head, intermediate_size=config.mlp_dim,
+              max_position_embeddings=config.max_position_embeddings,
+              rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+              tie_word_embeddings=config.tie_word_embeddings, hidden_act="silu", **ids)
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor table.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  hf_name: str
+  path: PathTuple
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(x):
+  return x
+
+
+def _linear(out_shape: Tuple[int, ...]):
+  """torch Linear weight (out, in) <-> our kernel (in, *out_shape)."""
+  to_ours = lambda w: w.T.reshape((w.shape[1],) + tuple(out_shape))
+  to_hf = lambda k: k.reshape(k.shape[0], -1).T
+  return to_ours, to_hf
+
+
+def _linear_from_heads(in_shape: Tuple[int, ...]):
+  """torch Linear weight (out, heads*hd) <-> our kernel (heads, hd, out)."""
+  to_ours = lambda w: w.T.reshape(tuple(in_shape) + (w.shape[0],))
+  to_hf = lambda k: k.reshape(-1, k.shape[-1]).T
+  return to_ours, to_hf
+
+
+def _reshape(shape):
+  return (lambda b: b.reshape(shape)), (lambda b: b.reshape(-1))
+
+
+def _tensor_table(config: ModelConfig) -> List[_Entry]:
+  d, h, k, hd = config.hidden_size, config.num_heads, config.kv_heads, config.dim_per_head
+  f = config.mlp_dim
+  entries: List[_Entry] = []
+
+  def add(hf_name, path, conv=(_same, _same)):
+    entries.append(_Entry(hf_name, tuple(path), conv[0], conv[1]))
+
+  def norm(hf_prefix, path, bias=True):
+    add(f"{hf_prefix}.weight", path + ("scale",))
+    if bias:
+      add(f"{hf_prefix}.bias", path + ("bias",))
+
+  def dense(hf_prefix, path, conv_w, out_shape=None):
+    add(f"{hf_prefix}.weight", path + ("kernel",), conv_w)
+    if config.use_bias:
+      add(f"{hf_prefix}.bias", path + ("bias",), _reshape(out_shape) if out_shape else (_same, _same))
+
+  if config.family == "bloom":
+    add("transformer.word_embeddings.weight", ("token_embedding",))
+    norm("transformer.word_embeddings_layernorm", ("embedding_norm",))
+    for i in range(config.num_layers):
+      p, ours = f"transformer.h.{i}", ("layers", i)
+      norm(f"{p}.input_layernorm", ours + ("attention_norm",))
+      dense(f"{p}.self_attention.query_key_value", ours + ("attention", "qkv"),
+            _linear((h, 3, hd)), (h, 3, hd))
+      dense(f"{p}.self_attention.dense", ours + ("attention", "out"), _linear_from_heads((h, hd)))
+      norm(f"{p}.post_attention_layernorm", ours + ("mlp_norm",))
+      dense(f"{p}.mlp.dense_h_to_4h", ours + ("mlp", "up"), _linear((f,)))
+      dense(f"{p}.mlp.dense_4h_to_h", ours + ("mlp", "down"), _linear((d,)))
+    norm("transformer.ln_f", ("final_norm",))
+  elif config.family == "opt":
+    add("model.decoder.embed_tokens.weight", ("token_embedding",))
+    add("model.decoder.embed_positions.weight", ("position_embedding",))
+    if config.embed_dim != d:
+      add("model.decoder.project_in.weight", ("project_in", "kernel"), _linear((d,)))
+      add("model.decoder.project_out.weight", ("project_out", "kernel"), _linear((config.embed_dim,)))
+    for i in range(config.num_layers):
+      p, ours = f"model.decoder.layers.{i}", ("layers", i)
+      for name, ours_name in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+        dense(f"{p}.self_attn.{name}", ours + ("attention", ours_name), _linear((h, hd)), (h, hd))
+      dense(f"{p}.self_attn.out_proj", ours + ("attention", "out"), _linear_from_heads((h, hd)))
+      norm(f"{p}.self_attn_layer_norm", ours + ("attention_norm",))
+      dense(f"{p}.fc1", ours + ("mlp", "up"), _linear((f,)))
+      dense(f"{p}.fc2", ours + ("mlp", "down"), _linear((d,)))
+      norm(f"{p}.final_layer_norm", ours + ("mlp_norm",))
+    if config.has_final_norm:
+      norm("model.decoder.final_layer_norm", ("final_norm",))
+  else:
+    add("model.embed_tokens.weight", ("token_embedding",))
+    for i in range(config.num_layers):
+      p, ours = f"model.layers.{i}", ("layers", i)
+      add(f"{p}.self_attn.q_proj.weight", ours + ("attention", "q", "kernel"), _linear((h, hd)))
+      add(f"{p}.self_attn.k_proj.weight", ours + ("attention", "k", "kernel"), _linear((k, hd)))
+      add(f"{p}.self_attn.v_proj.weight", ours + ("attention", "v", "kernel"), _linear((k, hd)))
+      add(f"{p}.self_attn.o_proj.weight", ours + ("attention", "out", "kernel"),
+          _linear_from_heads((h, hd)))
+      add(f"{p}.mlp.gate_proj.weight", ours + ("mlp", "gate", "kernel"), _linear((f,)))
+      add(f"{p}.mlp.up_proj.weight", ours + ("mlp", "up", "kernel"), _linear((f,)))
+      add(f"{p}.mlp.down_proj.weight", ours + ("mlp", "down", "kernel"), _linear((d,)))
+      norm(f"{p}.input_layernorm", ours + ("attention_norm",), bias=False)
+      norm(f"{p}.post_attention_layernorm", ours + ("mlp_norm",), bias=False)
+    norm("model.norm", ("final_norm",), bias=False)
+  if not config.tie_word_embeddings:
+    add("lm_head.weight", ("lm_head",), (lambda w: w.T, lambda w: w.T))
+  return entries
+
+
+# Prefixes under which released checkpoints store the same tensors (bigscience/bloom-* has no
+# 'transformer.' prefix; old facebook/opt-* checkpoints use 'decoder.' without 'model.').
+_ALIASES = {"bloom": [("transformer.", "")], "opt": [("model.decoder.", "decoder.")],
+            "llama": []}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading checkpoint files.
+
+
+class _TensorFiles:
+  """Lazy name -> (file, loader) view over safetensors / sharded / .bin checkpoints."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory
+    self._where: Dict[str, pathlib.Path] = {}
+    self._bin_cache: Dict[pathlib.Path, dict] = {}
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+      index_path = directory / index_name
+      if index_path.exists():
+        try:
+          weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+          raise CheckpointError(f"{index_path}: not a valid index file ({e})") from e
+        self._where = {name: directory / file for name, file in weight_map.items()}
+        return
+    for single in ("model.safetensors", "pytorch_model.bin"):
+      path = directory / single
+      if path.exists():
+        for name in self._names_in(path):
+          self._where[name] = path
+        return
+    raise CheckpointError(f"{directory}: no model.safetensors, pytorch_model.bin or sharded "
+                          "index file found")
+
+  def _names_in(self, path: pathlib.Path) -> List[str]:
+    if path.suffix == ".safetensors":
+      from safetensors import safe_open
+      try:
+        with safe_open(str(path), framework="np") as f:
+          return list(f.keys())
+      except Exception as e:  # safetensors raises its own error types for corrupt headers.
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from e
+    return list(self._load_bin(path))
+
+  def _load_bin(self, path: pathlib.Path) -> dict:
+    if path not in self._bin_cache:
+      import torch
+      try:
+        self._bin_cache[path] = torch.load(str(path), map_location="cpu", weights_only=True)
+      except Exception as e:
+        raise CheckpointError(f"{path}: cannot load PyTorch checkpoint ({e})") from e
+    return self._bin_cache[path]
+
+  def names(self):
+    return self._where.keys()
+
+  def read(self, name: str) -> np.ndarray:
+    path = self._where[name]
+    if not path.exists():
+      raise CheckpointError(f"{path}: listed in the index for tensor {name!r} but missing")
+    if path.suffix == ".safetensors":
+      from safetensors import safe_open
+      try:
+        with safe_open(str(path), framework="pt") as f:
+          tensor = f.get_tensor(name)
+      except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+    else:
+      tensor = self._load_bin(path)[name]
+    # Through torch so that bfloat16 checkpoints read; float32 keeps every bit of bf16/fp16.
+    return tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+
+
+def _set_path(tree: dict, path: PathTuple, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get_path(tree: Mapping, path: PathTuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def abstract_model(config: ModelConfig) -> DecoderLM:
+  return nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+
+
+def load_hf_params(directory, config: ModelConfig) -> dict:
+  """Reads every tensor of `config`'s table from `directory` into our nested param dict."""
+  directory = pathlib.Path(directory)
+  files = _TensorFiles(directory)
+  available = set(files.names())
+  expected = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+  params: dict = {}
+  for entry in _tensor_table(config):
+    name = entry.hf_name
+    if name not in available:
+      for prefix, alias in _ALIASES[config.family]:
+        if name.startswith(prefix) and name.replace(prefix, alias, 1) in available:
+          name = name.replace(prefix, alias, 1)
+          break
+      else:
+        raise CheckpointError(f"{directory}: tensor {entry.hf_name!r} is missing from the "
+                              "checkpoint")
+    hf_array = files.read(name)
+    want = _get_path(expected, entry.path).shape
+    try:
+      ours = entry.to_ours(hf_array)
+    except ValueError:
+      ours = None
+    if ours is None or ours.shape != tuple(want):
+      want_hf = entry.to_hf(np.zeros(want, np.float32)).shape
+      raise CheckpointError(f"{files._where[name]}: tensor {name!r} has shape {hf_array.shape}, "
+                            f"expected {tuple(want_hf)} for this config.json")
+    _set_path(params, entry.path, ours)
+  return params
+
+
+def import_checkpoint(directory, *, dtype: str = "float32", param_dtype: Optional[str] = None,
+                      ) -> Tuple[ModelConfig, DecoderLM]:
+  """Imports a local HF checkpoint directory (config.json + weights) as (config, DecoderLM)."""
+  directory = pathlib.Path(directory)
+  config_path = directory / "config.json"
+  if not config_path.exists():
+    raise CheckpointError(f"{config_path}: missing (is {directory} an HF checkpoint directory?)")
+  try:
+    hf_config = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{config_path}:{e.lineno}: not valid JSON ({e.msg})") from e
+  config = config_from_hf(hf_config, source=str(config_path), dtype=dtype, param_dtype=param_dtype)
+  params = load_hf_params(directory, config)
+  return config, model_from_params(config, params)
+
+
+def model_from_params(config: ModelConfig, params: dict) -> DecoderLM:
+  """Builds a DecoderLM whose parameters are `params` (our nested dict of arrays)."""
+  model = abstract_model(config)
+  state = nnx.state(model, nnx.Param)
+  dtype = config.weight_dtype
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
+  nnx.update(model, state)
+  return model
+
+
+def params_to_hf(model: DecoderLM) -> Dict[str, np.ndarray]:
+  """Our parameters as an HF state dict of float32 numpy arrays."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return {entry.hf_name: np.ascontiguousarray(
+      entry.to_hf(np.asarray(_get_path(params, entry.path), np.float32)))
+          for entry in _tensor_table(model.config)}
+
+
+def export_checkpoint(model: DecoderLM, directory, *, tokenizer_dir=None,
+                      max_shard_bytes: int = 5 << 30) -> pathlib.Path:
+  """Writes `model` as an HF directory (config.json + safetensors, sharded past 5 GB)."""
+  from safetensors.numpy import save_file
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  hf_config = config_to_hf(model.config)
+  hf_config["torch_dtype"] = "float32"
+  (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+  tensors = params_to_hf(model)
+  shards: List[Dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, array in tensors.items():
+    if size and size + array.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = array
+    size += array.nbytes
+  if len(shards) == 1:
+    save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+      weight_map.update({name: file_name for name in shard})
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+             "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+  if tokenizer_dir is not None:
+    load_tokenizer(tokenizer_dir).save_pretrained(str(directory))
+  return directory
+
+
+def load_tokenizer(directory):
+  """The HF tokenizer saved in a local directory (no hub access)."""
+  from transformers import AutoTokenizer
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise CheckpointError(f"{directory}: tokenizer directory does not exist")
+  try:
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{directory}: cannot load a tokenizer ({e})") from e

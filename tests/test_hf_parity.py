@@ -1,0 +1,73 @@
+"""Our models reproduce `transformers` (PyTorch, CPU) logits on the same weights."""
+import numpy as np
+import pytest
+
+import hf_peers
+from teacherlm_jax.models import hf, transformer
+
+FAMILIES = sorted(hf_peers.FAMILY_CONFIGS)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def peer(request, tmp_path_factory):
+  directory = tmp_path_factory.mktemp(request.param)
+  torch_model = hf_peers.make_hf_model(request.param, directory)
+  config, model = hf.import_checkpoint(directory)
+  return request.param, torch_model, config, model, directory
+
+
+def test_left_padded_batch_logits_match_transformers(peer):
+  family, torch_model, config, model, _ = peer
+  tokens, mask = hf_peers.left_padded_batch(config.vocab_size, [9, 4, 1, 7], config.pad_token_id)
+  expected = hf_peers.hf_logits(torch_model, tokens, mask)
+  ours, _ = model(tokens, segment_ids_BxL=mask)
+  diff = np.abs(np.asarray(ours) - expected)[mask.astype(bool)]
+  assert diff.max() < 1e-4, f"{family}: max |logit diff| {diff.max()}"
+
+
+def test_cached_decoding_equals_full_forward(peer):
+  _, _, config, model, _ = peer
+  tokens, mask = hf_peers.left_padded_batch(config.vocab_size, [8, 5, 3], config.pad_token_id, 1)
+  full, _ = model(tokens, segment_ids_BxL=mask)
+  prefill = 4
+  cache = transformer.init_cache(config, tokens.shape[0], 16)
+  pieces, cache = model(tokens[:, :prefill], segment_ids_BxL=mask[:, :prefill], cache=cache)
+  pieces = [pieces]
+  for t in range(prefill, tokens.shape[1]):
+    step, cache = model(tokens[:, t:t + 1], segment_ids_BxL=mask[:, t:t + 1], cache=cache)
+    pieces.append(step)
+  cached = np.concatenate([np.asarray(p) for p in pieces], axis=1)
+  diff = np.abs(cached - np.asarray(full))[mask.astype(bool)]
+  assert diff.max() < 1e-5, diff.max()
+
+
+def test_packed_segments_equal_separate_runs(peer):
+  _, _, config, model, _ = peer
+  rng = np.random.default_rng(3)
+  first, second = rng.integers(3, config.vocab_size, 5), rng.integers(3, config.vocab_size, 7)
+  packed = np.concatenate([first, second, [config.pad_token_id] * 2])[None]
+  segment_ids = np.array([[1] * 5 + [2] * 7 + [0] * 2])
+  packed_logits, _ = model(packed, segment_ids_BxL=segment_ids)
+  alone_first, _ = model(first[None])
+  alone_second, _ = model(second[None])
+  np.testing.assert_allclose(packed_logits[0, :5], alone_first[0], atol=1e-5)
+  np.testing.assert_allclose(packed_logits[0, 5:12], alone_second[0], atol=1e-5)
+
+
+def test_export_round_trip_and_transformers_reload(peer, tmp_path):
+  import torch
+  import transformers
+  family, torch_model, config, model, directory = peer
+  exported = hf.export_checkpoint(model, tmp_path / "exported")
+  config_again, model_again = hf.import_checkpoint(exported)
+  assert config_again == config
+  first = hf.params_to_hf(model)
+  again = hf.params_to_hf(model_again)
+  assert first.keys() == again.keys()
+  for name in first:
+    np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+  tokens, mask = hf_peers.left_padded_batch(config.vocab_size, [6, 3], config.pad_token_id, 2)
+  np.testing.assert_allclose(hf_peers.hf_logits(reloaded, tokens, mask)[mask.astype(bool)],
+                             hf_peers.hf_logits(torch_model, tokens, mask)[mask.astype(bool)],
+                             atol=1e-5)
