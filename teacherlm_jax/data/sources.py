@@ -1,0 +1,237 @@
+"""Readers for the raw datasets: JSONL, MMLU CSV, FLAN CoT TSV, HF `save_to_disk` arrow folders.
+
+Each reader yields plain dicts and refuses bad input with `path:line: field ...` errors. With
+`skips=SkipLog()` a bad row is counted (per file and reason) and skipped instead; the caller
+logs `skips.summary()` and puts the counts in its report. Nothing is dropped silently.
+
+The data directory comes from `set_data_dir` (scripts' `--data_dir` flag), else the environment
+variable TEACHERLM_DATA_DIR, else `../shared/data` next to the repository. It is resolved when a
+dataset is read, never at import.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+import pathlib
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+from absl import logging
+
+_DATA_DIR: Optional[str] = None
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+MMLU_NUM_OPTIONS = 4
+
+
+def set_data_dir(path: Optional[str]) -> None:
+  """Overrides TEACHERLM_DATA_DIR for this process (None restores the default)."""
+  global _DATA_DIR
+  _DATA_DIR = None if path is None else str(path)
+
+
+def data_dir() -> pathlib.Path:
+  if _DATA_DIR is not None:
+    return pathlib.Path(_DATA_DIR)
+  return pathlib.Path(os.environ.get("TEACHERLM_DATA_DIR", _REPO_ROOT.parent / "shared" / "data"))
+
+
+def data_path(*parts: str) -> pathlib.Path:
+  """A path inside the data directory; a clear error when it does not exist."""
+  path = data_dir().joinpath(*parts)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} does not exist (data directory {data_dir()}; set --data_dir or "
+        "TEACHERLM_DATA_DIR)")
+  return path
+
+
+class BadRow(ValueError):
+  """A row that cannot be read: carries file, line and field."""
+
+  def __init__(self, path, line: int, field: Optional[str], reason: str):
+    self.path, self.line, self.field, self.reason = str(path), line, field, reason
+    where = f"{path}:{line}: "
+    super().__init__(where + (f"field {field!r} {reason}" if field else reason))
+
+
+class SkipLog:
+  """Counts rows skipped in skip mode, by file and reason."""
+
+  def __init__(self):
+    self.counts: Dict[tuple, int] = collections.Counter()
+    self.examples: Dict[tuple, str] = {}
+
+  def add(self, error: BadRow) -> None:
+    key = (error.path, error.field or "", error.reason)
+    self.counts[key] += 1
+    self.examples.setdefault(key, str(error))
+    logging.warning("skipping bad row: %s", error)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def by_file(self) -> Dict[str, int]:
+    out = collections.Counter()
+    for (path, _, _), n in self.counts.items():
+      out[path] += n
+    return dict(out)
+
+  def summary(self) -> str:
+    if not self.total:
+      return "no rows skipped"
+    lines = [f"{self.total} rows skipped:"]
+    for key, n in sorted(self.counts.items()):
+      lines.append(f"  {n} x {self.examples[key]}")
+    return "\n".join(lines)
+
+
+def _handle(error: BadRow, skips: Optional[SkipLog]) -> None:
+  if skips is None:
+    raise error
+  skips.add(error)
+
+
+def require(row: Dict[str, Any], fields: Sequence[str], path, line: int) -> None:
+  """Raises BadRow for the first missing or empty field."""
+  for field in fields:
+    value = row.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+      raise BadRow(path, line, field, "is missing" if value is None else "is empty")
+
+
+def read_jsonl(path, required: Sequence[str] = (), skips: Optional[SkipLog] = None
+               ) -> Iterator[Dict[str, Any]]:
+  """One JSON object per line; each dict gets `_line` (1-based) for later error messages."""
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise BadRow(path, line_no, None, f"is not JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(row, dict):
+          raise BadRow(path, line_no, None, f"is a JSON {type(row).__name__}, not an object")
+        require(row, required, path, line_no)
+      except BadRow as e:
+        _handle(e, skips)
+        continue
+      row["_line"] = line_no
+      yield row
+
+
+def _mmlu_answer(value: str, path, line: int) -> int:
+  value = value.strip()
+  if value.isdigit():
+    answer = int(value)
+  elif len(value) == 1 and value in "ABCDEFGH":
+    answer = "ABCDEFGH".index(value)
+  else:
+    raise BadRow(path, line, "answer", f"is {value!r}, not an option index 0-3 or letter A-D")
+  if not 0 <= answer < MMLU_NUM_OPTIONS:
+    raise BadRow(path, line, "answer", f"is {value!r}, outside the {MMLU_NUM_OPTIONS} options")
+  return answer
+
+
+def read_mmlu_csv(path, skips: Optional[SkipLog] = None) -> Iterator[Dict[str, Any]]:
+  """MMLU `<subject>_<split>.csv`: header `question,choice0..3,answer` (answer 0-3), or the
+  original headerless layout `question,A,B,C,D,letter`.
+
+  Yields {'subject', 'question', 'options' (4 strings), 'answer' (int), '_line'}.
+  """
+  path = pathlib.Path(path)
+  subject = path.stem.rsplit("_", 1)[0]
+  fields = ["question"] + [f"choice{i}" for i in range(MMLU_NUM_OPTIONS)] + ["answer"]
+  with open(path, encoding="utf-8", newline="") as f:
+    reader = csv.reader(f)
+    first = True
+    for values in reader:
+      line = reader.line_num
+      if first:
+        first = False
+        if [v.strip() for v in values] == fields:
+          continue
+      try:
+        if len(values) < len(fields):
+          missing = fields[len(values)] if values else "question"
+          raise BadRow(path, line, missing, f"is missing ({len(values)} of {len(fields)} columns)")
+        if len(values) > len(fields):
+          raise BadRow(path, line, None, f"has {len(values)} columns, expected {len(fields)}")
+        question, options = values[0], values[1:1 + MMLU_NUM_OPTIONS]
+        if not question.strip():
+          raise BadRow(path, line, "question", "is empty")
+        for i, option in enumerate(options):
+          if not option.strip():
+            raise BadRow(path, line, f"choice{i}", "is empty (missing option)")
+        answer = _mmlu_answer(values[-1], path, line)
+      except BadRow as e:
+        _handle(e, skips)
+        continue
+      yield {"subject": subject, "question": question, "options": list(options),
+             "answer": answer, "_line": line}
+
+
+def read_flan_tsv(path, skips: Optional[SkipLog] = None) -> Iterator[Dict[str, Any]]:
+  """FLAN CoT `<name>_train.tsv`: question, answer, rationale; literal '\\n' become newlines.
+
+  Yields {'question', 'answer', 'rationale', '_line'}.
+  """
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      line = line.rstrip("\n")
+      if not line:
+        continue
+      try:
+        values = line.split("\t")
+        names = ("question", "answer", "rationale")
+        if len(values) != 3:
+          field = names[len(values)] if len(values) < 3 else None
+          raise BadRow(path, line_no, field,
+                       f"is missing ({len(values)} of 3 tab-separated columns)" if field
+                       else f"has {len(values)} tab-separated columns, expected 3")
+        row = {name: value.replace("\\n", "\n") for name, value in zip(names, values)}
+        require(row, names, path, line_no)
+      except BadRow as e:
+        _handle(e, skips)
+        continue
+      row["_line"] = line_no
+      yield row
+
+
+def read_arrow_dir(folder) -> Iterator[Dict[str, Any]]:
+  """Rows of an HF `datasets.save_to_disk` folder (arrow IPC stream files), via pyarrow.
+
+  The files are taken from `state.json`'s `_data_files` in order (else every *.arrow, sorted);
+  `_line` is the 1-based row number across the files.
+  """
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
+  folder = pathlib.Path(folder)
+  state = folder / "state.json"
+  if state.exists():
+    files = [folder / entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+  else:
+    files = sorted(folder.glob("*.arrow"))
+  if not files:
+    raise FileNotFoundError(f"{folder}: no arrow files (expected an HF save_to_disk folder)")
+  row_no = 0
+  for file in files:
+    with pa.memory_map(str(file)) as source:
+      try:
+        table = pa.ipc.open_stream(source).read_all()
+      except pa.ArrowInvalid:
+        table = pa.ipc.open_file(source).read_all()
+    for row in table.to_pylist():
+      row_no += 1
+      row["_line"] = row_no
+      yield row
+
+
+def read_lines(path) -> list:
+  """Plain text, one item per line (e.g. ECQA author-split ids)."""
+  with open(path, encoding="utf-8") as f:
+    return [line.strip() for line in f if line.strip()]
