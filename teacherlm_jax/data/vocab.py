@@ -1,0 +1,155 @@
+"""Vocabularies for seqio tasks: SentencePiece models and HF tokenizers from a local directory.
+
+`HFTokenizerVocabulary` wraps the tokenizer saved next to an HF checkpoint (BLOOM, OPT, ...)
+so a converted checkpoint tokenises exactly as in `transformers`: `encode` is
+`tokenizer.encode(text, add_special_tokens=False)` (what the reference evaluation harness does),
+and the TF path calls the same tokenizer through `tf.numpy_function`.
+
+`get_vocabulary(spec)` is the one gin-configurable entry point: 'hf:<dir>' or 'spm:<model>'.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Iterable, Optional, Sequence
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+
+def sentencepiece_vocabulary(model_path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+  """A seqio SentencePiece vocabulary (the model file is read lazily, on first use)."""
+  path = pathlib.Path(model_path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: SentencePiece model file does not exist")
+  return seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
+
+
+class HFTokenizerVocabulary(seqio.Vocabulary):
+  """A seqio vocabulary over an HF tokenizer saved in a local directory.
+
+  The tokenizer loads on first use, so building tasks with this vocabulary is cheap. Ids are the
+  tokenizer's own (no reserved PAD=0 shift): `pad_id` is the tokenizer's pad token, which is
+  what HF checkpoints' embeddings expect.
+  """
+
+  def __init__(self, tokenizer_dir: str, extra_ids: int = 0):
+    self._tokenizer_dir = str(tokenizer_dir)
+    self._tokenizer = None
+    super().__init__(extra_ids=extra_ids)
+
+  @property
+  def tokenizer_dir(self) -> str:
+    return self._tokenizer_dir
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
+      self._tokenizer = hf.load_tokenizer(self._tokenizer_dir)
+    return self._tokenizer
+
+  @property
+  def eos_id(self) -> Optional[int]:
+    return self.tokenizer.eos_token_id
+
+  @property
+  def bos_id(self) -> Optional[int]:
+    return self.tokenizer.bos_token_id
+
+  @property
+  def pad_id(self) -> int:
+    pad = self.tokenizer.pad_token_id
+    return pad if pad is not None else self.tokenizer.eos_token_id
+
+  @property
+  def unk_id(self) -> Optional[int]:
+    return self.tokenizer.unk_token_id
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return len(self.tokenizer)
+
+  def _encode(self, s: str) -> Sequence[int]:
+    return self.tokenizer.encode(s, add_special_tokens=False)
+
+  def encode_batch(self, texts: Sequence[str]) -> list:
+    """Encodes many strings in one (fast, parallel) tokenizer call."""
+    return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+  def _decode(self, ids: Iterable[int]) -> str:
+    return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+  def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+    def encode(text):
+      return np.asarray(self._encode(text.decode("utf-8")), np.int32)
+    ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
+    ids.set_shape([None])
+    return ids
+
+  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    def decode(batch):
+      batch = np.asarray(batch)
+      flat = batch.reshape(-1, batch.shape[-1]) if batch.ndim else batch.reshape(1, 1)
+      pad = self.pad_id
+      texts = [self._decode([int(i) for i in row if i != pad]).encode("utf-8") for row in flat]
+      return np.asarray(texts, dtype=object).reshape(batch.shape[:-1] if batch.ndim else ())
+    out = tf.numpy_function(decode, [ids], tf.string, stateful=False)
+    out.set_shape(ids.shape[:-1])
+    return out
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, HFTokenizerVocabulary):
+      return False
+    return (pathlib.Path(self._tokenizer_dir).resolve() == pathlib.Path(other._tokenizer_dir).resolve()
+            and self.extra_ids == other.extra_ids)
+
+  def __hash__(self) -> int:
+    return hash((str(pathlib.Path(self._tokenizer_dir).resolve()), self.extra_ids))
+
+  def __repr__(self) -> str:
+    return f"HFTokenizerVocabulary({self._tokenizer_dir!r})"
+
+
+_VOCABULARIES = {}
+
+
+@gin.configurable
+def get_vocabulary(spec: str = gin.REQUIRED) -> seqio.Vocabulary:
+  """'hf:<tokenizer dir>' or 'spm:<sentencepiece .model>' -> a seqio vocabulary (cached)."""
+  if spec not in _VOCABULARIES:
+    kind, _, path = spec.partition(":")
+    if kind == "hf" and path:
+      _VOCABULARIES[spec] = HFTokenizerVocabulary(path)
+    elif kind == "spm" and path:
+      _VOCABULARIES[spec] = sentencepiece_vocabulary(path)
+    else:
+      raise ValueError(
+          f"vocabulary spec {spec!r}: expected 'hf:<tokenizer dir>' or 'spm:<model file>'")
+  return _VOCABULARIES[spec]
+
+
+# BLOOM's special-token layout (unk 0, bos 1, eos 2, pad 3), which the tiny-bloom preset uses.
+BPE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int, directory) -> pathlib.Path:
+  """Trains a byte-level BPE tokenizer (BLOOM/OPT style) on `texts` and saves it as an HF
+  tokenizer directory; for tiny models and tests, where no pretrained tokenizer is at hand."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL_TOKENS),
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+      pad_token="<pad>")
+  directory = pathlib.Path(directory)
+  fast.save_pretrained(str(directory))
+  return directory
