@@ -88,10 +88,16 @@ def config_from_hf(hf_config: Mapping, *, source: str = "config.json", dtype: st
       raise CheckpointError(f"{source}: attention/MLP biases are not supported for LLaMA-style "
                             "models")
     rope_theta = get("rope_theta") or (get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    heads, hidden = require("num_attention_heads"), require("hidden_size")
+    # Store defaults as None so configs compare equal to our presets.
+    kv_heads = get("num_key_value_heads")
+    kv_heads = None if kv_heads in (None, heads) else kv_heads
+    head_dim = get("head_dim")
+    head_dim = None if head_dim in (None, hidden // heads) else head_dim
     return ModelConfig(family="llama", vocab_size=require("vocab_size"),
-                       hidden_size=require("hidden_size"), num_layers=require("num_hidden_layers"),
-                       num_heads=require("num_attention_heads"),
-                       num_kv_heads=get("num_key_value_heads"), head_dim=get("head_dim"),
+                       hidden_size=hidden, num_layers=require("num_hidden_layers"),
+                       num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=head_dim,
                        mlp_dim=require("intermediate_size"),
                        max_position_embeddings=get("max_position_embeddings", 2048),
                        norm_eps=get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),

@@ -1,0 +1,80 @@
+"""Standalone parameter checkpoints: orbax params + `model_config.json`, one directory.
+
+This is the hand-off format between stages (an imported HF teacher, a finished teacher stage,
+a student to evaluate). Training checkpoints with optimizer state and data position are the
+trainer's (train.py); both use orbax so a train checkpoint's params restore the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from teacherlm_jax.models.config import ModelConfig
+from teacherlm_jax.models.transformer import DecoderLM
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def write_model_config(config: ModelConfig, path) -> None:
+  pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True))
+
+
+def read_model_config(path) -> ModelConfig:
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / MODEL_CONFIG_FILE
+  try:
+    fields = json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise ValueError(f"{path}: model config not found") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"{path}: unknown ModelConfig fields {unknown}")
+  return ModelConfig(**fields)
+
+
+def save_params(model: DecoderLM, directory) -> pathlib.Path:
+  """Saves the model's params (orbax, under `params/`) and its config (every process calls)."""
+  directory = pathlib.Path(directory).absolute()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / "params", params, force=True)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    write_model_config(model.config, directory / MODEL_CONFIG_FILE)
+  return directory
+
+
+def restore_params(config: Optional[ModelConfig], directory, *, shardings=None) -> DecoderLM:
+  """Restores a DecoderLM saved by `save_params` (config read from the directory if None).
+
+  `shardings`: optional pytree of `jax.sharding.Sharding` matching the pure param dict, so that
+  each process reads only its shards.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if config is None:
+    config = read_model_config(directory)
+  abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  params_state = nnx.state(abstract, nnx.Param)
+  target = nnx.to_pure_dict(params_state)
+  if shardings is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: sharding, target)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        target, shardings)
+  if not (directory / "params").exists():
+    raise ValueError(f"{directory}: no params/ checkpoint (expected the output of save_params)")
+  restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+  nnx.replace_by_pure_dict(params_state, restored)
+  nnx.update(abstract, params_state)
+  return abstract
