@@ -1,0 +1,79 @@
+r"""Benchmarks ours against PyTorch `transformers` on the same machine, in one run.
+
+  python scripts/benchmark.py                       # all: training, decoding, evaluation
+  python scripts/benchmark.py --only=decoding --output=/tmp/bench.json
+  python scripts/benchmark.py --device              # JAX GPU vs PyTorch CUDA when present
+
+Prints one table (benchmark, metric, ours, pytorch, ratio, notes) and writes it as JSON.
+"""
+import json
+import os
+import pathlib
+import platform
+import time
+
+from absl import app, flags, logging
+
+_ONLY = flags.DEFINE_list("only", ["training", "decoding", "evaluation"],
+                          "Which benchmarks to run.")
+_OUTPUT = flags.DEFINE_string("output", "benchmark_results.json", "JSON file to write.")
+_DEVICE = flags.DEFINE_bool("device", False, "Run on the accelerator (JAX GPU vs torch CUDA) "
+                            "when one is present; default CPU for both.")
+_QUICK = flags.DEFINE_bool("quick", False, "Smaller sizes and fewer repeats (smoke runs).")
+
+
+def _format(value):
+  if isinstance(value, float):
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+  return str(value)
+
+
+def print_table(rows):
+  columns = ["benchmark", "metric", "ours", "pytorch", "ratio", "notes"]
+  table = [[_format(row.get(c, "")) for c in columns] for row in rows]
+  widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c)
+            for i, c in enumerate(columns)]
+  line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+  print(line(columns))
+  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for r in table:
+    print(line(r))
+
+
+def main(argv):
+  del argv
+  if not _DEVICE.value:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  runners = {}
+  if "training" in _ONLY.value:
+    from teacherlm_jax.benchmarks import training
+    runners["training"] = lambda: training.benchmark_training(device=_DEVICE.value,
+                                                              quick=_QUICK.value)
+  if "decoding" in _ONLY.value:
+    from teacherlm_jax.benchmarks import decoding
+    runners["decoding"] = lambda: decoding.benchmark_decoding(device=_DEVICE.value,
+                                                              quick=_QUICK.value)
+  if "evaluation" in _ONLY.value:
+    from teacherlm_jax.benchmarks import evaluation
+    runners["evaluation"] = lambda: evaluation.benchmark_evaluation(device=_DEVICE.value,
+                                                                    quick=_QUICK.value)
+  rows = []
+  for name, run in runners.items():
+    start = time.time()
+    logging.info("running %s benchmark", name)
+    result = run()
+    rows.extend(result if isinstance(result, list) else [result])
+    logging.info("%s benchmark took %.0f s", name, time.time() - start)
+  print_table(rows)
+  import jax
+  import torch
+  record = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "jax_devices": [str(d) for d in jax.devices()],
+                        "torch": torch.__version__, "jax": jax.__version__},
+            "rows": rows}
+  pathlib.Path(_OUTPUT.value).write_text(json.dumps(record, indent=2, default=str))
+  print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
