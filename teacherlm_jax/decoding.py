@@ -1,0 +1,492 @@
+"""Autoregressive decoding over the KV cache: sampling, a static-batch path and a slot engine.
+
+Both paths share one prefill and one single-token step:
+  * prefill runs the left-padded prompts (segment ids = attention mask) into the cache and
+    samples each row's first token;
+  * a step feeds each row's last token, writes it at the row's own cache index, and samples.
+`Decoder.generate` (static batch) runs prefill then one `lax.while_loop` of steps until every
+row hit EOS or its `max_new_tokens`; it is the path the parity tests compare with
+`transformers`. `SlotEngine` (continuous batching) keeps a cache of `num_slots` rows, runs steps
+until enough rows finished, hands finished rows back and prefills new requests into the freed
+rows, so a long job never waits for the longest row of a batch.
+
+Sampling keys are `fold_in(fold_in(key(seed), uid), step)`: a request's sample depends on the
+seed, its uid and the token index only, not on which batch or slot it ran in. Greedy is
+`temperature=0`; otherwise temperature, then top-k, then top-p (nucleus) filtering. The
+log-probability returned for each token is under the model's unmodified distribution
+(log_softmax of the logits), so it measures the teacher's confidence whatever the sampling.
+
+Hot paths are plain `jax.jit` over `nnx.split` state (graph static, state an argument); the
+cache is donated and sharded by its logical axes (`transformer.cache_logical_axes`). Prompt
+lengths are bucketed to powers of two to bound recompiles. This module does no file I/O.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from teacherlm_jax import partitioning
+from teacherlm_jax.models import transformer
+
+DecodeState = Dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How tokens are chosen (static under jit; the seed is passed separately).
+
+  Attributes:
+    max_new_tokens: generated tokens per row at most (EOS included).
+    temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
+    top_k: keep the k most likely tokens (0 = all).
+    top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
+  """
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens}: must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature={self.temperature}: must be >= 0")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k={self.top_k}: must be >= 0")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p={self.top_p}: must be in (0, 1]")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+@dataclasses.dataclass
+class Generation:
+  """One decoded row: `tokens` (EOS included when it stopped there) and their log-probs."""
+  uid: int
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  stopped_at_eos: bool
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.tokens.shape[0])
+
+  @property
+  def mean_logprob(self) -> float:
+    return float(np.mean(self.logprobs)) if self.num_tokens else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  uid: int
+  prompt_tokens: Sequence[int]
+  max_new_tokens: Optional[int] = None
+
+
+def bucket_length(length: int, minimum: int = 8) -> int:
+  """The smallest power of two >= length (and >= minimum): prompt widths we compile for."""
+  return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int
+             ) -> Tuple[np.ndarray, np.ndarray]:
+  """(tokens_BxW, segment_ids_BxW): prompts right-aligned, segment id 1 on real tokens."""
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  segment_ids = np.zeros((len(prompts), width), np.int32)
+  for row, prompt in enumerate(prompts):
+    n = len(prompt)
+    if n == 0:
+      raise ValueError(f"prompt {row} is empty; decoding needs at least one prompt token")
+    if n > width:
+      raise ValueError(f"prompt {row} has {n} tokens, more than the width {width}")
+    tokens[row, width - n:] = np.asarray(prompt, np.int32)
+    segment_ids[row, width - n:] = 1
+  return tokens, segment_ids
+
+
+def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingConfig
+                  ) -> Tuple[jax.Array, jax.Array]:
+  """(tokens_B, logprobs_B): the chosen tokens and their log-prob under the raw logits."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if sampling.greedy:
+    tokens_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  else:
+    scaled_BxV = logits_BxV / sampling.temperature
+    if sampling.top_k > 0:
+      kth_Bx1 = jax.lax.top_k(scaled_BxV, sampling.top_k)[0][:, -1:]
+      scaled_BxV = jnp.where(scaled_BxV < kth_Bx1, -jnp.inf, scaled_BxV)
+    if sampling.top_p < 1.0:
+      sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
+      probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+      before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+      # The most likely token is always kept (before = 0 < top_p).
+      threshold_Bx1 = jnp.min(jnp.where(before_BxV < sampling.top_p, sorted_BxV, jnp.inf),
+                              axis=-1, keepdims=True)
+      scaled_BxV = jnp.where(scaled_BxV < threshold_Bx1, -jnp.inf, scaled_BxV)
+    tokens_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV).astype(jnp.int32)
+  logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1),
+                                   tokens_B[:, None], axis=-1)[:, 0]
+  return tokens_B, logprobs_B
+
+
+def param_shardings(state: nnx.State, mesh: Mesh,
+                    rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES):
+  """NamedShardings for every variable of `state` from its `logical_axes` metadata."""
+  def sharding(variable):
+    axes = getattr(variable, "logical_axes", None)
+    spec = (partitioning.logical_to_spec(axes, rules, mesh) if axes
+            else jax.sharding.PartitionSpec())
+    return NamedSharding(mesh, spec)
+  return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _is_names(x) -> bool:
+  """A tuple of logical axis names (a leaf of an axes tree)."""
+  return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+_STATE_AXES = {
+    "tokens": ("cache_batch", None), "logprobs": ("cache_batch", None),
+    "count": ("cache_batch",), "done": ("cache_batch",), "eos": ("cache_batch",),
+    "last": ("cache_batch",), "uid": ("cache_batch",), "max_new": ("cache_batch",),
+}
+
+
+def _initial_state(batch: int, max_new_tokens: int, uid_B, max_new_B, valid_B) -> DecodeState:
+  return {
+      "tokens": jnp.zeros((batch, max_new_tokens), jnp.int32),
+      "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
+      "count": jnp.zeros((batch,), jnp.int32),
+      "done": ~valid_B,
+      "eos": jnp.zeros((batch,), bool),
+      "last": jnp.zeros((batch,), jnp.int32),
+      "uid": uid_B.astype(jnp.int32),
+      "max_new": max_new_B.astype(jnp.int32),
+  }
+
+
+class Decoder:
+  """Jitted prefill/step functions over one model's state, optionally sharded on `mesh`.
+
+  The mesh is over the devices this process drives: annotation scales across hosts by giving
+  each process its own slice of the input (see annotate.py), not by cross-host model
+  parallelism.
+  """
+
+  def __init__(self, model: transformer.DecoderLM, *, mesh: Optional[Mesh] = None,
+               rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES,
+               eos_id: Optional[int] = None, pad_id: Optional[int] = None,
+               max_length: Optional[int] = None):
+    """Args:
+      model: the LM (its parameters are copied to the mesh when one is given).
+      mesh: ('data', 'fsdp', 'tensor') mesh; None = default device, unsharded.
+      eos_id: token that ends a row (default config.eos_token_id; -1 = never stop early).
+      pad_id: token for padding (default config.pad_token_id).
+      max_length: longest prompt + generation allowed (default the model's
+        max_position_embeddings: OPT and LLaMA have no positions past it).
+    """
+    self.config = model.config
+    self.mesh, self.rules = mesh, rules
+    self.eos_id = self.config.eos_token_id if eos_id is None else int(eos_id)
+    self.pad_id = self.config.pad_token_id if pad_id is None else int(pad_id)
+    self.max_length = max_length or self.config.max_position_embeddings
+    self._graphdef, state = nnx.split(model)
+    if mesh is not None:
+      state = jax.device_put(state, param_shardings(state, mesh, rules))
+    self.state = state
+    self._cache_pool: Dict[Tuple[int, int], transformer.Cache] = {}
+    self._generate_jit = jax.jit(self._generate, static_argnames=("sampling",),
+                                 donate_argnames=("cache",))
+    self._insert_jit = jax.jit(self._insert, static_argnames=("sampling",),
+                               donate_argnames=("cache", "dstate"))
+    self._steps_jit = jax.jit(self._steps, static_argnames=("sampling",),
+                              donate_argnames=("cache", "dstate"))
+
+  # ---- placement -------------------------------------------------------------------------
+
+  @property
+  def data_parallelism(self) -> int:
+    """Rows must come in multiples of this (the cache batch is split over data and fsdp)."""
+    if self.mesh is None:
+      return 1
+    return int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+
+  def _activate(self):
+    return (partitioning.activate(self.mesh, self.rules) if self.mesh is not None
+            else contextlib.nullcontext())
+
+  def _sharding(self, names):
+    if self.mesh is None:
+      return None
+    return NamedSharding(self.mesh, partitioning.logical_to_spec(names, self.rules, self.mesh))
+
+  def _put(self, array, names):
+    sharding = self._sharding(names)
+    return jnp.asarray(array) if sharding is None else jax.device_put(array, sharding)
+
+  def _constrain_tree(self, tree, axes):
+    if self.mesh is None:
+      return tree
+    return jax.tree.map(partitioning.constrain, tree, axes)
+
+  def _constrain_cache(self, cache):
+    return self._constrain_tree(cache, transformer.cache_logical_axes(cache))
+
+  def _constrain_state(self, dstate):
+    return self._constrain_tree(dstate, {k: _STATE_AXES[k] for k in dstate})
+
+  def new_cache(self, batch: int, length: int) -> transformer.Cache:
+    """An empty cache placed by its logical axes (reused from a finished call when possible)."""
+    cached = self._cache_pool.pop((batch, length), None)
+    if cached is not None:
+      return cached
+    make = functools.partial(transformer.init_cache, self.config, batch, length)
+    if self.mesh is None:
+      return jax.jit(make)()
+    abstract = jax.eval_shape(make)
+    shardings = jax.tree.map(self._sharding, transformer.cache_logical_axes(abstract),
+                             is_leaf=_is_names)
+    return jax.jit(make, out_shardings=shardings)()
+
+  def check_length(self, prompt_length: int, max_new_tokens: int):
+    if prompt_length + max_new_tokens > self.max_length:
+      raise ValueError(
+          f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the "
+          f"model context of {self.max_length} tokens")
+
+  # ---- traced building blocks ------------------------------------------------------------
+
+  def _emit(self, dstate: DecodeState, logits_BxV, seed, sampling) -> DecodeState:
+    """Samples one token per unfinished row and records it."""
+    base_key = jax.random.key(seed)
+    keys_B = jax.vmap(lambda u, c: jax.random.fold_in(jax.random.fold_in(base_key, u), c))(
+        dstate["uid"], dstate["count"])
+    tokens_B, logprobs_B = sample_tokens(logits_BxV, keys_B, sampling)
+    write_B = ~dstate["done"]
+    width = dstate["tokens"].shape[1]
+    at_BxT = (jnp.arange(width)[None, :] == dstate["count"][:, None]) & write_B[:, None]
+    count_B = dstate["count"] + write_B.astype(jnp.int32)
+    hit_eos_B = write_B & (tokens_B == self.eos_id)
+    return {
+        **dstate,
+        "tokens": jnp.where(at_BxT, tokens_B[:, None], dstate["tokens"]),
+        "logprobs": jnp.where(at_BxT, logprobs_B[:, None], dstate["logprobs"]),
+        "count": count_B,
+        "done": dstate["done"] | hit_eos_B | (count_B >= dstate["max_new"]),
+        "eos": dstate["eos"] | hit_eos_B,
+        "last": jnp.where(write_B, tokens_B, dstate["last"]),
+    }
+
+  def _prefill(self, model, cache, dstate, tokens_BxL, segment_ids_BxL, seed, sampling):
+    logits_BxLxV, cache = model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, cache=cache)
+    return self._emit(dstate, logits_BxLxV[:, -1], seed, sampling), cache
+
+  def _step(self, model, cache, dstate, seed, sampling):
+    logits_Bx1xV, cache = model(dstate["last"][:, None], cache=cache)
+    dstate = self._emit(dstate, logits_Bx1xV[:, 0], seed, sampling)
+    return self._constrain_cache(cache), self._constrain_state(dstate)
+
+  # ---- static batch ----------------------------------------------------------------------
+
+  def _generate(self, state, cache, tokens_BxL, segment_ids_BxL, uid_B, max_new_B, valid_B,
+                seed, *, sampling):
+    with self._activate():
+      model = nnx.merge(self._graphdef, state)
+      # Reusing a donated buffer: emptying segment ids and indices empties the cache (stale
+      # keys/values in segment 0 are never attended to).
+      cache = {**cache, "segment_ids": jnp.zeros_like(cache["segment_ids"]),
+               "positions": jnp.zeros_like(cache["positions"]),
+               "index": jnp.zeros_like(cache["index"])}
+      dstate = _initial_state(tokens_BxL.shape[0], sampling.max_new_tokens, uid_B, max_new_B,
+                              valid_B)
+      dstate, cache = self._prefill(model, cache, dstate, tokens_BxL, segment_ids_BxL, seed,
+                                    sampling)
+
+      def body(carry):
+        cache, dstate = carry
+        return self._step(model, cache, dstate, seed, sampling)
+
+      cache, dstate = jax.lax.while_loop(lambda carry: jnp.any(~carry[1]["done"]), body,
+                                         (self._constrain_cache(cache),
+                                          self._constrain_state(dstate)))
+      return dstate, cache
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+               seed: int = 0, uids: Optional[Sequence[int]] = None,
+               max_new_tokens: Optional[Sequence[int]] = None) -> List[Generation]:
+    """Decodes one static, left-padded batch; returns one Generation per prompt, in order.
+
+    Args:
+      prompts: token ids per row (any lengths; padded to a power-of-two bucket).
+      sampling: the sampling settings (`max_new_tokens` is the buffer width).
+      seed: sampling seed.
+      uids: per-row ids that select the sampling keys (default 0..B-1).
+      max_new_tokens: per-row limits (<= sampling.max_new_tokens).
+    """
+    n = len(prompts)
+    uids = list(range(n)) if uids is None else list(uids)
+    limits = ([sampling.max_new_tokens] * n if max_new_tokens is None
+              else [min(int(m), sampling.max_new_tokens) for m in max_new_tokens])
+    for prompt, limit in zip(prompts, limits):
+      self.check_length(len(prompt), limit)
+    dp = self.data_parallelism
+    batch = -(-n // dp) * dp
+    width = bucket_length(max(len(p) for p in prompts))
+    tokens, segment_ids = left_pad(list(prompts) + [[self.pad_id]] * (batch - n), width,
+                                   self.pad_id)
+    pad_rows = batch - n
+    uid_B = np.asarray(uids + [0] * pad_rows, np.int32)
+    max_new_B = np.asarray(limits + [1] * pad_rows, np.int32)
+    valid_B = np.arange(batch) < n
+    length = width + sampling.max_new_tokens
+    cache = self.new_cache(batch, length)
+    dstate, cache = self._generate_jit(
+        self.state, cache, self._put(tokens, ("batch", "length")),
+        self._put(segment_ids, ("batch", "length")), self._put(uid_B, ("batch",)),
+        self._put(max_new_B, ("batch",)), self._put(valid_B, ("batch",)),
+        np.int32(seed), sampling=sampling)
+    self._cache_pool[(batch, length)] = cache
+    return _collect(jax.device_get(dstate), range(n))
+
+  # ---- continuous batching ---------------------------------------------------------------
+
+  def _insert(self, state, cache, dstate, tokens_GxL, segment_ids_GxL, uid_G, max_new_G,
+              valid_G, slots_G, seed, *, sampling):
+    """Prefills G new requests into a fresh cache and scatters their rows into `slots_G`."""
+    with self._activate():
+      model = nnx.merge(self._graphdef, state)
+      group = tokens_GxL.shape[0]
+      fresh = transformer.init_cache(self.config, group, cache["segment_ids"].shape[1],
+                                     cache["layers"][0]["key"].dtype)
+      new_dstate = _initial_state(group, dstate["tokens"].shape[1], uid_G, max_new_G, valid_G)
+      new_dstate, fresh = self._prefill(model, fresh, new_dstate, tokens_GxL, segment_ids_GxL,
+                                        seed, sampling)
+      # Padding rows of the group carry an out-of-range slot and are dropped by the scatter.
+      scatter = lambda big, small: big.at[slots_G].set(small, mode="drop")
+      cache = jax.tree.map(scatter, cache, fresh)
+      dstate = jax.tree.map(scatter, dstate, new_dstate)
+      return self._constrain_cache(cache), self._constrain_state(dstate)
+
+  def _steps(self, state, cache, dstate, seed, max_steps, refill_at, *, sampling):
+    """Decode steps until `max_steps`, all rows done, or `refill_at` rows are done."""
+    with self._activate():
+      model = nnx.merge(self._graphdef, state)
+
+      def cond(carry):
+        i, _, dstate = carry
+        done_B = dstate["done"]
+        return ((i < max_steps) & jnp.any(~done_B)
+                & (jnp.sum(done_B.astype(jnp.int32)) < refill_at))
+
+      def body(carry):
+        i, cache, dstate = carry
+        cache, dstate = self._step(model, cache, dstate, seed, sampling)
+        return i + 1, cache, dstate
+
+      steps, cache, dstate = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, dstate))
+      return cache, dstate, steps
+
+
+def _collect(host_state: Dict[str, np.ndarray], rows: Iterable[int]) -> List[Generation]:
+  out = []
+  for row in rows:
+    count = int(host_state["count"][row])
+    out.append(Generation(uid=int(host_state["uid"][row]),
+                          tokens=np.asarray(host_state["tokens"][row, :count]),
+                          logprobs=np.asarray(host_state["logprobs"][row, :count]),
+                          stopped_at_eos=bool(host_state["eos"][row])))
+  return out
+
+
+class SlotEngine:
+  """Continuous batching: `num_slots` cache rows refilled with new requests as rows finish.
+
+  `run(requests)` yields a Generation per request in completion order. Each round runs up to
+  `sync_every` steps on device and returns early once `refill_fraction` of the slots are free
+  (while requests are waiting), then the host collects finished rows and prefills waiting
+  requests into the free slots in one batched prefill.
+  """
+
+  def __init__(self, decoder: Decoder, sampling: SamplingConfig, *, num_slots: int,
+               max_prompt_length: int, sync_every: int = 16, refill_fraction: float = 0.25):
+    dp = decoder.data_parallelism
+    if num_slots % dp:
+      raise ValueError(f"num_slots={num_slots} must be a multiple of the data parallelism {dp}")
+    self.decoder, self.sampling = decoder, sampling
+    self.num_slots = num_slots
+    self.prompt_width = bucket_length(max_prompt_length)
+    self.length = self.prompt_width + sampling.max_new_tokens
+    self.sync_every = sync_every
+    self.refill_threshold = max(1, int(num_slots * refill_fraction))
+    self.stats = collections.Counter()
+
+  def run(self, requests: Iterable[Request], seed: int = 0) -> Iterator[Generation]:
+    d, sampling = self.decoder, self.sampling
+    pending = collections.deque(requests)
+    for request in pending:
+      if len(request.prompt_tokens) > self.prompt_width:
+        raise ValueError(f"request {request.uid}: prompt of {len(request.prompt_tokens)} tokens "
+                         f"is longer than max_prompt_length={self.prompt_width}")
+      d.check_length(len(request.prompt_tokens),
+                     request.max_new_tokens or sampling.max_new_tokens)
+    cache = d.new_cache(self.num_slots, self.length)
+    valid = np.zeros(self.num_slots, bool)
+    dstate = jax.jit(_initial_state, static_argnums=(0, 1))(
+        self.num_slots, sampling.max_new_tokens, jnp.zeros(self.num_slots, jnp.int32),
+        jnp.ones(self.num_slots, jnp.int32), jnp.asarray(valid))
+    if d.mesh is not None:
+      dstate = jax.device_put(dstate, {k: d._sharding(_STATE_AXES[k]) for k in dstate})
+    slot_busy = np.zeros(self.num_slots, bool)
+    seed = np.int32(seed)
+    while pending or slot_busy.any():
+      free = np.flatnonzero(~slot_busy)
+      if pending and len(free):
+        group = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+        cache, dstate = self._insert(cache, dstate, group, free[:len(group)], seed)
+        slot_busy[free[:len(group)]] = True
+      refill_at = (min(self.refill_threshold, len(pending)) if pending
+                   else self.num_slots + 1)
+      cache, dstate, steps = d._steps_jit(d.state, cache, dstate, seed,
+                                          np.int32(self.sync_every), np.int32(refill_at),
+                                          sampling=sampling)
+      self.stats["rounds"] += 1
+      done = np.asarray(jax.device_get(dstate["done"]))
+      finished = np.flatnonzero(done & slot_busy)
+      if len(finished):
+        host = jax.device_get({k: dstate[k] for k in ("tokens", "logprobs", "count", "eos",
+                                                      "uid")})
+        yield from _collect(host, finished)
+        slot_busy[finished] = False
+    d._cache_pool[(self.num_slots, self.length)] = cache
+
+  def _insert(self, cache, dstate, group: List[Request], slots: np.ndarray, seed):
+    d = self.decoder
+    dp = d.data_parallelism
+    size = min(self.num_slots, bucket_length(len(group), minimum=1))
+    size = -(-size // dp) * dp
+    pad = size - len(group)
+    width = bucket_length(max(len(r.prompt_tokens) for r in group))
+    tokens, segment_ids = left_pad([r.prompt_tokens for r in group] + [[d.pad_id]] * pad,
+                                   width, d.pad_id)
+    uid_G = np.asarray([r.uid for r in group] + [0] * pad, np.int32)
+    max_new_G = np.asarray([min(r.max_new_tokens or self.sampling.max_new_tokens,
+                                self.sampling.max_new_tokens) for r in group] + [1] * pad,
+                           np.int32)
+    valid_G = np.arange(size) < len(group)
+    slots_G = np.concatenate([slots, np.full(pad, self.num_slots)]).astype(np.int32)
+    self.stats["prefills"] += 1
+    return d._insert_jit(d.state, cache, dstate, d._put(tokens, ("batch", "length")),
+                         d._put(segment_ids, ("batch", "length")), d._put(uid_G, ("batch",)),
+                         d._put(max_new_G, ("batch",)), d._put(valid_G, ("batch",)),
+                         d._put(slots_G, ("batch",)), seed, sampling=self.sampling)
