@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -119,3 +120,124 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
                      "or set one axis to -1")
   device_array = np.asarray(devices).reshape(sizes)
   return Mesh(device_array, MESH_AXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement: sharded abstract init, batches, multi-host start-up.
+
+
+def mesh_shape(mesh: Mesh) -> dict:
+  return {name: int(mesh.shape[name]) for name in MESH_AXES}
+
+
+def logical_axes_of(abstract_state) -> dict:
+  """Pure dict of the `logical_axes` metadata of every variable in an `nnx.State`."""
+  def axes(variable):
+    names = variable.get_metadata().get("logical_axes")
+    if names is None:
+      raise ValueError(f"parameter {variable!r} has no 'logical_axes' metadata; every nnx.Param "
+                       "must name its axes so it can be sharded")
+    return tuple(names)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(axes, abstract_state, is_leaf=is_variable).to_pure_dict()
+
+
+def logical_shardings(logical_tree, mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES):
+  """NamedShardings for a tree whose leaves are tuples of logical axis names."""
+  is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+  return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, rules, mesh)),
+                      logical_tree, is_leaf=is_names)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def abstract_params(model_fn: Callable[[], nnx.Module]):
+  """(graphdef, abstract params as a pure dict of ShapeDtypeStruct, logical axes pure dict).
+
+  Nothing is allocated: the module is built under `nnx.eval_shape`.
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(model_fn))
+  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state.to_pure_dict())
+  return graphdef, shapes, logical_axes_of(state)
+
+
+def sharded_init(model_fn: Callable[[], nnx.Module], shardings):
+  """Runs `model_fn` under `jax.jit(out_shardings=shardings)`: each device computes only its
+  own shards, so a model larger than one device's memory never exists whole anywhere."""
+  def init():
+    return nnx.split(model_fn())[1].to_pure_dict()
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES,
+                        what: str = "batch_size"):
+  """Raises if `batch_size` rows cannot be split evenly over the mesh axes of 'batch'."""
+  spec = logical_to_spec(("batch",), rules, mesh)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  if batch_size % shards:
+    sizes = "*".join(f"{a}={mesh.shape[a]}" for a in axes)
+    raise ValueError(f"{what}={batch_size} does not divide over the batch mesh axes ({sizes} = "
+                     f"{shards} shards); make {what} a multiple of {shards} or change the mesh")
+  if batch_size % jax.process_count():
+    raise ValueError(f"{what}={batch_size} does not divide over {jax.process_count()} processes; "
+                     f"make it a multiple of {jax.process_count()}")
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: LogicalRules = LOGICAL_AXIS_RULES):
+  names = ("batch", "length") + (None,) * (ndim - 2)
+  return NamedSharding(mesh, logical_to_spec(names[:ndim], rules, mesh))
+
+
+def process_batch_rows(mesh: Mesh, global_batch_size: int,
+                       rules: LogicalRules = LOGICAL_AXIS_RULES) -> Tuple[int, int]:
+  """The [start, stop) rows of a global batch that this process's devices hold.
+
+  Derived from the batch sharding itself, so it is right for any mesh (including meshes where
+  a process's devices share rows because the batch is replicated over 'tensor').
+  """
+  sharding = batch_sharding(mesh, 1, rules)
+  slices = sharding.addressable_devices_indices_map((global_batch_size,)).values()
+  starts = [s[0].start or 0 for s in slices]
+  stops = [global_batch_size if s[0].stop is None else s[0].stop for s in slices]
+  start, stop = min(starts), max(stops)
+  covered = set()
+  for a, b in zip(starts, stops):
+    covered.update(range(a, b))
+  if covered != set(range(start, stop)):
+    raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows under mesh "
+                     f"{mesh_shape(mesh)}; order the mesh devices by process")
+  return start, stop
+
+
+def shard_batch(local_batch: dict, mesh: Mesh, global_batch_size: int,
+                rules: LogicalRules = LOGICAL_AXIS_RULES) -> dict:
+  """Global jax.Arrays from this process's rows (`process_batch_rows`) of a batch of numpy
+  arrays, via `jax.make_array_from_process_local_data` (the multi-host input path)."""
+  out = {}
+  for name, local in local_batch.items():
+    local = np.asarray(local)
+    global_shape = (global_batch_size,) + local.shape[1:]
+    out[name] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, local.ndim, rules), local, global_shape)
+  return out
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None,
+                           local_device_ids: Optional[Sequence[int]] = None):
+  """`jax.distributed.initialize`, with gloo collectives when running on CPU.
+
+  On TPU pods all arguments may be None (they are discovered). On CPU (tests, one machine
+  with several processes) pass the coordinator `127.0.0.1:PORT`, the process count and id.
+  Must run before any other JAX call that touches devices.
+  """
+  if num_processes is not None and num_processes > 1 and jax.config.jax_platforms in (None, "",
+                                                                                       "cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             local_device_ids=local_device_ids)

@@ -1,0 +1,491 @@
+"""The trainer of every stage: teacher specialisations, multi-stage SFT, student training.
+
+One `TrainConfig` (gin-configurable) describes a run; `train(config, model_dir)` runs it:
+
+  * state = {'params', 'opt_state', 'step'} as plain pytrees, created directly in their shards
+    (`partitioning.sharded_init`) or restored from the latest checkpoint in `model_dir`, a
+    previous stage's checkpoint (`init_checkpoint`) or an HF checkpoint (`init_hf_checkpoint`);
+  * the train step is a plain `jax.jit` over `nnx.split` state with explicit in/out shardings
+    and the state donated; gradient accumulation is `optax.MultiSteps` (one call per
+    microbatch, `state['step']` counts microbatches);
+  * batch number n of the input is a function of n only (`train_data.SeqioBatches`), and a
+    checkpoint at optimizer step S resumes at microbatch S * grad_accum_steps, so a resumed
+    run repeats the uninterrupted one exactly;
+  * SIGTERM (preemption) saves at the current step and returns; a NaN/Inf loss or gradient
+    stops with `FloatingPointError` before anything non-finite is saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Callable, Dict, Iterator, List, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from configs import models
+from teacherlm_jax import checkpointing
+from teacherlm_jax import metrics as metrics_lib
+from teacherlm_jax import optimizer as optimizer_lib
+from teacherlm_jax import partitioning
+from teacherlm_jax.models import transformer
+from teacherlm_jax.models.config import ModelConfig
+
+# A callable giving the batches numbered start, start+1, ... (this process's rows, numpy).
+BatchesFn = Callable[[int], Iterator[Dict[str, np.ndarray]]]
+BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
+MODEL_CONFIG_FILE = "model_config.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a training run needs (bind fields in gin as `TrainConfig.field = value`).
+
+  Model: `model` is a preset of configs/models.py; `compute_dtype` 'bfloat16' computes in bf16
+  with float32 master weights. Data: a seqio task or mixture; `batch_size` is global per
+  microbatch; `loss_on` 'targets' (prompt tokens masked) or 'all' (every token). Mesh: sizes
+  of ('data', 'fsdp', 'tensor'), one may be -1 (fill the remaining devices).
+  """
+  model: str = "tiny-bloom"
+  compute_dtype: str = "float32"
+  remat: str = "none"
+  # Data.
+  train_task: str = ""
+  eval_task: str = ""  # Default: train_task.
+  train_split: str = "train"
+  eval_split: str = "validation"
+  seq_len: int = 256
+  batch_size: int = 8
+  loss_on: str = "targets"
+  pack: bool = True
+  data_seed: int = 0
+  input_sharding: str = "global"
+  data_dir: str = ""  # Real datasets (default $TEACHERLM_DATA_DIR or ../shared/data).
+  # Optimizer.
+  learning_rate: float = 1e-4
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  end_fraction: float = 0.1
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.95
+  adam_eps: float = 1e-8
+  clip_norm: float = 1.0
+  grad_accum_steps: int = 1
+  z_loss: float = 0.0
+  # Loop.
+  num_steps: int = 100
+  log_every: int = 10
+  eval_every: int = 0  # 0: evaluate once at the end (if there is an eval task).
+  eval_batches: int = 4
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  seed: int = 0
+  # Mesh.
+  mesh_data: int = 1
+  mesh_fsdp: int = -1
+  mesh_tensor: int = 1
+  # Initialisation of a new run (ignored when model_dir already holds a checkpoint).
+  init_checkpoint: str = ""  # A previous stage's model_dir (or a checkpoint step dir).
+  init_hf_checkpoint: str = ""  # A local HF checkpoint directory.
+  # Metrics.
+  peak_tflops_per_device: float = 0.0  # 0: measure a matmul peak at start-up.
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    if self.batch_size <= 0 or self.seq_len <= 0 or self.num_steps <= 0:
+      raise ValueError(f"batch_size={self.batch_size}, seq_len={self.seq_len} and "
+                       f"num_steps={self.num_steps} must be positive")
+    if self.init_checkpoint and self.init_hf_checkpoint:
+      raise ValueError("set at most one of TrainConfig.init_checkpoint and "
+                       "TrainConfig.init_hf_checkpoint")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"TrainConfig.compute_dtype={self.compute_dtype!r}: expected 'float32' "
+                       "or 'bfloat16'")
+    for name in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+
+  def replace(self, **changes) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def make_mesh(config: TrainConfig):
+  return partitioning.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+
+
+def _read_json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
+  """The architecture: this run's saved one (resume), the previous stage's, the HF
+  checkpoint's, or the preset; with this run's compute dtype and remat."""
+  numerics = dict(dtype=config.compute_dtype, param_dtype="float32", remat=config.remat)
+  for directory in (model_dir, config.init_checkpoint):
+    saved = directory and _read_json(os.path.join(directory, MODEL_CONFIG_FILE))
+    if saved:
+      return ModelConfig(**saved).replace(**numerics)
+  if config.init_hf_checkpoint:
+    from teacherlm_jax.models import hf  # Imports torch-free readers only.
+    with open(os.path.join(config.init_hf_checkpoint, "config.json")) as f:
+      return hf.config_from_hf(json.load(f), source=config.init_hf_checkpoint).replace(**numerics)
+  return models.get(config.model, **numerics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, mesh,
+                    state_shardings, batch_sharding):
+  """jit(state, batch) -> (state, metrics), state donated, shardings explicit."""
+
+  def step_fn(state, batch):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      logits, _ = model(batch["tokens"], segment_ids_BxL=batch["segment_ids"],
+                        positions_BxL=batch["positions"])
+      return metrics_lib.loss_and_metrics(logits, batch["targets"], batch["loss_weights"],
+                                          z_loss)
+
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.global_norm(grads)
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, {"loss": loss, "grad_norm": grad_norm,
+                       "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm), **sums}
+
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, partitioning.replicated(mesh)),
+                   donate_argnums=0)
+
+  def run(state, batch):
+    with partitioning.activate(mesh):  # constrain() applies while tracing.
+      return jitted(state, batch)
+  return run
+
+
+def make_eval_step(graphdef, mesh, param_shardings, batch_sharding):
+  def eval_fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(batch["tokens"], segment_ids_BxL=batch["segment_ids"],
+                      positions_BxL=batch["positions"])
+    return metrics_lib.loss_and_metrics(logits, batch["targets"], batch["loss_weights"])[1]
+
+  jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
+                   out_shardings=partitioning.replicated(mesh))
+
+  def run(params, batch):
+    with partitioning.activate(mesh):
+      return jitted(params, batch)
+  return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def data_dir_for(config: TrainConfig) -> str:
+  if config.data_dir:
+    return config.data_dir
+  return os.environ.get("TEACHERLM_DATA_DIR", os.path.join(os.getcwd(), "..", "shared", "data"))
+
+
+def seqio_batches(config: TrainConfig, mesh, task: str, split: str, *, train: bool) -> BatchesFn:
+  from teacherlm_jax import train_data  # Imports TensorFlow; only needed for seqio inputs.
+  if task == train_data.FLAN_COT_BYTES_TASK:
+    train_data.register_flan_cot_bytes_task(data_dir_for(config))
+  else:
+    try:
+      import teacherlm_jax.data.tasks  # noqa: F401  (registers the project's tasks)
+    except ImportError:
+      pass
+  return train_data.SeqioBatches(
+      task, split, config.seq_len, config.batch_size, loss_on=config.loss_on, pack=config.pack,
+      shuffle=train, seed=config.data_seed, repeat=train, input_sharding=config.input_sharding,
+      process_rows=partitioning.process_batch_rows(mesh, config.batch_size),
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _check_batch(batch: Dict[str, np.ndarray], config: TrainConfig, rows: int, number: int):
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"input batch {number} lacks {missing}; batches need {BATCH_KEYS}")
+  shape = batch["tokens"].shape
+  if shape != (rows, config.seq_len):
+    raise ValueError(f"input batch {number} has shape {shape}, expected ({rows}, "
+                     f"{config.seq_len}) = this process's rows of batch_size={config.batch_size}"
+                     f" by seq_len={config.seq_len}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class _Preemption:
+  """SIGTERM -> save and stop. Multi-process runs agree on the step through JAX's preemption
+  sync point (jax.distributed installs the notifier); one process uses a signal handler."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._installed = False
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # No preemption sync manager in this JAX set-up.
+        return False
+    return self.requested
+
+  def restore(self):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _first_non_finite(finite_flags: List[jax.Array], first_step: int) -> Optional[int]:
+  flags = np.asarray(jax.device_get(finite_flags)) if finite_flags else np.ones(0, bool)
+  bad = np.flatnonzero(~flags)
+  return None if bad.size == 0 else first_step + int(bad[0])
+
+
+def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[BatchesFn] = None,
+          eval_batches: Optional[BatchesFn] = None) -> dict:
+  """Runs (or resumes) training in `model_dir`.
+
+  Args:
+    config: the run.
+    model_dir: checkpoints, metrics.jsonl, tensorboard/ and the saved configs.
+    train_batches, eval_batches: override the seqio inputs of `config` (tests, benchmarks).
+
+  Returns:
+    {'step': last optimizer step, 'losses': per-microbatch losses of this invocation,
+     'eval': last eval metrics, 'preempted': bool, 'state': final state, 'start_step': int}.
+  """
+  mesh = make_mesh(config)
+  partitioning.check_batch_divides(config.batch_size, mesh, what="TrainConfig.batch_size")
+  rows = partitioning.process_batch_rows(mesh, config.batch_size)
+  is_chief = jax.process_index() == 0
+  model_config = model_config_for(config, model_dir)
+  k = config.grad_accum_steps
+
+  tx, schedule = optimizer_lib.make_optimizer(
+      config.learning_rate, config.schedule, config.warmup_steps, config.num_steps,
+      config.end_fraction, config.weight_decay, config.adam_b1, config.adam_b2, config.adam_eps,
+      config.clip_norm, k)
+  model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(config.seed))
+  graphdef, abstract_params, param_axes = partitioning.abstract_params(model_fn)
+  param_sh = partitioning.logical_shardings(param_axes, mesh)
+  replicated = partitioning.replicated(mesh)
+  opt_sh = optimizer_lib.state_shardings(tx, abstract_params, param_sh, replicated)
+  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+  abstract_state = {"params": abstract_params,
+                    "opt_state": jax.eval_shape(tx.init, abstract_params),
+                    "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  batch_sh = {key: partitioning.batch_sharding(mesh, 2) for key in BATCH_KEYS}
+
+  checkpointer = checkpointing.Checkpointer(model_dir, config.keep_checkpoints,
+                                            config.async_checkpoints)
+  writer = metrics_lib.MetricsWriter(model_dir, config.num_steps, config.tensorboard)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state = checkpointer.restore(latest, _with_shardings(abstract_state, state_sh))
+    if int(state["step"]) != latest * k:
+      raise checkpointing.CheckpointError(
+          f"{checkpointer.directory}/{latest}: holds microbatch {int(state['step'])}, expected "
+          f"{latest * k} for grad_accum_steps={k}; resume with the grad_accum_steps it was "
+          "written with")
+    writer.message(f"resuming from {checkpointer.directory}/{latest}")
+  else:
+    if config.init_checkpoint:
+      params = checkpointing.restore_params(config.init_checkpoint,
+                                            _with_shardings(abstract_params, param_sh))
+      writer.message(f"initialised params from {config.init_checkpoint}")
+    elif config.init_hf_checkpoint:
+      from teacherlm_jax.models import hf
+      _, hf_model = hf.import_checkpoint(config.init_hf_checkpoint, dtype=config.compute_dtype,
+                                         param_dtype="float32")
+      params = jax.device_put(nnx.state(hf_model, nnx.Param).to_pure_dict(), param_sh)
+      del hf_model
+      writer.message(f"initialised params from HF checkpoint {config.init_hf_checkpoint}")
+    else:
+      params = partitioning.sharded_init(model_fn, param_sh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = {"params": params, "opt_state": opt_state,
+             "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+    latest = 0
+  if is_chief:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, MODEL_CONFIG_FILE), "w") as f:
+      json.dump(dataclasses.asdict(model_config), f, indent=1)
+    with open(os.path.join(model_dir, TRAIN_CONFIG_FILE), "w") as f:
+      json.dump(dataclasses.asdict(config), f, indent=1)
+
+  if train_batches is None:
+    if not config.train_task:
+      raise ValueError("TrainConfig.train_task is empty: set it to a registered seqio task or "
+                       "mixture (e.g. in the gin file)")
+    train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,
+                                  train=True)
+  eval_task = config.eval_task or config.train_task
+  if eval_batches is None and eval_task:
+    eval_batches = seqio_batches(config, mesh, eval_task, config.eval_split, train=False)
+  cached_eval = None
+
+  train_step = make_train_step(graphdef, tx, config.z_loss, mesh, state_sh, batch_sh)
+  eval_step = make_eval_step(graphdef, mesh, param_sh, batch_sh)
+  tokens_per_step = config.batch_size * config.seq_len * k
+  flops_per_step = metrics_lib.flops_per_token(model_config, config.seq_len) * tokens_per_step
+  peak = config.peak_tflops_per_device or metrics_lib.measure_matmul_peak_tflops()
+  writer.message(f"model {model_config.family} {model_config.num_params() / 1e6:.1f}M params, "
+                 f"mesh {partitioning.mesh_shape(mesh)}, {jax.process_count()} process(es), "
+                 f"steps {latest}->{config.num_steps}, peak {peak:.3f} TFLOP/s/device")
+
+  def run_eval(step: int) -> Optional[dict]:
+    nonlocal cached_eval
+    if eval_batches is None:
+      return None
+    if cached_eval is None:  # The held-out batches are few and fixed: read them once.
+      cached_eval = []
+      for batch in eval_batches(0):
+        if len(cached_eval) == config.eval_batches:
+          break
+        cached_eval.append(partitioning.shard_batch(
+            {key: batch[key] for key in BATCH_KEYS}, mesh, config.batch_size))
+      if not cached_eval:
+        raise ValueError(f"eval task {eval_task!r} split {config.eval_split!r} gave no batch of "
+                         f"{config.batch_size}x{config.seq_len}")
+    sums = [eval_step(state["params"], batch) for batch in cached_eval]
+    total = jax.tree.map(lambda *x: np.sum(x), *jax.device_get(sums))
+    result = metrics_lib.mean_of(total, len(sums))
+    writer.write(step, result, prefix="eval")
+    writer.message(f"eval step {step}: loss {result['loss']:.4f} acc {result['accuracy']:.3f}")
+    return result
+
+  preemption = _Preemption()
+  losses: List[jax.Array] = []
+  window: List[dict] = []
+  unchecked: List[jax.Array] = []  # `finite` flags not yet fetched, from step `checked_from`.
+  checked_from = latest * k
+  last_saved = latest if checkpointer.latest_step() is not None else None
+  eval_result, preempted = None, False
+  step = latest
+  batches = train_batches(latest * k)
+  timer_start, window_time_start, timer_steps, timed_in_window = None, 0.0, 0, 0
+
+  def check_finite():
+    nonlocal unchecked, checked_from
+    bad = _first_non_finite(unchecked, checked_from)
+    if bad is not None:
+      checkpointer.close()
+      raise FloatingPointError(
+          f"loss or gradient became NaN/Inf at microbatch {bad} (optimizer step {bad // k}); "
+          f"stopped without saving it. The last good checkpoint is step {last_saved} in "
+          f"{checkpointer.directory}. Lower TrainConfig.learning_rate, set clip_norm, use "
+          "compute_dtype='float32', or inspect that batch")
+    checked_from += len(unchecked)
+    unchecked = []
+
+  def save(at: int):
+    nonlocal last_saved
+    check_finite()
+    checkpointer.save(at, state)
+    last_saved = at
+
+  try:
+    while step < config.num_steps:
+      for micro in range(k):
+        number = step * k + micro
+        try:
+          batch = next(batches)
+        except StopIteration:
+          raise ValueError(f"train input ran out at batch {number}; use a repeating dataset "
+                           "or fewer num_steps") from None
+        _check_batch(batch, config, rows[1] - rows[0], number)
+        global_batch = partitioning.shard_batch({key: batch[key] for key in BATCH_KEYS}, mesh,
+                                                config.batch_size)
+        state, step_metrics = train_step(state, global_batch)
+        losses.append(step_metrics["loss"])
+        unchecked.append(step_metrics["finite"])
+        window.append(step_metrics)
+      step += 1
+      if timer_start is None:  # Throughput excludes the first step (compilation).
+        jax.block_until_ready(step_metrics)
+        timer_start = window_time_start = time.perf_counter()
+        timed_in_window = 0
+      else:
+        timed_in_window += 1
+      if preemption.reached(step):
+        save(step)
+        checkpointer.wait()
+        writer.message(f"preempted (SIGTERM): saved checkpoint at step {step} in "
+                       f"{checkpointer.directory}")
+        preempted = True
+        break
+      if step % config.log_every == 0 or step == config.num_steps:
+        check_finite()
+        fetched = jax.device_get(window)
+        now = time.perf_counter()
+        total = jax.tree.map(lambda *x: np.sum(x), *fetched)
+        scalars = metrics_lib.mean_of(total, len(fetched))
+        scalars["grad_norm"] = float(np.mean([m["grad_norm"] for m in fetched]))
+        scalars["learning_rate"] = float(schedule(step - 1))
+        if timed_in_window:
+          elapsed = max(now - window_time_start, 1e-9)
+          scalars["steps_per_s"] = timed_in_window / elapsed
+          scalars["tokens_per_s"] = timed_in_window * tokens_per_step / elapsed
+          scalars["tflops_per_device"] = (timed_in_window * flops_per_step / elapsed / 1e12
+                                          / jax.device_count())
+          scalars["mfu"] = scalars["tflops_per_device"] / peak
+        writer.write(step, scalars)
+        timer_steps += timed_in_window
+        writer.progress(step, scalars, now - timer_start, timer_steps)
+        window, window_time_start, timed_in_window = [], now, 0
+      if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+        eval_result = run_eval(step)
+      if step % config.checkpoint_every == 0 or step == config.num_steps:
+        save(step)
+    if not preempted:
+      eval_result = run_eval(step) or eval_result
+    checkpointer.close()
+  finally:
+    preemption.restore()
+    writer.close()
+    checkpointer.close()  # Idempotent; lets pending async saves commit even on errors.
+  return {"step": step, "start_step": latest, "preempted": preempted, "eval": eval_result,
+          "losses": np.asarray(jax.device_get(losses), np.float64), "state": state}

@@ -1,0 +1,175 @@
+"""Batches for the trainer from seqio tasks and mixtures, at any step.
+
+`SeqioBatches` turns a task or mixture into packed global batches of numpy arrays
+{'tokens', 'targets', 'loss_weights', 'segment_ids', 'positions'} (each B x L). Batch number n
+is a pure function of (task, split, seed, n): the pipeline is rebuilt and skipped to n on
+resume, so a resumed run sees exactly the batches an uninterrupted run would.
+
+Tasks with an 'inputs' feature go through `seqio.PrefixLMFeatureConverter` (inputs then
+targets in one causal sequence; loss on targets only or on every token); tasks with only
+'targets' through `seqio.DecoderFeatureConverter` (every token).
+
+Input sharding across processes:
+  * 'global' (default): every process builds the same global batch and keeps its own rows.
+    The batches are then identical for any process count (what the multi-host tests check).
+  * 'per_process': each process reads `seqio.ShardInfo(process_index, process_count)` of the
+    data and builds only its rows (scales to large inputs; batches depend on the process count).
+
+`register_flan_cot_bytes_task` registers a small byte-level chain-of-thought task over the FLAN
+CoT TSVs for CPU tests and the tiny gin configs; real stages use `teacherlm_jax.data` tasks.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from typing import Dict, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+LOSS_ON = ("targets", "all")
+INPUT_SHARDING = ("global", "per_process")
+
+_RENAMES = {
+    "decoder_input_tokens": "tokens",
+    "decoder_target_tokens": "targets",
+    "decoder_loss_weights": "loss_weights",
+    "decoder_segment_ids": "segment_ids",
+    "decoder_positions": "positions",
+}
+
+
+def feature_converter(task_or_mixture, loss_on: str = "targets",
+                      pack: bool = True) -> seqio.FeatureConverter:
+  if loss_on not in LOSS_ON:
+    raise ValueError(f"loss_on={loss_on!r}: expected one of {LOSS_ON}")
+  if "inputs" in task_or_mixture.output_features:
+    return seqio.PrefixLMFeatureConverter(loss_on_targets_only=loss_on == "targets", pack=pack)
+  return seqio.DecoderFeatureConverter(pack=pack)
+
+
+def default_feature_lengths(task_or_mixture, seq_len: int) -> Dict[str, int]:
+  """Splits `seq_len` between inputs and targets (PrefixLM packs inputs+targets together)."""
+  if "inputs" in task_or_mixture.output_features:
+    return {"inputs": seq_len // 2, "targets": seq_len - seq_len // 2}
+  return {"targets": seq_len}
+
+
+def get_task(name: str):
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError as e:
+    raise ValueError(f"seqio task or mixture {name!r} is not registered ({e}); import the module "
+                     "that registers it (e.g. teacherlm_jax.data.tasks) or fix the name") from e
+
+
+class SeqioBatches:
+  """Packed global batches of a seqio task/mixture, addressable by batch number."""
+
+  def __init__(self, task_name: str, split: str, seq_len: int, batch_size: int, *,
+               loss_on: str = "targets", pack: bool = True, shuffle: bool = True,
+               seed: int = 0, repeat: bool = True,
+               feature_lengths: Optional[Mapping[str, int]] = None,
+               input_sharding: str = "global", process_rows=None,
+               process_index: int = 0, process_count: int = 1):
+    if input_sharding not in INPUT_SHARDING:
+      raise ValueError(f"input_sharding={input_sharding!r}: expected one of {INPUT_SHARDING}")
+    self.task = get_task(task_name)
+    self.split = split
+    self.seq_len = seq_len
+    self.batch_size = batch_size
+    self.converter = feature_converter(self.task, loss_on, pack)
+    self.feature_lengths = dict(feature_lengths or default_feature_lengths(self.task, seq_len))
+    self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
+    self.input_sharding = input_sharding
+    self.rows = process_rows or (0, batch_size)
+    self.process_index, self.process_count = process_index, process_count
+
+  def _dataset(self, start: int) -> tf.data.Dataset:
+    shard_info = None
+    batch_size = self.batch_size
+    if self.input_sharding == "per_process":
+      shard_info = seqio.ShardInfo(index=self.process_index, num_shards=self.process_count)
+      batch_size = self.rows[1] - self.rows[0]
+    ds = seqio.get_dataset(self.task.name, self.feature_lengths, self.converter,
+                           dataset_split=self.split, shuffle=self.shuffle,
+                           num_epochs=None if self.repeat else 1, shard_info=shard_info,
+                           seed=self.seed, batch_size=batch_size, verbose=False)
+    return ds.skip(start) if start else ds
+
+  def __call__(self, start: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+    """Batches number start, start+1, ...: this process's rows, as int32/float32 numpy."""
+    lo, hi = self.rows
+    if self.input_sharding == "per_process":
+      lo, hi = 0, hi - lo
+    for batch in self._dataset(start).as_numpy_iterator():
+      out = {}
+      for name, key in _RENAMES.items():
+        if name in batch:
+          out[key] = batch[name][lo:hi]
+      out["loss_weights"] = out["loss_weights"].astype(np.float32)
+      out["segment_ids"] = out["segment_ids"].astype(np.int32)
+      out["positions"] = out["positions"].astype(np.int32)
+      out["tokens"] = out["tokens"].astype(np.int32)
+      out["targets"] = out["targets"].astype(np.int32)
+      yield out
+
+
+# ---------------------------------------------------------------------------------------------
+# A small byte-level CoT task over the FLAN TSVs (CPU tests, tiny configs).
+
+FLAN_COT_BYTES_TASK = "teacherlm_flan_cot_bytes"
+# No evaluation-set leakage: these FLAN files share no questions with CREAK/ECQA/StrategyQA.
+DEFAULT_FLAN_FILES = ("qasc", "sensemaking", "gsm8k", "aqua")
+
+
+def read_flan_cot_tsv(path: str):
+  """(question, answer, rationale) rows of a FLAN CoT TSV; literal '\\n' become newlines."""
+  rows = []
+  with open(path, newline="") as f:
+    for line_number, fields in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE),
+                                         start=1):
+      if len(fields) != 3:
+        raise ValueError(f"{path}:{line_number}: expected 3 tab-separated fields (question, "
+                         f"answer, rationale), found {len(fields)}")
+      rows.append(tuple(x.replace("\\n", "\n") for x in fields))
+  return rows
+
+
+def _flan_examples(data_dir: str, files: Sequence[str], validation_size: int):
+  rows = []
+  for name in files:
+    rows.extend(read_flan_cot_tsv(os.path.join(data_dir, "flan_cot_data", f"{name}_train.tsv")))
+  inputs = [f"{q}\nLet's think step by step." for q, _, _ in rows]
+  targets = [f"{r} So the answer is {a}." for _, a, r in rows]
+  return {"train": (inputs[validation_size:], targets[validation_size:]),
+          "validation": (inputs[:validation_size], targets[:validation_size])}
+
+
+def register_flan_cot_bytes_task(data_dir: str, files: Sequence[str] = DEFAULT_FLAN_FILES,
+                                 validation_size: int = 200,
+                                 name: str = FLAN_COT_BYTES_TASK) -> str:
+  """Registers (once) question -> rationale + answer over FLAN CoT rows, byte vocabulary.
+
+  The first `validation_size` rows are the 'validation' split.
+  """
+  if name in seqio.TaskRegistry.names():
+    return name
+  examples = functools.lru_cache(None)(
+      lambda: _flan_examples(data_dir, tuple(files), validation_size))
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del shuffle_files, seed  # One in-memory shard; seqio shuffles examples.
+    inputs, targets = examples()[split]
+    return tf.data.Dataset.from_tensor_slices({"inputs": inputs, "targets": targets})
+
+  vocabulary = seqio.ByteVocabulary()
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation")),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=False),
+                       "targets": seqio.Feature(vocabulary, add_eos=True)})
+  return name
