@@ -1,0 +1,274 @@
+"""Annotation files: input records, per-process shards committed atomically, rejects, merge.
+
+Layout of an annotation output directory:
+
+  {output}/shard-00000-of-00002/chunk-000000.jsonl   committed chunks (one JSON record a line)
+  {output}/shard-00000-of-00002/manifest.json        run settings, chunk list, summary
+  {output}/shard-00000-of-00002/rejects.jsonl        bad input records with their reason
+
+A chunk is written to a temp file, fsync'ed, renamed into place and the directory fsync'ed, so
+a chunk file either exists whole or not at all. Chunk files are the truth: the manifest is
+rewritten from them after every commit and again on resume, so a crash between a chunk's
+rename and the manifest update loses nothing and duplicates nothing. `--resume` skips every id
+found in the committed chunks, which makes a killed-and-resumed run hold each id exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+CHUNK_GLOB = "chunk-*.jsonl"
+
+
+class InputError(ValueError):
+  """A bad input record; the message names file and line, `reason` is a short category."""
+
+  def __init__(self, message: str, reason: str = "bad_record"):
+    super().__init__(message)
+    self.reason = reason
+
+
+@dataclasses.dataclass
+class InputRecord:
+  """One input record: `index` orders the input (merge sorts by it); `line` is 1-based."""
+  index: int
+  line: int
+  id: str
+  fields: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class Reject:
+  """A record kept out of the run: `reason` is a category, `message` says file, line, why."""
+  file: str
+  line: int
+  reason: str
+  message: str
+  raw: str
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def process_slice(num_items: int, process_index: int, process_count: int) -> range:
+  """The contiguous part of `num_items` that process `process_index` of `process_count` owns."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside 0..{process_count - 1}")
+  return range(num_items * process_index // process_count,
+               num_items * (process_index + 1) // process_count)
+
+
+def read_jsonl_records(path, *, id_field: Optional[str], required_fields: Sequence[str],
+                       process_index: int = 0, process_count: int = 1,
+                       rejects: Optional[List[Reject]] = None) -> List[InputRecord]:
+  """Reads this process's slice of a JSONL file (non-blank lines split contiguously).
+
+  Args:
+    path: the JSONL file.
+    id_field: field holding a unique record id; None = the 1-based line number.
+    required_fields: fields the prompts need.
+    process_index, process_count: which contiguous slice of the lines to read.
+    rejects: when given, bad records are appended here with their reason instead of raising.
+
+  Raises:
+    InputError naming file, line and field, when `rejects` is None.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise InputError(f"{path}: input file does not exist")
+  with path.open(encoding="utf-8") as f:
+    lines = [(number, text) for number, text in enumerate(f, start=1) if text.strip()]
+  records, seen = [], {}
+  for index in process_slice(len(lines), process_index, process_count):
+    number, text = lines[index]
+    try:
+      record = parse_record(text, path, number, id_field, required_fields)
+      if record.id in seen:
+        raise InputError(f"{path}:{number}: id {record.id!r} (field {id_field!r}) repeats the "
+                         f"id of line {seen[record.id]}", "duplicate_id")
+    except InputError as e:
+      if rejects is None:
+        raise
+      rejects.append(Reject(str(path), number, e.reason, str(e), text.rstrip("\n")))
+      continue
+    seen[record.id] = number
+    record.index = index
+    records.append(record)
+  return records
+
+
+def parse_record(text: str, path, line: int, id_field: Optional[str],
+                 required_fields: Sequence[str]) -> InputRecord:
+  try:
+    fields = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise InputError(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})",
+                     "not_json") from None
+  if not isinstance(fields, dict):
+    raise InputError(f"{path}:{line}: expected a JSON object, got {type(fields).__name__}",
+                     "not_json")
+  for name in required_fields:
+    if name not in fields or fields[name] is None:
+      raise InputError(f"{path}:{line}: field {name!r} is missing", "missing_field")
+  if id_field is None:
+    record_id = str(line)
+  elif id_field not in fields:
+    raise InputError(f"{path}:{line}: field {id_field!r} (the record id) is missing",
+                     "missing_field")
+  else:
+    record_id = str(fields[id_field])
+  return InputRecord(index=-1, line=line, id=record_id, fields=fields)
+
+
+# ---- atomic files ------------------------------------------------------------------------
+
+def _fsync_dir(directory: pathlib.Path):
+  fd = os.open(str(directory), os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_atomic(path: pathlib.Path, text: str):
+  """temp file, fsync, rename, fsync the directory: `path` is old or new, never partial."""
+  tmp = path.with_name(path.name + ".tmp")
+  with tmp.open("w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync_dir(path.parent)
+
+
+def _jsonl(records: Sequence[dict]) -> str:
+  return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+
+
+def read_jsonl(path: pathlib.Path) -> List[dict]:
+  with path.open(encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+# ---- shards ------------------------------------------------------------------------------
+
+def shard_dir(output_dir, process_index: int, process_count: int) -> pathlib.Path:
+  return pathlib.Path(output_dir) / f"shard-{process_index:05d}-of-{process_count:05d}"
+
+
+class ShardWriter:
+  """This process's shard: commits chunks atomically and knows which ids are committed."""
+
+  def __init__(self, output_dir, process_index: int, process_count: int, run_settings: dict,
+               *, resume: bool):
+    self.directory = shard_dir(output_dir, process_index, process_count)
+    # As stored (tuples become lists), so settings compare equal to a manifest's.
+    run_settings = json.loads(json.dumps(run_settings, sort_keys=True))
+    self.run_settings = run_settings
+    self.process_index, self.process_count = process_index, process_count
+    self.directory.mkdir(parents=True, exist_ok=True)
+    for stale in self.directory.glob("*.tmp"):
+      stale.unlink()  # an interrupted write; its chunk was never committed
+    self.chunks = sorted(self.directory.glob(CHUNK_GLOB))
+    if self.chunks and not resume:
+      raise FileExistsError(
+          f"{self.directory} already holds {len(self.chunks)} committed chunks; pass --resume "
+          "to continue that run, or choose a new output directory")
+    manifest_path = self.directory / MANIFEST
+    if resume and manifest_path.exists():
+      previous = json.loads(manifest_path.read_text())["run"]
+      changed = {k: (previous.get(k), v) for k, v in run_settings.items()
+                 if previous.get(k) != v}
+      if changed:
+        raise ValueError(f"{manifest_path}: cannot resume with different settings "
+                         f"(setting: (committed run, now)): {changed}")
+    self.committed_ids = set()
+    self.chunk_info = []
+    for chunk in self.chunks:
+      records = read_jsonl(chunk)
+      self.committed_ids.update(r["id"] for r in records)
+      self.chunk_info.append(self._info(chunk, records))
+    self.resumed_records = len(self.committed_ids)
+    self._write_manifest(complete=False, summary=None)
+
+  @staticmethod
+  def _info(chunk: pathlib.Path, records: Sequence[dict]) -> dict:
+    return {"file": chunk.name, "num_records": len(records),
+            "input_indices": [min(r["input_index"] for r in records),
+                              max(r["input_index"] for r in records)] if records else None}
+
+  def commit(self, records: Sequence[dict]):
+    """Writes one chunk atomically; its records count as done from now on."""
+    if not records:
+      return
+    duplicates = [r["id"] for r in records if r["id"] in self.committed_ids]
+    if duplicates:
+      raise ValueError(f"{self.directory}: ids already committed: {duplicates[:5]}")
+    number = int(self.chunks[-1].stem.split("-")[1]) + 1 if self.chunks else 0
+    chunk = self.directory / f"chunk-{number:06d}.jsonl"
+    write_atomic(chunk, _jsonl(records))
+    self.chunks.append(chunk)
+    self.committed_ids.update(r["id"] for r in records)
+    self.chunk_info.append(self._info(chunk, records))
+    self._write_manifest(complete=False, summary=None)
+
+  def write_rejects(self, rejects: Sequence[Reject]):
+    write_atomic(self.directory / REJECTS, _jsonl([r.to_json() for r in rejects]))
+
+  def finish(self, summary: dict):
+    self._write_manifest(complete=True, summary=summary)
+
+  def _write_manifest(self, *, complete: bool, summary: Optional[dict]):
+    manifest = {"process_index": self.process_index, "process_count": self.process_count,
+                "run": self.run_settings, "complete": complete,
+                "num_records": len(self.committed_ids), "chunks": self.chunk_info,
+                "summary": summary}
+    write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def iter_shard_records(directory: pathlib.Path) -> Iterator[dict]:
+  for chunk in sorted(directory.glob(CHUNK_GLOB)):
+    yield from read_jsonl(chunk)
+
+
+def merge(output_dir, merged_path, *, allow_incomplete: bool = False) -> int:
+  """Concatenates every shard's records in input order into one JSONL file; returns the count.
+
+  Refuses shards that are missing or unfinished (unless allow_incomplete) and ids that occur
+  twice, so a merged file is a complete, exactly-once annotation of the input.
+  """
+  output_dir = pathlib.Path(output_dir)
+  shards = sorted(output_dir.glob("shard-*-of-*"))
+  if not shards:
+    raise FileNotFoundError(f"{output_dir}: no shard-*-of-* directories to merge")
+  counts = {int(s.name.rsplit("-", 1)[1]) for s in shards}
+  if len(counts) != 1:
+    raise ValueError(f"{output_dir}: shards of different process counts {sorted(counts)}; "
+                     "remove the stale ones")
+  (count,) = counts
+  present = {int(s.name.split("-")[1]) for s in shards}
+  missing = sorted(set(range(count)) - present)
+  if missing:
+    raise ValueError(f"{output_dir}: shards of processes {missing} (of {count}) are missing")
+  records = []
+  for shard in shards:
+    manifest = json.loads((shard / MANIFEST).read_text())
+    if not manifest["complete"] and not allow_incomplete:
+      raise ValueError(f"{shard / MANIFEST}: the run of this shard has not finished; resume it "
+                       "first (or merge with allow_incomplete)")
+    records.extend(iter_shard_records(shard))
+  records.sort(key=lambda r: r["input_index"])
+  seen = set()
+  for r in records:
+    if r["id"] in seen:
+      raise ValueError(f"{output_dir}: id {r['id']!r} occurs in more than one record")
+    seen.add(r["id"])
+  merged_path = pathlib.Path(merged_path)
+  merged_path.parent.mkdir(parents=True, exist_ok=True)
+  write_atomic(merged_path, _jsonl(records))
+  return len(records)
