@@ -1,0 +1,122 @@
+"""Decoding throughput: ours (jit, KV cache, while_loop) vs `transformers` generate (PyTorch).
+
+Both decode the same converted BLOOM-shaped model (random weights, float32), the same
+left-padded prompts and exactly `max_new_tokens` tokens per row (EOS disabled on our side,
+`min_new_tokens` on theirs), greedy, at batch 1 (the reference annotates one sample at a time)
+and batch 32. Also reported: samples/s of our batch-32 run against the reference's batch-1
+samples/s, and the fraction of the memory-bandwidth bound (bytes a step must read: parameters
+plus the KV cache; bandwidth from a large numpy copy) that our batch-1 decoding reaches.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+  """Bytes/s of a large memory copy (read + write), best of `repeats`."""
+  src = np.ones(megabytes * (1 << 20) // 4, np.float32)
+  dst = np.empty_like(src)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - start)
+  return 2 * src.nbytes / best
+
+
+def _best_time(fn, repeats: int) -> float:
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1, 32),
+                       max_new_tokens: int = None, repeats: int = None) -> List[Dict]:
+  """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
+  import jax
+  import torch
+  import transformers
+
+  from teacherlm_jax import decoding
+  from teacherlm_jax.models import hf
+
+  if quick:
+    shape = dict(hidden_size=256, n_layer=4, n_head=4, vocab_size=8192)
+    max_new_tokens = max_new_tokens or 16
+    repeats = repeats or 1
+  else:
+    shape = dict(hidden_size=512, n_layer=8, n_head=8, vocab_size=32000)  # small-bloom-50m
+    max_new_tokens = max_new_tokens or 64
+    repeats = repeats or 2
+  torch_device = "cuda" if device and torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  hf_config = transformers.BloomConfig(**shape, pad_token_id=3, eos_token_id=2)
+  torch_model = transformers.BloomForCausalLM(hf_config).eval().to(torch_device)
+  rng = np.random.default_rng(0)
+  rows = []
+  with tempfile.TemporaryDirectory() as directory:
+    torch_model.save_pretrained(directory)
+    config, model = hf.import_checkpoint(directory)
+  decoder = decoding.Decoder(model, eos_id=-1)
+  sampling = decoding.SamplingConfig(max_new_tokens=max_new_tokens)
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.state))
+  bandwidth = copy_bandwidth() if not device else None
+  results = {}
+  for batch in batch_sizes:
+    lengths = rng.integers(16, 49, size=batch)
+    prompts = [list(rng.integers(4, config.vocab_size, size=n)) for n in lengths]
+    width = int(max(lengths))
+    tokens = np.full((batch, width), config.pad_token_id, np.int64)
+    mask = np.zeros((batch, width), np.int64)
+    for row, prompt in enumerate(prompts):
+      tokens[row, width - len(prompt):] = prompt
+      mask[row, width - len(prompt):] = 1
+    inputs = dict(input_ids=torch.tensor(tokens, device=torch_device),
+                  attention_mask=torch.tensor(mask, device=torch_device))
+
+    def theirs():
+      with torch.no_grad():
+        out = torch_model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=max_new_tokens, pad_token_id=3)
+      assert out.shape[1] == width + max_new_tokens
+
+    def ours():
+      generations = decoder.generate(prompts, sampling)
+      assert all(g.num_tokens == max_new_tokens for g in generations)
+
+    ours()  # compile
+    theirs()  # warm up
+    ours_s, theirs_s = _best_time(ours, repeats), _best_time(theirs, repeats)
+    generated = batch * max_new_tokens
+    results[batch] = (generated / ours_s, generated / theirs_s)
+    rows.append({"benchmark": "decoding", "metric": f"generated tokens/s, batch {batch}",
+                 "ours": generated / ours_s, "pytorch": generated / theirs_s,
+                 "ratio": theirs_s / ours_s,
+                 "notes": f"bloom d={shape['hidden_size']} L={shape['n_layer']} "
+                          f"V={shape['vocab_size']}, greedy, {max_new_tokens} new tokens, "
+                          f"prompts 16-48"})
+    if bandwidth:
+      cache_length = decoding.bucket_length(width) + max_new_tokens
+      kv_bytes = 2 * config.num_layers * batch * cache_length * config.hidden_size * 4
+      bound = batch * bandwidth / (param_bytes + kv_bytes)
+      rows.append({"benchmark": "decoding", "metric": f"fraction of bandwidth bound, batch {batch}",
+                   "ours": (generated / ours_s) / bound, "pytorch": (generated / theirs_s) / bound,
+                   "ratio": "",
+                   "notes": f"bound {bound:.0f} tok/s = copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+                            f"/ ({param_bytes / 1e6:.0f} MB params + KV) x batch"})
+  if 1 in results and max(batch_sizes) > 1:
+    big = max(batch_sizes)
+    ours_samples = results[big][0] / max_new_tokens
+    reference_samples = results[1][1] / max_new_tokens
+    rows.append({"benchmark": "decoding", "metric": "samples/s vs reference (HF, batch 1)",
+                 "ours": ours_samples, "pytorch": reference_samples,
+                 "ratio": ours_samples / reference_samples,
+                 "notes": f"ours at batch {big}; target >= 10x"})
+  return rows
