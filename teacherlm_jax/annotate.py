@@ -193,6 +193,7 @@ def annotate(input_path, output_dir, *,
              answer_field: str = "answer",
              options_field: Optional[str] = "options",
              reject_bad_input: bool = False,
+             limit: Optional[int] = None,
              quality: Optional[annotation_quality.QualityConfig] = None,
              resume: bool = False,
              process_index: Optional[int] = None,
@@ -201,7 +202,8 @@ def annotate(input_path, output_dir, *,
   """Annotates this process's slice of `input_path` into its shard of `output_dir`.
 
   Args:
-    input_path: JSONL records with `question_field`, `answer_field` (and optional options).
+    input_path: JSONL records with `question_field`, `answer_field` (and optional options),
+      or 'records:<dataset>' for the data tasks' training records (creak, ecqa, strategyqa).
     output_dir: annotation directory (one shard-* subdirectory per process).
     teachers: one checkpoint directory for every kind, or {kind: directory}.
     kinds: annotation kinds to produce.
@@ -218,6 +220,7 @@ def annotate(input_path, output_dir, *,
     question_field, answer_field, options_field: record fields the prompt is built from.
     reject_bad_input: write bad records to the shard's rejects.jsonl (counted) instead of
       raising an error that names file and line.
+    limit: annotate only the first `limit` input records (quick runs).
     quality: QC thresholds (default QualityConfig()).
     resume: continue a killed run: ids in committed chunks are skipped.
     process_index, process_count: this process's slice (default jax.process_index/count).
@@ -244,9 +247,9 @@ def annotate(input_path, output_dir, *,
   # Input: this process's slice, bad records rejected (or raised) with file and line.
   rejects: Optional[List[annotation_io.Reject]] = [] if reject_bad_input else None
   required = [question_field, answer_field]
-  records = annotation_io.read_jsonl_records(
+  records = annotation_io.read_records(
       input_path, id_field=id_field, required_fields=required, process_index=process_index,
-      process_count=process_count, rejects=rejects)
+      process_count=process_count, limit=limit, rejects=rejects)
 
   # Teachers: one Decoder per distinct checkpoint, on this process's devices.
   mesh = (partitioning.make_mesh(*mesh_shape, devices=jax.local_devices())
@@ -282,7 +285,9 @@ def annotate(input_path, output_dir, *,
 
   decoding_settings = {"max_new_tokens": max_new_tokens, "temperature": temperature,
                        "top_k": top_k, "top_p": top_p, "num_samples": num_samples}
-  run_settings = {"input": str(pathlib.Path(input_path).resolve()), "kinds": list(kinds),
+  source = (str(input_path) if str(input_path).startswith(annotation_io.RECORDS_PREFIX)
+            else str(pathlib.Path(input_path).resolve()))
+  run_settings = {"input": source, "limit": limit, "kinds": list(kinds),
                   "teachers": teacher_ids, "tokenizer": tok.name, "decoding": decoding_settings,
                   "seed": seed, "quality": dataclasses.asdict(quality),
                   "fields": [id_field, question_field, answer_field, options_field]}

@@ -63,38 +63,52 @@ def process_slice(num_items: int, process_index: int, process_count: int) -> ran
                num_items * (process_index + 1) // process_count)
 
 
-def read_jsonl_records(path, *, id_field: Optional[str], required_fields: Sequence[str],
-                       process_index: int = 0, process_count: int = 1,
-                       rejects: Optional[List[Reject]] = None) -> List[InputRecord]:
-  """Reads this process's slice of a JSONL file (non-blank lines split contiguously).
+RECORDS_PREFIX = "records:"
+
+
+def read_records(source, *, id_field: Optional[str], required_fields: Sequence[str],
+                 process_index: int = 0, process_count: int = 1, limit: Optional[int] = None,
+                 rejects: Optional[List[Reject]] = None) -> List[InputRecord]:
+  """Reads this process's slice of the input (its non-blank lines split contiguously).
 
   Args:
-    path: the JSONL file.
+    source: a JSONL file, or 'records:<dataset>' for the training records the data tasks
+      build (`data/tasks.original_records`: creak, ecqa, strategyqa).
     id_field: field holding a unique record id; None = the 1-based line number.
     required_fields: fields the prompts need.
-    process_index, process_count: which contiguous slice of the lines to read.
+    process_index, process_count: which contiguous slice to read.
+    limit: only the first `limit` records of the input (before slicing).
     rejects: when given, bad records are appended here with their reason instead of raising.
 
   Raises:
     InputError naming file, line and field, when `rejects` is None.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise InputError(f"{path}: input file does not exist")
-  with path.open(encoding="utf-8") as f:
-    lines = [(number, text) for number, text in enumerate(f, start=1) if text.strip()]
+  source = str(source)
+  if source.startswith(RECORDS_PREFIX):
+    from teacherlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    rows = tasks.original_records(source[len(RECORDS_PREFIX):])
+    lines = [(number, json.dumps(row, ensure_ascii=False))
+             for number, row in enumerate(rows, start=1)]
+  else:
+    path = pathlib.Path(source)
+    if not path.is_file():
+      raise InputError(f"{path}: input file does not exist")
+    with path.open(encoding="utf-8") as f:
+      lines = [(number, text) for number, text in enumerate(f, start=1) if text.strip()]
+  if limit is not None:
+    lines = lines[:limit]
   records, seen = [], {}
   for index in process_slice(len(lines), process_index, process_count):
     number, text = lines[index]
     try:
-      record = parse_record(text, path, number, id_field, required_fields)
+      record = parse_record(text, source, number, id_field, required_fields)
       if record.id in seen:
-        raise InputError(f"{path}:{number}: id {record.id!r} (field {id_field!r}) repeats the "
-                         f"id of line {seen[record.id]}", "duplicate_id")
+        raise InputError(f"{source}:{number}: id {record.id!r} (field {id_field!r}) repeats "
+                         f"the id of line {seen[record.id]}", "duplicate_id")
     except InputError as e:
       if rejects is None:
         raise
-      rejects.append(Reject(str(path), number, e.reason, str(e), text.rstrip("\n")))
+      rejects.append(Reject(source, number, e.reason, str(e), text.rstrip("\n")))
       continue
     seen[record.id] = number
     record.index = index

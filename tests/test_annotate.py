@@ -249,3 +249,16 @@ def test_drop_action_and_num_samples_keep_the_most_confident(workdir):
   np.testing.assert_allclose(record["mean_logprob"]["chain_of_thought"], best.mean_logprob,
                              atol=1e-5)
   assert record["all"]["chain_of_thought"] == tokenizer.decode(ids + list(best.tokens))
+
+
+def test_annotates_the_data_tasks_training_records(workdir, shared_data, monkeypatch):
+  monkeypatch.setenv("TEACHERLM_DATA_DIR", str(shared_data))
+  root, teacher, _ = workdir
+  summary = annotate.annotate("records:creak", root / "records", teachers=str(teacher),
+                              kinds=("fundamentals",), max_new_tokens=2, limit=4,
+                              progress=False, process_index=0, process_count=1)
+  assert summary["annotated"] == 4
+  out = _merged(root / "records")
+  assert [r["id"] for r in out] == ["train_0", "train_1", "train_2", "train_3"]
+  assert out[0]["all"]["fundamentals"].startswith(
+      "Q: Determine the correctness of the following sentence. Only people named Floyd")
