@@ -2,7 +2,8 @@
 
 This is the hand-off format between stages (an imported HF teacher, a finished teacher stage,
 a student to evaluate). Training checkpoints with optimizer state and data position are the
-trainer's (train.py); both use orbax so a train checkpoint's params restore the same way.
+trainer's (`checkpointing.py`); `load_model` reads either layout, so every consumer (annotation,
+evaluation, export) takes "a model directory" without caring which stage wrote it.
 """
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def save_params(model: DecoderLM, directory) -> pathlib.Path:
   return directory
 
 
+def _abstract_target(config: ModelConfig, shardings):
+  """(abstract model, its Param state, restore target: pure dict of sharded ShapeDtypeStructs)."""
+  abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+  params_state = nnx.state(abstract, nnx.Param)
+  target = nnx.to_pure_dict(params_state)
+  if shardings is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: sharding, target)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        target, shardings)
+  return abstract, params_state, target
+
+
+def _filled(abstract: DecoderLM, params_state, restored) -> DecoderLM:
+  nnx.replace_by_pure_dict(params_state, restored)
+  nnx.update(abstract, params_state)
+  return abstract
+
+
 def restore_params(config: Optional[ModelConfig], directory, *, shardings=None) -> DecoderLM:
   """Restores a DecoderLM saved by `save_params` (config read from the directory if None).
 
@@ -63,18 +83,22 @@ def restore_params(config: Optional[ModelConfig], directory, *, shardings=None) 
   directory = pathlib.Path(directory).absolute()
   if config is None:
     config = read_model_config(directory)
-  abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  params_state = nnx.state(abstract, nnx.Param)
-  target = nnx.to_pure_dict(params_state)
-  if shardings is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: sharding, target)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        target, shardings)
   if not (directory / "params").exists():
     raise ValueError(f"{directory}: no params/ checkpoint (expected the output of save_params)")
+  abstract, params_state, target = _abstract_target(config, shardings)
   restored = ocp.StandardCheckpointer().restore(directory / "params", target)
-  nnx.replace_by_pure_dict(params_state, restored)
-  nnx.update(abstract, params_state)
-  return abstract
+  return _filled(abstract, params_state, restored)
+
+
+def load_model(directory, *, dtype: Optional[str] = None, shardings=None) -> DecoderLM:
+  """A DecoderLM from a params directory (`save_params`) or a trainer model_dir (its latest
+  checkpoint); the architecture comes from the directory's model_config.json."""
+  directory = pathlib.Path(directory).absolute()
+  config = read_model_config(directory)
+  if dtype is not None:
+    config = config.replace(dtype=dtype)
+  if (directory / "params").exists():
+    return restore_params(config, directory, shardings=shardings)
+  from teacherlm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  abstract, params_state, target = _abstract_target(config, shardings)
+  return _filled(abstract, params_state, checkpointing.restore_params(str(directory), target))
