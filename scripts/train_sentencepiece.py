@@ -63,18 +63,6 @@ def iter_texts(patterns: Sequence[str], fields: Sequence[str]) -> Iterator[str]:
             yield line.rstrip("\n")
 
 
-def train_sentencepiece(texts: Iterator[str], model_prefix: str, vocab_size: int,
-                        model_type: str = "unigram") -> str:
-  """Trains and writes `model_prefix`.model; returns its path."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  pathlib.Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
-      model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
-  return f"{model_prefix}.model"
-
-
 def _capped(texts: Iterator[str], limit: int) -> Iterator[str]:
   for i, text in enumerate(texts):
     if i >= limit:
@@ -87,7 +75,9 @@ def main(argv):
   del argv
   texts = _capped(iter_texts(FLAGS.input, FLAGS.fields), FLAGS.max_sentences)
   if FLAGS.kind == "spm":
-    path = train_sentencepiece(texts, FLAGS.model_prefix, FLAGS.vocab_size, FLAGS.model_type)
+    from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
+    path = vocab.train_sentencepiece(texts, FLAGS.model_prefix, FLAGS.vocab_size,
+                                     FLAGS.model_type)
   else:
     from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
     path = vocab.build_bpe_tokenizer(texts, FLAGS.vocab_size, FLAGS.model_prefix)

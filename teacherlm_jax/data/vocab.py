@@ -153,3 +153,16 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int, directory) -> pat
   directory = pathlib.Path(directory)
   fast.save_pretrained(str(directory))
   return directory
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int,
+                        model_type: str = "unigram") -> str:
+  """Trains `model_prefix`.model on `texts` with seqio's id layout (pad 0, eos 1, unk 2, no
+  bos), so `sentencepiece_vocabulary(path)` reads it directly; returns the model path."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  pathlib.Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
+      model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+  return f"{model_prefix}.model"
