@@ -73,13 +73,12 @@ def _capped(texts: Iterator[str], limit: int) -> Iterator[str]:
 
 def main(argv):
   del argv
+  from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
   texts = _capped(iter_texts(FLAGS.input, FLAGS.fields), FLAGS.max_sentences)
   if FLAGS.kind == "spm":
-    from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
     path = vocab.train_sentencepiece(texts, FLAGS.model_prefix, FLAGS.vocab_size,
                                      FLAGS.model_type)
   else:
-    from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
     path = vocab.build_bpe_tokenizer(texts, FLAGS.vocab_size, FLAGS.model_prefix)
   print(f"wrote {path}")
 
