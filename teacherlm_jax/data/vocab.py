@@ -156,13 +156,16 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int, directory) -> pat
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int,
-                        model_type: str = "unigram") -> str:
+                        model_type: str = "unigram", **trainer_options) -> str:
   """Trains `model_prefix`.model on `texts` with seqio's id layout (pad 0, eos 1, unk 2, no
-  bos), so `sentencepiece_vocabulary(path)` reads it directly; returns the model path."""
+  bos), so `sentencepiece_vocabulary(path)` reads it directly; returns the model path.
+
+  `trainer_options` go to `SentencePieceTrainer.train` (e.g. `user_defined_symbols`).
+  """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   pathlib.Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
       model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+      character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **trainer_options)
   return f"{model_prefix}.model"
