@@ -160,10 +160,12 @@ _STATE_AXES = {
     "tokens": ("cache_batch", None), "logprobs": ("cache_batch", None),
     "count": ("cache_batch",), "done": ("cache_batch",), "eos": ("cache_batch",),
     "last": ("cache_batch",), "uid": ("cache_batch",), "max_new": ("cache_batch",),
+    "eos_id": ("cache_batch",),
 }
 
 
-def _initial_state(batch: int, max_new_tokens: int, uid_B, max_new_B, valid_B) -> DecodeState:
+def _initial_state(batch: int, max_new_tokens: int, uid_B, max_new_B, valid_B, eos_id_B
+                   ) -> DecodeState:
   return {
       "tokens": jnp.zeros((batch, max_new_tokens), jnp.int32),
       "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
@@ -173,6 +175,7 @@ def _initial_state(batch: int, max_new_tokens: int, uid_B, max_new_B, valid_B) -
       "last": jnp.zeros((batch,), jnp.int32),
       "uid": uid_B.astype(jnp.int32),
       "max_new": max_new_B.astype(jnp.int32),
+      "eos_id": eos_id_B.astype(jnp.int32),
   }
 
 
@@ -277,7 +280,7 @@ class Decoder:
     width = dstate["tokens"].shape[1]
     at_BxT = (jnp.arange(width)[None, :] == dstate["count"][:, None]) & write_B[:, None]
     count_B = dstate["count"] + write_B.astype(jnp.int32)
-    hit_eos_B = write_B & (tokens_B == self.eos_id)
+    hit_eos_B = write_B & (tokens_B == dstate["eos_id"])
     return {
         **dstate,
         "tokens": jnp.where(at_BxT, tokens_B[:, None], dstate["tokens"]),
@@ -300,7 +303,7 @@ class Decoder:
   # ---- static batch ----------------------------------------------------------------------
 
   def _generate(self, state, cache, tokens_BxL, segment_ids_BxL, uid_B, max_new_B, valid_B,
-                seed, *, sampling):
+                eos_id_B, seed, *, sampling):
     with self._activate():
       model = nnx.merge(self._graphdef, state)
       # Reusing a donated buffer: emptying segment ids and indices empties the cache (stale
@@ -309,7 +312,7 @@ class Decoder:
                "positions": jnp.zeros_like(cache["positions"]),
                "index": jnp.zeros_like(cache["index"])}
       dstate = _initial_state(tokens_BxL.shape[0], sampling.max_new_tokens, uid_B, max_new_B,
-                              valid_B)
+                              valid_B, eos_id_B)
       dstate, cache = self._prefill(model, cache, dstate, tokens_BxL, segment_ids_BxL, seed,
                                     sampling)
 
@@ -324,7 +327,8 @@ class Decoder:
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                seed: int = 0, uids: Optional[Sequence[int]] = None,
-               max_new_tokens: Optional[Sequence[int]] = None) -> List[Generation]:
+               max_new_tokens: Optional[Sequence[int]] = None,
+               eos_id: Optional[int] = None) -> List[Generation]:
     """Decodes one static, left-padded batch; returns one Generation per prompt, in order.
 
     Args:
@@ -333,6 +337,7 @@ class Decoder:
       seed: sampling seed.
       uids: per-row ids that select the sampling keys (default 0..B-1).
       max_new_tokens: per-row limits (<= sampling.max_new_tokens).
+      eos_id: stop token for this call (default the decoder's; -1 = none).
     """
     n = len(prompts)
     uids = list(range(n)) if uids is None else list(uids)
@@ -349,27 +354,29 @@ class Decoder:
     uid_B = np.asarray(uids + [0] * pad_rows, np.int32)
     max_new_B = np.asarray(limits + [1] * pad_rows, np.int32)
     valid_B = np.arange(batch) < n
+    eos_id_B = np.full(batch, self.eos_id if eos_id is None else eos_id, np.int32)
     length = width + sampling.max_new_tokens
     cache = self.new_cache(batch, length)
     dstate, cache = self._generate_jit(
         self.state, cache, self._put(tokens, ("batch", "length")),
         self._put(segment_ids, ("batch", "length")), self._put(uid_B, ("batch",)),
         self._put(max_new_B, ("batch",)), self._put(valid_B, ("batch",)),
-        np.int32(seed), sampling=sampling)
+        self._put(eos_id_B, ("batch",)), np.int32(seed), sampling=sampling)
     self._cache_pool[(batch, length)] = cache
     return _collect(jax.device_get(dstate), range(n))
 
   # ---- continuous batching ---------------------------------------------------------------
 
   def _insert(self, state, cache, dstate, tokens_GxL, segment_ids_GxL, uid_G, max_new_G,
-              valid_G, slots_G, seed, *, sampling):
+              valid_G, eos_id_G, slots_G, seed, *, sampling):
     """Prefills G new requests into a fresh cache and scatters their rows into `slots_G`."""
     with self._activate():
       model = nnx.merge(self._graphdef, state)
       group = tokens_GxL.shape[0]
       fresh = transformer.init_cache(self.config, group, cache["segment_ids"].shape[1],
                                      cache["layers"][0]["key"].dtype)
-      new_dstate = _initial_state(group, dstate["tokens"].shape[1], uid_G, max_new_G, valid_G)
+      new_dstate = _initial_state(group, dstate["tokens"].shape[1], uid_G, max_new_G, valid_G,
+                                  eos_id_G)
       new_dstate, fresh = self._prefill(model, fresh, new_dstate, tokens_GxL, segment_ids_GxL,
                                         seed, sampling)
       # Padding rows of the group carry an out-of-range slot and are dropped by the scatter.
@@ -444,7 +451,8 @@ class SlotEngine:
     valid = np.zeros(self.num_slots, bool)
     dstate = jax.jit(_initial_state, static_argnums=(0, 1))(
         self.num_slots, sampling.max_new_tokens, jnp.zeros(self.num_slots, jnp.int32),
-        jnp.ones(self.num_slots, jnp.int32), jnp.asarray(valid))
+        jnp.ones(self.num_slots, jnp.int32), jnp.asarray(valid),
+        jnp.full(self.num_slots, d.eos_id, jnp.int32))
     if d.mesh is not None:
       dstate = jax.device_put(dstate, {k: d._sharding(_STATE_AXES[k]) for k in dstate})
     slot_busy = np.zeros(self.num_slots, bool)
@@ -484,9 +492,11 @@ class SlotEngine:
                                 self.sampling.max_new_tokens) for r in group] + [1] * pad,
                            np.int32)
     valid_G = np.arange(size) < len(group)
+    eos_id_G = np.full(size, d.eos_id, np.int32)
     slots_G = np.concatenate([slots, np.full(pad, self.num_slots)]).astype(np.int32)
     self.stats["prefills"] += 1
     return d._insert_jit(d.state, cache, dstate, d._put(tokens, ("batch", "length")),
                          d._put(segment_ids, ("batch", "length")), d._put(uid_G, ("batch",)),
                          d._put(max_new_G, ("batch",)), d._put(valid_G, ("batch",)),
-                         d._put(slots_G, ("batch",)), seed, sampling=self.sampling)
+                         d._put(eos_id_G, ("batch",)), d._put(slots_G, ("batch",)), seed,
+                         sampling=self.sampling)

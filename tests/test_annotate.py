@@ -225,8 +225,9 @@ def test_quality_checks():
 
 def test_drop_action_and_num_samples_keep_the_most_confident(workdir):
   root, teacher, records = workdir
+  # Sharded over the 8 simulated devices (data 4 x tensor 2); checked against one device below.
   summary = _run(workdir, root / "sampled", kinds=("chain_of_thought",), temperature=1.5,
-                 num_samples=3, seed=4, process_index=0, process_count=1,
+                 num_samples=3, seed=4, process_index=0, process_count=1, mesh_shape=(4, 1, 2),
                  quality=annotation_quality.QualityConfig(action="drop"))
   out = _merged(root / "sampled")
   # Every annotation hits the 6-token limit, so every one is flagged and dropped.
@@ -262,3 +263,15 @@ def test_annotates_the_data_tasks_training_records(workdir, shared_data, monkeyp
   assert [r["id"] for r in out] == ["train_0", "train_1", "train_2", "train_3"]
   assert out[0]["all"]["fundamentals"].startswith(
       "Q: Determine the correctness of the following sentence. Only people named Floyd")
+
+
+def test_seqio_vocabulary_and_hf_tokenizer_agree(workdir, creak_rows):
+  _, teacher, _ = workdir
+  hf_tokenizer = annotate.load_tokenizer(f"hf:{teacher}", add_special_tokens=False)
+  seqio_tokenizer = annotate.SeqioTokenizer(vocab.HFTokenizerVocabulary(str(teacher)))
+  text = annotate.teacher_prompt(creak_rows[5], "fundamentals", question_field="question",
+                                 answer_field="answer", options_field=None)
+  ids = hf_tokenizer.encode(text)
+  assert seqio_tokenizer.encode(text) == ids
+  assert seqio_tokenizer.decode(ids) == hf_tokenizer.decode(ids) == text
+  assert seqio_tokenizer.eos_id == hf_tokenizer.eos_id == 2

@@ -31,12 +31,12 @@ def _prompts(config, lengths=LENGTHS, seed=0):
 def test_greedy_matches_transformers_generate(peer):
   torch_model, config, model = peer
   tokens, mask, prompts = _prompts(config)
-  unbounded = decoding.Decoder(model, eos_id=-1).generate(
-      prompts, decoding.SamplingConfig(max_new_tokens=MAX_NEW))
+  decoder = decoding.Decoder(model, eos_id=-1)
+  unbounded = decoder.generate(prompts, decoding.SamplingConfig(max_new_tokens=MAX_NEW))
   # An EOS id that one row emits mid-way, so per-row stopping is exercised too.
   eos_id = int(unbounded[1].tokens[3])
-  ours = decoding.Decoder(model, eos_id=eos_id).generate(
-      prompts, decoding.SamplingConfig(max_new_tokens=MAX_NEW))
+  ours = decoder.generate(prompts, decoding.SamplingConfig(max_new_tokens=MAX_NEW),
+                          eos_id=eos_id)
   with torch.no_grad():
     out = torch_model.generate(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
                                do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos_id,
@@ -114,7 +114,6 @@ def test_sharded_decoding_matches_one_device(tmp_path):
   make_hf_model("bloom", tmp_path, n_head=4, vocab_size=128)
   config, model = hf.import_checkpoint(tmp_path)
   _, _, prompts = _prompts(config)
-  sampling = decoding.SamplingConfig(max_new_tokens=MAX_NEW)
   hot = decoding.SamplingConfig(max_new_tokens=MAX_NEW, temperature=2.0, top_k=20)
   single = decoding.Decoder(model, eos_id=-1)
   mesh = partitioning.make_mesh(data=2, fsdp=1, tensor=4)
@@ -126,10 +125,11 @@ def test_sharded_decoding_matches_one_device(tmp_path):
   many = sharded.generate(prompts, hot, seed=5)
   for a, b in zip(one, many):
     np.testing.assert_array_equal(a.tokens, b.tokens)
-  engine = decoding.SlotEngine(sharded, sampling, num_slots=2, max_prompt_length=12)
+  # Sampling keys depend on (seed, uid, step) only: the sharded slot engine samples the same.
+  engine = decoding.SlotEngine(sharded, hot, num_slots=2, max_prompt_length=12)
   streamed = {g.uid: g for g in engine.run(
-      decoding.Request(uid, p) for uid, p in enumerate(prompts))}
-  for uid, generation in enumerate(single.generate(prompts, sampling)):
+      (decoding.Request(uid, p) for uid, p in enumerate(prompts)), seed=5)}
+  for uid, generation in enumerate(one):
     np.testing.assert_array_equal(streamed[uid].tokens, generation.tokens)
 
 
