@@ -1,9 +1,12 @@
 """Rank classification: our batched shared-prefix scorer equals transformers per-option scoring."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from teacherlm_jax import evaluate
 from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import prompts
@@ -15,6 +18,7 @@ hf = pytest.importorskip("teacherlm_jax.models.hf")
 hf_peers = pytest.importorskip("hf_peers")
 
 NUM_MMLU = 200
+CHECKPOINT_DIRS = {}  # family -> the HF directory the `peers` fixture wrote
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,7 @@ def peers(request, vocabulary, tmp_path_factory):
     overrides["max_position_embeddings"] = 2048
   torch_model = hf_peers.make_hf_model(request.param, directory, **overrides)
   _, model = hf.import_checkpoint(directory)
+  CHECKPOINT_DIRS[request.param] = directory
   return request.param, torch_model, model
 
 
@@ -68,11 +73,18 @@ def test_letter_scores_and_mmlu_accuracy_match_transformers(peers, mmlu_rows, vo
               for p, r in zip(prompt_ids, mmlu_rows)]
   ours = evaluate.RankScorer(model, batch_size=8).score(examples, normalize="sum")
   # One-token options: the harness's K requests all reduce to the prompt's last position.
-  reference = []
-  for p in prompt_ids:
-    with torch.no_grad():
-      logp = torch.log_softmax(torch_model(input_ids=torch.tensor([p])).logits.float(), -1)
-    reference.append(logp[0, -1, [l[0] for l in letters]].numpy().astype(np.float64))
+  # Batched as the harness batches: right-padded rows (causal, so pads after a prompt's last
+  # token do not change it), with the attention mask.
+  width = max(len(p) for p in prompt_ids)
+  tokens = np.zeros((len(prompt_ids), width), np.int64)
+  mask = np.zeros_like(tokens)
+  for i, p in enumerate(prompt_ids):
+    tokens[i, :len(p)], mask[i, :len(p)] = p, 1
+  with torch.no_grad():
+    logits = torch_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+  logp = torch.log_softmax(logits.float(), -1).numpy()
+  reference = [logp[i, len(p) - 1, [l[0] for l in letters]].astype(np.float64)
+               for i, p in enumerate(prompt_ids)]
   ours_arr, ref_arr = np.stack(ours), np.stack(reference)
   assert np.max(np.abs(ours_arr - ref_arr)) < 1e-4, family
   labels = [r["label"] for r in mmlu_rows]
@@ -123,3 +135,21 @@ def test_evaluate_tasks_writes_reports(peers, vocabulary, tmp_path):
   assert macro == {"mmlu": 50.0, "teacherlm_eval": 60.0}
   with pytest.raises(ValueError, match="normalize="):
     evaluate.RankScorer(model).score([], normalize="bytes")
+
+
+def test_evaluate_script(peers, vocabulary, shared_data, tmp_path):
+  family, _, _ = peers
+  if family != "opt":
+    pytest.skip("one family is enough for the command line")
+  out = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--gin_file=gin/eval.gin",
+       f"--checkpoint={CHECKPOINT_DIRS[family]}", f"--tokenizer={vocabulary.tokenizer_dir}",
+       f"--output_dir={tmp_path}", f"--data_dir={shared_data}",
+       "--gin.evaluate.task_names=['ecqa', 'mmlu_anatomy']", "--gin.evaluate.max_examples=8",
+       "--gin.evaluate.progress=False"],
+      capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads((tmp_path / "eval_results.json").read_text())
+  assert {t: m["num_examples"] for t, m in report["tasks"].items()} == {"ecqa": 8,
+                                                                       "mmlu_anatomy": 8}
+  assert "| ecqa |" in out.stdout and report["normalize"] == "mean"

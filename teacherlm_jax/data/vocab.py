@@ -82,6 +82,10 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+    # Load in this (tracing) thread: a first `transformers` import inside tf.data's parallel
+    # py-function threads races on the lazy module and can fail or deadlock.
+    _ = self.tokenizer
+
     def encode(text):
       return np.asarray(self._encode(text.decode("utf-8")), np.int32)
     ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
@@ -89,6 +93,8 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     return ids
 
   def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    _ = self.tokenizer  # see _encode_tf
+
     def decode(batch):
       batch = np.asarray(batch)
       flat = batch.reshape(-1, batch.shape[-1]) if batch.ndim else batch.reshape(1, 1)
