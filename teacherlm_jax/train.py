@@ -17,13 +17,14 @@ One `TrainConfig` (gin-configurable) describes a run; `train(config, model_dir)`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import gin
 import jax
@@ -58,6 +59,8 @@ class TrainConfig:
   of ('data', 'fsdp', 'tensor'), one may be -1 (fill the remaining devices).
   """
   model: str = "tiny-bloom"
+  # ModelConfig fields replaced on the preset, e.g. {'vocab_size': 800} for a trained vocabulary.
+  model_overrides: Dict[str, object] = dataclasses.field(default_factory=dict)
   compute_dtype: str = "float32"
   remat: str = "none"
   # Data.
@@ -88,7 +91,7 @@ class TrainConfig:
   num_steps: int = 100
   log_every: int = 10
   eval_every: int = 0  # 0: evaluate once at the end (if there is an eval task).
-  eval_batches: int = 4
+  eval_batches: int = 4  # 0: no evaluation.
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
@@ -97,6 +100,7 @@ class TrainConfig:
   mesh_data: int = 1
   mesh_fsdp: int = -1
   mesh_tensor: int = 1
+  mesh_devices: int = 0  # Use the first N devices (0: all of them).
   # Initialisation of a new run (ignored when model_dir already holds a checkpoint).
   init_checkpoint: str = ""  # A previous stage's model_dir (or a checkpoint step dir).
   init_hf_checkpoint: str = ""  # A local HF checkpoint directory.
@@ -123,7 +127,14 @@ class TrainConfig:
 
 
 def make_mesh(config: TrainConfig):
-  return partitioning.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+  devices = jax.devices()
+  if config.mesh_devices:
+    if config.mesh_devices > len(devices):
+      raise ValueError(f"TrainConfig.mesh_devices={config.mesh_devices} but only "
+                       f"{len(devices)} devices exist; lower it or set 0 (all devices)")
+    devices = devices[:config.mesh_devices]
+  return partitioning.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor,
+                                devices=devices)
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -145,7 +156,7 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
     with open(os.path.join(config.init_hf_checkpoint, "config.json")) as f:
       return hf.config_from_hf(json.load(f), source=config.init_hf_checkpoint).replace(**numerics)
-  return models.get(config.model, **numerics)
+  return models.get(config.model, **{**dict(config.model_overrides), **numerics})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +284,58 @@ class _Preemption:
 # The loop.
 
 
+class _Program(NamedTuple):
+  """Everything compiled for one (model, optimizer, mesh): built once per process."""
+  tx: optax.GradientTransformation
+  schedule: Callable
+  param_sh: Any
+  opt_sh: Any
+  state_sh: Any
+  abstract_state: Any
+  init_params: Callable
+  init_opt_state: Callable
+  train_step: Callable
+  eval_step: Callable
+
+
+def _optimizer_args(config: TrainConfig) -> tuple:
+  # A constant schedule does not depend on the run length: runs of different lengths (and
+  # later stages) then share one compiled program.
+  num_steps = 1 if config.schedule == "constant" else config.num_steps
+  return (config.learning_rate, config.schedule, config.warmup_steps, num_steps,
+          config.end_fraction, config.weight_decay, config.adam_b1, config.adam_b2,
+          config.adam_eps, config.clip_norm, config.grad_accum_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, seed: int,
+             mesh) -> _Program:
+  tx, schedule = optimizer_lib.make_optimizer(*optimizer_args)
+  model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(seed))
+  graphdef, abstract_params, param_axes = partitioning.abstract_params(model_fn)
+  param_sh = partitioning.logical_shardings(param_axes, mesh)
+  replicated = partitioning.replicated(mesh)
+  opt_sh = optimizer_lib.state_shardings(tx, abstract_params, param_sh, replicated)
+  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+  abstract_state = {"params": abstract_params,
+                    "opt_state": jax.eval_shape(tx.init, abstract_params),
+                    "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  batch_sh = {key: partitioning.batch_sharding(mesh, 2) for key in BATCH_KEYS}
+  compiled_init = []
+
+  def init_params():
+    if not compiled_init:
+      compiled_init.append(partitioning.sharded_init_fn(model_fn, param_sh))
+    return compiled_init[0]()
+
+  return _Program(
+      tx=tx, schedule=schedule, param_sh=param_sh, opt_sh=opt_sh, state_sh=state_sh,
+      abstract_state=abstract_state, init_params=init_params,
+      init_opt_state=jax.jit(tx.init, out_shardings=opt_sh),
+      train_step=make_train_step(graphdef, tx, z_loss, mesh, state_sh, batch_sh),
+      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh))
+
+
 def _with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
@@ -304,20 +367,11 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
   model_config = model_config_for(config, model_dir)
   k = config.grad_accum_steps
 
-  tx, schedule = optimizer_lib.make_optimizer(
-      config.learning_rate, config.schedule, config.warmup_steps, config.num_steps,
-      config.end_fraction, config.weight_decay, config.adam_b1, config.adam_b2, config.adam_eps,
-      config.clip_norm, k)
-  model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(config.seed))
-  graphdef, abstract_params, param_axes = partitioning.abstract_params(model_fn)
-  param_sh = partitioning.logical_shardings(param_axes, mesh)
+  program = _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh)
+  tx, schedule = program.tx, program.schedule
+  param_sh, opt_sh, state_sh = program.param_sh, program.opt_sh, program.state_sh
+  abstract_state, abstract_params = program.abstract_state, program.abstract_state["params"]
   replicated = partitioning.replicated(mesh)
-  opt_sh = optimizer_lib.state_shardings(tx, abstract_params, param_sh, replicated)
-  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
-  abstract_state = {"params": abstract_params,
-                    "opt_state": jax.eval_shape(tx.init, abstract_params),
-                    "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  batch_sh = {key: partitioning.batch_sharding(mesh, 2) for key in BATCH_KEYS}
 
   checkpointer = checkpointing.Checkpointer(model_dir, config.keep_checkpoints,
                                             config.async_checkpoints)
@@ -344,8 +398,8 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
       del hf_model
       writer.message(f"initialised params from HF checkpoint {config.init_hf_checkpoint}")
     else:
-      params = partitioning.sharded_init(model_fn, param_sh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+      params = program.init_params()
+    opt_state = program.init_opt_state(params)
     state = {"params": params, "opt_state": opt_state,
              "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
     latest = 0
@@ -363,12 +417,11 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,
                                   train=True)
   eval_task = config.eval_task or config.train_task
-  if eval_batches is None and eval_task:
+  if eval_batches is None and eval_task and config.eval_batches:
     eval_batches = seqio_batches(config, mesh, eval_task, config.eval_split, train=False)
   cached_eval = None
 
-  train_step = make_train_step(graphdef, tx, config.z_loss, mesh, state_sh, batch_sh)
-  eval_step = make_eval_step(graphdef, mesh, param_sh, batch_sh)
+  train_step, eval_step = program.train_step, program.eval_step
   tokens_per_step = config.batch_size * config.seq_len * k
   flops_per_step = metrics_lib.flops_per_token(model_config, config.seq_len) * tokens_per_step
   peak = config.peak_tflops_per_device or metrics_lib.measure_matmul_peak_tflops()
@@ -414,8 +467,8 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     if bad is not None:
       checkpointer.close()
       raise FloatingPointError(
-          f"loss or gradient became NaN/Inf at microbatch {bad} (optimizer step {bad // k}); "
-          f"stopped without saving it. The last good checkpoint is step {last_saved} in "
+          f"loss or gradient became NaN/Inf in step {bad // k + 1} (microbatch {bad}, counted "
+          f"from 0); stopped without saving it. The last good checkpoint is step {last_saved} in "
           f"{checkpointer.directory}. Lower TrainConfig.learning_rate, set clip_norm, use "
           "compute_dtype='float32', or inspect that batch")
     checked_from += len(unchecked)

@@ -1,0 +1,234 @@
+"""The trainer in one process on 8 simulated CPU devices, on real FLAN CoT data.
+
+Sharded runs must equal the 1-device run, accumulation must equal the large batch, options
+(bf16 compute, z-loss, loss masks) must do what they say, bad input must be refused with a
+message that says what to change, and multi-stage init must carry the parameters over.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from teacherlm_jax import checkpointing
+from teacherlm_jax import metrics
+from teacherlm_jax import train
+from teacherlm_jax import train_data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SEQ_LEN, BATCH = 64, 8
+MESH = dict(mesh_data=1, mesh_fsdp=4, mesh_tensor=2)  # One mesh: tests share its programs.
+
+
+@pytest.fixture(scope="module")
+def flan_batches():
+  """24 packed 8x64 batches of real FLAN CoT rationales (byte vocabulary, targets-only loss)."""
+  from conftest import data_dir
+  if not data_dir().is_dir():
+    pytest.skip(f"real data directory {data_dir()} is absent (set TEACHERLM_DATA_DIR)")
+  task = train_data.register_flan_cot_bytes_task(str(data_dir()))
+  batches = train_data.SeqioBatches(task, "train", SEQ_LEN, BATCH, seed=0)(0)
+  return [next(batches) for _ in range(24)]
+
+
+def _config(**changes):
+  base = dict(model="tiny-bloom", seq_len=SEQ_LEN, batch_size=BATCH, learning_rate=3e-3,
+              schedule="constant", num_steps=3, log_every=1, checkpoint_every=1000,
+              peak_tflops_per_device=1.0, tensorboard=False)
+  return train.TrainConfig(**{**base, **changes})
+
+
+def _run(config, model_dir, batches, **kwargs):
+  return train.train(config, str(model_dir), train_batches=lambda start: iter(batches[start:]),
+                     **kwargs)
+
+
+def _params(result):
+  return jax.tree.map(np.asarray, result["state"]["params"])
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def one_device_run(flan_batches, tmp_path_factory):
+  config = _config(mesh_devices=1, mesh_fsdp=1)
+  return _run(config, tmp_path_factory.mktemp("one_device"), flan_batches)
+
+
+@pytest.mark.parametrize("mesh", [MESH,
+                                  dict(mesh_data=8, mesh_fsdp=1, mesh_tensor=1)],
+                         ids=["fsdp4_tensor2", "data8"])
+def test_sharded_training_equals_one_device(mesh, flan_batches, one_device_run, tmp_path):
+  sharded = _run(_config(**mesh), tmp_path, flan_batches)
+  kernel = sharded["state"]["params"]["layers"][0]["mlp"]["up"]["kernel"]
+  assert len(kernel.sharding.device_set) == 8
+  np.testing.assert_allclose(sharded["losses"], one_device_run["losses"], rtol=2e-6)
+  assert sharded["losses"][-1] < sharded["losses"][0]  # It trained.
+  _assert_trees_close(_params(sharded), _params(one_device_run), rtol=1e-4, atol=2e-6)
+
+
+def test_loss_goes_down_on_flan_cot_through_the_seqio_task(shared_data, tmp_path):
+  config = _config(train_task=train_data.FLAN_COT_BYTES_TASK, data_dir=str(shared_data),
+                   seq_len=128, num_steps=150, schedule="cosine", warmup_steps=10,
+                   log_every=50, eval_batches=2, checkpoint_every=75, tensorboard=True, **MESH)
+  result = train.train(config, str(tmp_path))
+  losses = result["losses"]
+  assert losses[0] > 6.0  # ~log(259): an untrained byte model.
+  assert losses[-20:].mean() < 0.5 * losses[0], losses[::20]
+  assert result["eval"]["loss"] < 0.5 * losses[0]
+  assert result["eval"]["accuracy"] > 0.12  # Untrained: ~1/259.
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == [50, 100, 150]
+  for key in ("loss", "accuracy", "learning_rate", "tokens_per_s", "tflops_per_device", "mfu"):
+    assert np.isfinite(train_records[-1][key]), key
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+  assert sorted(checkpointing.Checkpointer(str(tmp_path)).all_steps()) == [75, 150]
+
+
+def test_gradient_accumulation_equals_the_large_batch(flan_batches, tmp_path):
+  # Every token weighted 1, so the mean over a batch is the mean of its two halves' means.
+  ones = [{**b, "loss_weights": np.ones_like(b["loss_weights"])} for b in flan_batches[:2]]
+  halves = [{k: v[rows] for k, v in b.items()} for b in ones
+            for rows in (slice(0, 4), slice(4, 8))]
+  large = _run(_config(num_steps=2, **MESH), tmp_path / "large", ones)
+  accumulated = _run(_config(num_steps=2, batch_size=4, grad_accum_steps=2, **MESH),
+                     tmp_path / "accumulated", halves)
+  assert int(accumulated["state"]["step"]) == 4  # Microbatches.
+  # Adam divides by sqrt(v): float rounding in near-zero gradients moves a weight by up to
+  # ~lr * 1e-3, hence atol 1e-5 at lr 3e-3.
+  _assert_trees_close(_params(accumulated), _params(large), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_compute_keeps_float32_master_weights(flan_batches, one_device_run, tmp_path):
+  result = _run(_config(compute_dtype="bfloat16", **MESH), tmp_path,
+                flan_batches)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(_params(result)))
+  np.testing.assert_allclose(result["losses"], one_device_run["losses"], rtol=2e-2)
+  assert json.loads((tmp_path / "model_config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_z_loss_adds_the_squared_log_partition():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+  targets = rng.integers(0, 11, size=(2, 5))
+  weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  plain, sums = metrics.loss_and_metrics(logits, targets, weights)
+  with_z, _ = metrics.loss_and_metrics(logits, targets, weights, z_loss=1e-2)
+  log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+  nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(plain, (nll * weights).sum() / weights.sum(), rtol=1e-5)
+  np.testing.assert_allclose(with_z - plain, 1e-2 * (log_z ** 2 * weights).sum() / weights.sum(),
+                             rtol=1e-4)
+  assert float(sums["weight"]) == weights.sum()
+
+
+def test_loss_mask_targets_only_or_every_token(shared_data):
+  task = train_data.register_flan_cot_bytes_task(str(shared_data))
+  get = lambda loss_on: next(train_data.SeqioBatches(task, "train", SEQ_LEN, 2, loss_on=loss_on,
+                                                     seed=3)(0))
+  targets_only, every_token = get("targets"), get("all")
+  np.testing.assert_array_equal(targets_only["tokens"], every_token["tokens"])
+  real = every_token["segment_ids"] > 0
+  np.testing.assert_array_equal(every_token["loss_weights"] > 0, real)
+  assert 0 < targets_only["loss_weights"].sum() < every_token["loss_weights"].sum()
+  # Packed: several texts per row, positions restart at every text.
+  assert every_token["segment_ids"].max() >= 1
+  starts = np.diff(every_token["segment_ids"], axis=1) != 0
+  assert np.all(every_token["positions"][:, 1:][starts & real[:, 1:]] == 0)
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_returns(flan_batches, tmp_path):
+  def batches(start):
+    for number, batch in enumerate(flan_batches[start:], start):
+      if number == 4:  # A real SIGTERM to this process, as a TPU preemption sends.
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+  config = _config(num_steps=20, checkpoint_every=1000, **MESH)
+  handler_before = signal.getsignal(signal.SIGTERM)
+  result = train.train(config, str(tmp_path), train_batches=batches)
+  assert result["preempted"] and result["step"] == 5
+  assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == [5]
+  assert signal.getsignal(signal.SIGTERM) is handler_before  # Ours is uninstalled.
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def _load_train_script():
+  spec = importlib.util.spec_from_file_location("train_script", REPO / "scripts" / "train.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_unknown_gin_binding_is_refused_with_the_known_fields():
+  script = _load_train_script()
+  with pytest.raises(ValueError, match=r"(?s)num_stepz.*Fix the binding.*num_steps"):
+    script.parse_gin([str(REPO / "gin" / "teacher_sft_tiny.gin")], ["TrainConfig.num_stepz = 3"])
+  assert script.split_gin_flags(["x", "--gin.TrainConfig.seq_len=32", "--model_dir=d"]) == (
+      ["x", "--model_dir=d"], ["TrainConfig.seq_len = 32"])
+
+
+def test_mesh_and_batch_that_do_not_fit_are_refused(flan_batches, tmp_path):
+  with pytest.raises(ValueError, match="cannot fill 8 devices"):
+    _run(_config(mesh_data=3), tmp_path, flan_batches)
+  with pytest.raises(ValueError, match=r"TrainConfig.batch_size=6 .*multiple of 8"):
+    _run(_config(batch_size=6, mesh_data=8, mesh_fsdp=1), tmp_path, flan_batches)
+
+
+def test_corrupt_checkpoint_is_refused_with_what_to_delete(flan_batches, tmp_path):
+  _run(_config(num_steps=2, checkpoint_every=2, **MESH), tmp_path, flan_batches)
+  params_dir = tmp_path / "checkpoints" / "2" / "params"
+  for path in params_dir.rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"not a checkpoint")
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"checkpoints/2: checkpoint cannot be restored.*delete that step"):
+    _run(_config(num_steps=4, **MESH), tmp_path, flan_batches)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(flan_batches, tmp_path):
+  poisoned = [dict(b) for b in flan_batches[:6]]
+  poisoned[2]["loss_weights"] = np.full_like(poisoned[2]["loss_weights"], np.nan)
+  config = _config(num_steps=6, checkpoint_every=1, log_every=10, **MESH)
+  with pytest.raises(FloatingPointError, match=r"NaN/Inf in step 3 .*last good checkpoint "
+                                               r"is step 2"):
+    _run(config, tmp_path, poisoned)
+  assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-stage initialisation.
+
+
+def test_next_stage_starts_from_the_previous_stage_params(flan_batches, one_device_run, tmp_path):
+  first = _run(_config(num_steps=2, **MESH), tmp_path / "stage1", flan_batches)
+  second = _run(_config(num_steps=1, learning_rate=0.0, init_checkpoint=str(tmp_path / "stage1"),
+                        **MESH), tmp_path / "stage2", flan_batches[5:])
+  assert second["start_step"] == 0
+  _assert_trees_close(_params(second), _params(first), rtol=0, atol=0)
+
+
+def test_stage_can_start_from_an_imported_hf_checkpoint(flan_batches, tmp_path):
+  pytest.importorskip("transformers")
+  from teacherlm_jax.models import hf
+  import hf_peers
+  hf_peers.make_hf_model("bloom", tmp_path / "hf")
+  small = [{**b, "tokens": b["tokens"] % 101, "targets": b["targets"] % 101}
+           for b in flan_batches[:1]]
+  result = _run(_config(num_steps=1, learning_rate=0.0, init_hf_checkpoint=str(tmp_path / "hf"),
+                        mesh_data=2, mesh_fsdp=1, mesh_devices=2), tmp_path / "run", small)
+  _, model = hf.import_checkpoint(tmp_path / "hf")
+  from flax import nnx
+  expected = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  _assert_trees_close(_params(result), expected, rtol=0, atol=0)
+  assert json.loads((tmp_path / "run" / "model_config.json").read_text())["vocab_size"] == 101
