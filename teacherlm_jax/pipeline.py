@@ -1,0 +1,319 @@
+"""The TeacherLM pipeline: teacher SFT -> annotation -> students -> evaluation -> report.
+
+Every stage writes into one experiment directory and marks itself done with a `DONE.json`
+holding its result; a rerun skips finished stages and resumes an unfinished one from its own
+checkpoints (training) or committed chunks (annotation), so a killed pipeline loses at most the
+work since the last checkpoint/chunk.
+
+  {exp}/data/          records: eval.jsonl, teacher.jsonl, student.jsonl   (synthetic task)
+  {exp}/vocab/         spm.model (SentencePiece trained on the data)
+  {exp}/teacher/       trainer model_dir (one teacher tuned on all three annotation kinds)
+  {exp}/teacher_hf/    the teacher exported as an HF directory (what annotate.py loads)
+  {exp}/annotations/   annotation shards + annotations.jsonl (merged, input order)
+  {exp}/students/{variant}_seed{s}/   trainer model_dirs, variant = original | annotated
+  {exp}/eval/{variant}_seed{s}.json   rank-classification results
+  {exp}/report/        report.md, loss.png, accuracy.png, report.json
+
+Datasets: 'synthetic' (the embedded arithmetic task: no data directory or internet needed) or
+'creak' (teacher CoT-tuned on leakage-filtered FLAN CoT data, CREAK train annotated, students
+evaluated on CREAK dev and MMLU; reads ../shared/data or $TEACHERLM_DATA_DIR).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Dict, List, Optional, Sequence
+
+import gin
+import jax
+from absl import logging
+
+from teacherlm_jax import annotate as annotate_lib
+from teacherlm_jax import annotation_io
+from teacherlm_jax import evaluate as evaluate_lib
+from teacherlm_jax import report as report_lib
+from teacherlm_jax import train as train_lib
+from teacherlm_jax.data import mixtures, prompts, record_tasks, synthetic, tasks, vocab
+from teacherlm_jax.models import checkpoint_io, hf
+
+DONE = "DONE.json"
+VARIANTS = ("original", "annotated")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """What the pipeline runs (stage hyper-parameters live in the scoped TrainConfigs:
+  `teacher/TrainConfig.*` and `student/TrainConfig.*`, and in `annotate.*`).
+
+  Attributes:
+    dataset: 'synthetic' or 'creak'.
+    seeds: one student per seed and variant; the report gives mean ± std over seeds.
+    synthetic_sizes: records per split of the synthetic task (eval first: later splits
+      never repeat its questions).
+    vocab_size: SentencePiece vocabulary size (trained on the experiment's own text).
+    student_format: student format of the annotated data ('CMF', 'C', 'SHUFFLE', ...).
+    original_rate, annotated_rate: mixture rates of the 'annotated' student's data (the
+      'original' student trains on the original data alone).
+    annotate_limit: annotate only the first N student records (None: all).
+    eval_tasks: evaluation tasks/mixtures for the real-data configurations (synthetic uses
+      its own held-out split).
+    eval_max_examples: per-task cap (None: all).
+    creak_train_records: CREAK train records to annotate and train students on (None: all).
+    num_samples_in_report: sample annotations shown in the report.
+  """
+  dataset: str = "synthetic"
+  seeds: Sequence[int] = (0, 1, 2)
+  synthetic_sizes: Dict[str, int] = dataclasses.field(
+      default_factory=lambda: {"eval": 300, "teacher": 1500, "student": 1000})
+  vocab_size: int = 800
+  student_format: str = "CMF"
+  original_rate: float = 1.0
+  annotated_rate: float = 1.0
+  annotate_limit: Optional[int] = None
+  eval_tasks: Sequence[str] = ("creak",)
+  eval_max_examples: Optional[int] = None
+  creak_train_records: Optional[int] = None
+  num_samples_in_report: int = 3
+
+  def __post_init__(self):
+    if self.dataset not in ("synthetic", "creak"):
+      raise ValueError(f"PipelineConfig.dataset={self.dataset!r}: expected 'synthetic' or 'creak'")
+    if not self.seeds:
+      raise ValueError("PipelineConfig.seeds is empty: give at least one seed")
+    prompts.annotation_order(self.student_format)  # Validates the format name.
+
+
+class Pipeline:
+  """Runs the stages in order inside `experiment_dir`, skipping those already done."""
+
+  def __init__(self, config: PipelineConfig, experiment_dir):
+    self.config = config
+    self.dir = pathlib.Path(experiment_dir).absolute()
+    self.dir.mkdir(parents=True, exist_ok=True)
+    self.timings: Dict[str, float] = {}
+
+  # ---- stage bookkeeping ---------------------------------------------------------------
+
+  def _stage(self, name: str, run):
+    """Runs `run()` unless {exp}/{name}/DONE.json exists; returns the stage's result."""
+    done = self.dir / name / DONE
+    if done.exists():
+      logging.info("stage %s: done already (%s), skipping", name, done)
+      print(f"[pipeline] {name}: already done, skipped", flush=True)
+      return json.loads(done.read_text())
+    print(f"[pipeline] {name}: running", flush=True)
+    start = time.time()
+    result = run()
+    self.timings[name] = time.time() - start
+    if jax.process_index() == 0:
+      done.parent.mkdir(parents=True, exist_ok=True)
+      tmp = done.with_suffix(".tmp")
+      tmp.write_text(json.dumps(result, indent=2, default=str))
+      tmp.replace(done)
+    print(f"[pipeline] {name}: done in {self.timings[name]:.0f} s", flush=True)
+    return result
+
+  # ---- stages --------------------------------------------------------------------------
+
+  def data(self) -> dict:
+    out = self.dir / "data"
+    if self.config.dataset == "synthetic":
+      splits = synthetic.make_splits(dict(self.config.synthetic_sizes), seed=0)
+      paths = {name: str(synthetic.write_jsonl(records, out / f"{name}.jsonl"))
+               for name, records in splits.items()}
+      return {"paths": paths, "sizes": {k: len(v) for k, v in splits.items()}}
+    records = list(tasks.creak_records("train"))
+    if self.config.creak_train_records is not None:
+      records = records[:self.config.creak_train_records]
+    path = synthetic.write_jsonl(records, out / "student.jsonl")
+    return {"paths": {"student": str(path)}, "sizes": {"student": len(records)}}
+
+  def vocabulary(self, data: dict) -> dict:
+    out = self.dir / "vocab"
+    texts = self._vocab_texts(data)
+    # Rank classification scores the letter after 'The answer is (' tokenised on its own, so
+    # '(' and ')' are always their own pieces and no dummy space is put before a text: the
+    # letter then tokenises the same in training text and in evaluation.
+    model = vocab.train_sentencepiece(texts, str(out / "spm"), self.config.vocab_size, "bpe",
+                                      user_defined_symbols=["(", ")"], add_dummy_prefix=False,
+                                      remove_extra_whitespaces=False)
+    return {"spm": model}
+
+  def _vocab_texts(self, data: dict):
+    if self.config.dataset == "synthetic":
+      records = [r for name in ("teacher", "student", "eval")
+                 for r in record_tasks.read_records(data["paths"][name],
+                                                    required=("id", "question", "options",
+                                                              "answer"))]
+      return list(synthetic.iter_text([r for r in records if "fundamentals" in r])) + [
+          prompts.sample_text(r["question"], r["options"], r["answer"]) for r in records]
+    texts = [ex["inputs"] + ex["targets"] for name in tasks.FLAN_COT_NAMES
+             for ex in map(tasks.teacher_example, tasks.flan_records(name))]
+    texts += [prompts.sample_text(r["question"], r["options"], r["answer"])
+              for r in tasks.creak_records("train")]
+    return texts
+
+  def register(self, data: dict, spm: str, annotations: Optional[str] = None) -> Dict[str, str]:
+    """Registers this experiment's seqio tasks for the trained vocabulary."""
+    vocabulary = vocab.get_vocabulary(f"spm:{spm}")
+    names = {}
+    if self.config.dataset == "synthetic":
+      names.update(record_tasks.register_record_tasks(
+          "synthetic", vocabulary, eval_path=data["paths"]["eval"],
+          teacher_path=data["paths"]["teacher"], student_path=data["paths"]["student"]))
+      names["eval_tasks"] = [names.pop("eval")]
+    else:
+      mixtures.register_all(vocabulary)
+      names["teacher"] = "teacher_cot"
+      names.update({"original": record_tasks.register_record_tasks(
+          "creak_subset", vocabulary, student_path=data["paths"]["student"])["original"]})
+      names["eval_tasks"] = list(self.config.eval_tasks)
+    if annotations is not None:
+      # An annotation the QC flagged as empty cannot be rendered in a student format: such
+      # rows are skipped and counted (tasks.SKIPS, shown in the report), never silently.
+      tasks.set_on_bad_row("skip")
+      dataset = "synthetic" if self.config.dataset == "synthetic" else "creak_subset"
+      names["annotated"] = mixtures.register_student_mixture(
+          dataset, annotations, self.config.student_format, vocabulary,
+          original_rate=self.config.original_rate, annotated_rate=self.config.annotated_rate,
+          name=f"student_mix_{dataset}")
+    return names
+
+  def teacher(self, task: str, spm: str) -> dict:
+    with gin.config_scope("teacher"):
+      config = train_lib.TrainConfig()
+    # The held-out measurements of this pipeline are annotation QC and student accuracy; the
+    # trainer's periodic eval reads a few batches of the training split as a sanity check.
+    config = config.replace(train_task=task, eval_task=task, eval_split="train")
+    config = self._with_vocab(config, spm)
+    result = train_lib.train(config, str(self.dir / "teacher"))
+    model = checkpoint_io.load_model(self.dir / "teacher")
+    hf.export_checkpoint(model, self.dir / "teacher_hf")
+    return {"final_step": result["step"], "hf_dir": str(self.dir / "teacher_hf"),
+            "final_loss": _last_loss(self.dir / "teacher")}
+
+  def _with_vocab(self, config, spm: str):
+    vocabulary = vocab.get_vocabulary(f"spm:{spm}")
+    return config.replace(model_overrides={
+        **dict(config.model_overrides), "vocab_size": vocabulary.vocab_size,
+        "pad_token_id": vocabulary.pad_id, "eos_token_id": vocabulary.eos_id,
+        "bos_token_id": vocabulary.eos_id})
+
+  def annotation(self, data: dict, spm: str, teacher_hf: str) -> dict:
+    out = self.dir / "annotations"
+    summary = annotate_lib.annotate(
+        data["paths"]["student"], str(out), teachers=teacher_hf, tokenizer=f"spm:{spm}",
+        limit=self.config.annotate_limit, resume=True)
+    merged = out / "annotations.jsonl"
+    count = annotation_io.merge(out, merged)
+    kinds = prompts.annotation_order(self.config.student_format)
+    usable = sum(all(isinstance(row.get(k), str) and row[k].strip() for k in kinds)
+                 for row in annotation_io.read_jsonl(merged))
+    if not usable:
+      raise RuntimeError(
+          f"{merged}: none of the {count} annotations has non-empty {list(kinds)} text, so the "
+          "annotated student would have no data; train the teacher longer "
+          "(teacher/TrainConfig.num_steps) or check its loss in "
+          f"{self.dir / 'teacher' / 'metrics.jsonl'}")
+    return {"summary": summary, "merged": str(merged), "records": count,
+            "usable_for_student_format": usable}
+
+  def student(self, variant: str, seed: int, task: str, spm: str) -> dict:
+    with gin.config_scope("student"):
+      config = train_lib.TrainConfig()
+    config = self._with_vocab(config.replace(train_task=task, eval_task=task, eval_split="train",
+                                             seed=seed, data_seed=seed), spm)
+    model_dir = self.dir / "students" / f"{variant}_seed{seed}"
+    result = train_lib.train(config, str(model_dir))
+    return {"final_step": result["step"], "model_dir": str(model_dir),
+            "losses": _loss_curve(model_dir)}
+
+  def evaluation(self, model_dir: str, eval_tasks: Sequence[str], spm: str) -> dict:
+    model = checkpoint_io.load_model(model_dir)
+    result = evaluate_lib.evaluate(model, vocab.get_vocabulary(f"spm:{spm}"), eval_tasks,
+                                   max_examples=self.config.eval_max_examples, progress=False)
+    return result
+
+  # ---- the whole run -------------------------------------------------------------------
+
+  def run(self) -> pathlib.Path:
+    start = time.time()
+    data = self._stage("data", self.data)
+    spm = self._stage("vocab", lambda: self.vocabulary(data))["spm"]
+    names = self.register(data, spm)
+    teacher = self._stage("teacher", lambda: self.teacher(names["teacher"], spm))
+    annotation = self._stage("annotations",
+                             lambda: self.annotation(data, spm, teacher["hf_dir"]))
+    names = self.register(data, spm, annotations=annotation["merged"])
+    accuracy: Dict[str, Dict[str, List[float]]] = {v: {} for v in VARIANTS}
+    curves: Dict[str, List] = {v: [] for v in VARIANTS}
+    for seed in self.config.seeds:
+      for variant in VARIANTS:
+        name = f"{variant}_seed{seed}"
+        trained = self._stage(f"students/{name}",
+                              lambda: self.student(variant, seed, names[variant], spm))
+        curves[variant].append(trained["losses"])
+        result = self._stage(f"eval/{name}", lambda: self.evaluation(
+            trained["model_dir"], names["eval_tasks"], spm))
+        for task, metrics in result["tasks"].items():
+          accuracy[variant].setdefault(task, []).append(metrics["accuracy"] / 100.0)
+        for task, value in result.get("macro", {}).items():
+          accuracy[variant].setdefault(task, []).append(value / 100.0)
+    path = self.write_report(accuracy, curves, annotation, teacher)
+    print(f"[pipeline] finished in {time.time() - start:.0f} s; report: {path}", flush=True)
+    return path
+
+  def write_report(self, accuracy, curves, annotation: dict, teacher: dict) -> pathlib.Path:
+    summary = annotation["summary"]
+    annotation_summary = {
+        "records annotated": annotation["records"],
+        f"records usable in format {self.config.student_format} (all its kinds non-empty)":
+            annotation.get("usable_for_student_format"),
+        "generated tokens": summary.get("generated_tokens"),
+        "annotation records/s": summary.get("records_per_s"),
+        "generated tokens/s": summary.get("tokens_per_s"),
+        "stopped at EOS (per kind)": summary.get("stopped_at_eos"),
+        "QC flags (per kind)": summary.get("qc_flags"),
+        "teacher final training loss": teacher.get("final_loss"),
+        "annotated rows skipped by the student task (empty annotation)": tasks.SKIPS.total,
+    }
+    samples = []
+    rows = annotation_io.read_jsonl(pathlib.Path(annotation["merged"]))
+    for row in rows[:self.config.num_samples_in_report]:
+      sample = {"id": row.get("id"),
+                "prompt": prompts.sample_text(row["question"], row["options"], row["answer"])}
+      for kind in prompts.ANNOTATION_KINDS:
+        if kind in row:
+          sample[kind] = row[kind]
+      samples.append(sample)
+    notes = [f"Dataset: {self.config.dataset}; students: {len(self.config.seeds)} seeds per "
+             f"variant; annotated student format {self.config.student_format} mixed with the "
+             f"original data at rates {self.config.original_rate}:{self.config.annotated_rate}.",
+             "Accuracy: zero-shot rank classification over the option letters "
+             "(mean ± std over seeds, n = seeds). Chance is 1 / number of options."]
+    path = report_lib.write_report(self.dir / "report", title="TeacherLM pipeline report",
+                                   accuracy=accuracy, loss_curves=curves,
+                                   annotation_summary=annotation_summary,
+                                   sample_annotations=samples, notes=notes)
+    print(report_lib.comparison_table(accuracy), flush=True)
+    return path
+
+
+def _metrics_rows(model_dir: pathlib.Path) -> List[dict]:
+  path = model_dir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _loss_curve(model_dir: pathlib.Path) -> List[List[float]]:
+  return [[row["step"], row["loss"]] for row in _metrics_rows(pathlib.Path(model_dir))
+          if row.get("split") == "train" and "loss" in row]
+
+
+def _last_loss(model_dir: pathlib.Path) -> Optional[float]:
+  curve = _loss_curve(model_dir)
+  return curve[-1][1] if curve else None
