@@ -37,6 +37,8 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import seqio
+import tensorflow as tf
 import tqdm
 
 from teacherlm_jax.data import mixtures
@@ -185,6 +187,52 @@ def task_examples(task_name: str, vocabulary, *, split: str = "test",
     examples.append(Example(prompt=ex["inputs"].tolist(), options=options,
                             label=int(ex["label"]), id=ex["id"].decode("utf-8")))
   return examples
+
+
+class RankClassificationFeatureConverter(seqio.FeatureConverter):
+  """Keeps task features as they are (tokens plus 'options', 'label', 'id'), for
+  `seqio.Evaluator` with `seqio_score_fn`: the scorer does its own batching and padding."""
+  TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                   "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+  MODEL_FEATURES = {**TASK_FEATURES,
+                    "options": seqio.FeatureConverter.FeatureSpec(dtype=tf.string, rank=1),
+                    "label": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0),
+                    "id": seqio.FeatureConverter.FeatureSpec(dtype=tf.string, rank=0)}
+  PACKING_FEATURE_DTYPES = {}
+
+  def __init__(self):
+    super().__init__(pack=False)
+
+  def __call__(self, ds, task_feature_lengths):
+    # No length checks: nothing is padded or trimmed here (the scorer buckets lengths itself).
+    return self._convert_features(ds, task_feature_lengths)
+
+  def _convert_features(self, ds, task_feature_lengths):
+    del task_feature_lengths
+    return ds.map(lambda ex: {k: ex[k] for k in self.MODEL_FEATURES},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    return task_feature_lengths
+
+
+def seqio_score_fn(scorer: RankScorer, vocabulary, *, normalize: str = "mean"):
+  """A `score_fn` for `seqio.Evaluator` (with `RankClassificationFeatureConverter()`): scores the
+  enumerated task dataset with `scorer` and returns [(index, per-option scores)], which the
+  tasks' score metric (`tasks.accuracy_from_scores`) turns into accuracy."""
+
+  def score_fn(dataset, model_feature_shapes=None):
+    del model_feature_shapes
+    indices, examples = [], []
+    for index, ex in dataset.as_numpy_iterator():
+      indices.append(int(index))
+      examples.append(Example(prompt=ex["inputs"].tolist(),
+                              options=[list(vocabulary.encode(o.decode("utf-8")))
+                                       for o in ex["options"]],
+                              label=int(ex["label"]), id=ex["id"].decode("utf-8")))
+    return list(zip(indices, scorer.score(examples, normalize=normalize)))
+
+  return score_fn
 
 
 def _macro(values: Sequence[float]) -> float:

@@ -133,6 +133,16 @@ def test_evaluate_tasks_writes_reports(peers, vocabulary, tmp_path):
                                    "creak": {"accuracy": 70.0}, "ecqa": {"accuracy": 30.0},
                                    "strategyqa": {"accuracy": 90.0}})
   assert macro == {"mmlu": 50.0, "teacherlm_eval": 60.0}
+  # The same scorer drives seqio.Evaluator through the tasks' score metric.
+  import seqio
+  evaluator = seqio.Evaluator("creak", evaluate.RankClassificationFeatureConverter(), eval_split="test",
+                              num_examples=24, use_memory_cache=True)
+  scorer = evaluate.RankScorer(model, batch_size=8)
+  future, _ = evaluator.evaluate(compute_metrics=True,
+                                 score_fn=evaluate.seqio_score_fn(scorer, vocabulary))
+  seqio_metrics = future.result()["creak"]
+  assert seqio_metrics["num_examples"] == 24
+  assert seqio_metrics["accuracy"] == pytest.approx(report["tasks"]["creak"]["accuracy"])
   with pytest.raises(ValueError, match="normalize="):
     evaluate.RankScorer(model).score([], normalize="bytes")
 
