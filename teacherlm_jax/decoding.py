@@ -143,17 +143,9 @@ def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingCo
 def param_shardings(state: nnx.State, mesh: Mesh,
                     rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES):
   """NamedShardings for every variable of `state` from its `logical_axes` metadata."""
-  def sharding(variable):
-    axes = getattr(variable, "logical_axes", None)
-    spec = (partitioning.logical_to_spec(axes, rules, mesh) if axes
-            else jax.sharding.PartitionSpec())
-    return NamedSharding(mesh, spec)
-  return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def _is_names(x) -> bool:
-  """A tuple of logical axis names (a leaf of an axes tree)."""
-  return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+  names = jax.tree.map(lambda v: tuple(v.get_metadata().get("logical_axes") or ()), state,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return partitioning.logical_shardings(names, mesh, rules)
 
 
 _STATE_AXES = {
@@ -257,9 +249,8 @@ class Decoder:
     make = functools.partial(transformer.init_cache, self.config, batch, length)
     if self.mesh is None:
       return jax.jit(make)()
-    abstract = jax.eval_shape(make)
-    shardings = jax.tree.map(self._sharding, transformer.cache_logical_axes(abstract),
-                             is_leaf=_is_names)
+    shardings = partitioning.logical_shardings(
+        transformer.cache_logical_axes(jax.eval_shape(make)), self.mesh, self.rules)
     return jax.jit(make, out_shardings=shardings)()
 
   def check_length(self, prompt_length: int, max_new_tokens: int):
