@@ -72,6 +72,46 @@ def measure_matmul_peak_tflops(size: int = 1024, dtype=jnp.float32, repeats: int
   return 2.0 * size ** 3 / best / 1e12
 
 
+class Throughput:
+  """Tokens/s, TFLOP/s per device and MFU over the steps since the last report.
+
+  The clock starts when the first step of a run finishes, so compilation is not counted.
+  """
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, num_devices: int,
+               peak_tflops_per_device: float):
+    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    self.num_devices, self.peak = num_devices, peak_tflops_per_device
+    self._start = self._window_start = None
+    self._in_window = 0
+    self.timed_steps = 0
+
+  @property
+  def elapsed_s(self) -> float:
+    return 0.0 if self._start is None else time.perf_counter() - self._start
+
+  def step_done(self, step_outputs):
+    if self._start is None:
+      jax.block_until_ready(step_outputs)
+      self._start = self._window_start = time.perf_counter()
+    else:
+      self._in_window += 1
+      self.timed_steps += 1
+
+  def window_rates(self) -> Dict[str, float]:
+    """Rates since the previous call (empty if no timed step); starts a new window."""
+    now = time.perf_counter()
+    steps, self._in_window = self._in_window, 0
+    start, self._window_start = self._window_start, now
+    if not steps:
+      return {}
+    elapsed = max(now - start, 1e-9)
+    tokens_per_s = steps * self.tokens_per_step / elapsed
+    tflops = tokens_per_s * self.flops_per_token / 1e12 / self.num_devices
+    return {"steps_per_s": steps / elapsed, "tokens_per_s": tokens_per_s,
+            "tflops_per_device": tflops, "mfu": tflops / self.peak}
+
+
 def _format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"

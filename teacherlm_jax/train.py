@@ -347,6 +347,93 @@ def _first_non_finite(finite_flags: List[jax.Array], first_step: int) -> Optiona
   return None if bad.size == 0 else first_step + int(bad[0])
 
 
+def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer, mesh):
+  """(state, start step): the latest checkpoint of this run, else a fresh state initialised
+  from a previous stage, an HF checkpoint, or random (directly in its shards)."""
+  k = config.grad_accum_steps
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state = checkpointer.restore(latest, _with_shardings(program.abstract_state,
+                                                         program.state_sh))
+    if int(state["step"]) != latest * k:
+      raise checkpointing.CheckpointError(
+          f"{checkpointer.directory}/{latest}: holds microbatch {int(state['step'])}, expected "
+          f"{latest * k} for grad_accum_steps={k}; resume with the grad_accum_steps it was "
+          "written with")
+    writer.message(f"resuming from {checkpointer.directory}/{latest}")
+    return state, latest
+  if config.init_checkpoint:
+    params = checkpointing.restore_params(
+        config.init_checkpoint, _with_shardings(program.abstract_state["params"],
+                                                program.param_sh))
+    writer.message(f"initialised params from {config.init_checkpoint}")
+  elif config.init_hf_checkpoint:
+    from teacherlm_jax.models import hf
+    _, hf_model = hf.import_checkpoint(config.init_hf_checkpoint, dtype=config.compute_dtype,
+                                       param_dtype="float32")
+    params = jax.device_put(nnx.state(hf_model, nnx.Param).to_pure_dict(), program.param_sh)
+    writer.message(f"initialised params from HF checkpoint {config.init_hf_checkpoint}")
+  else:
+    params = program.init_params()
+  replicated = partitioning.replicated(mesh)
+  return {"params": params, "opt_state": program.init_opt_state(params),
+          "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}, 0
+
+
+class _Evaluator:
+  """Mean loss/accuracy over the first `eval_batches` batches of the held-out split (read
+  once and kept on device: they are few and fixed)."""
+
+  def __init__(self, config: TrainConfig, batches: Optional[BatchesFn], eval_step, mesh,
+               writer):
+    self.config, self.batches, self.eval_step = config, batches, eval_step
+    self.mesh, self.writer = mesh, writer
+    self._cached = None
+
+  def __call__(self, params, step: int) -> Optional[dict]:
+    if self.batches is None:
+      return None
+    if self._cached is None:
+      self._cached = []
+      for batch in self.batches(0):
+        if len(self._cached) == self.config.eval_batches:
+          break
+        self._cached.append(partitioning.shard_batch(
+            {key: batch[key] for key in BATCH_KEYS}, self.mesh, self.config.batch_size))
+      if not self._cached:
+        raise ValueError(f"eval split {self.config.eval_split!r} gave no batch of "
+                         f"{self.config.batch_size}x{self.config.seq_len}; check "
+                         "TrainConfig.eval_task/eval_split or set eval_batches=0")
+    sums = [self.eval_step(params, batch) for batch in self._cached]
+    total = jax.tree.map(lambda *x: np.sum(x), *jax.device_get(sums))
+    result = metrics_lib.mean_of(total, len(sums))
+    self.writer.write(step, result, prefix="eval")
+    self.writer.message(f"eval step {step}: loss {result['loss']:.4f} "
+                        f"acc {result['accuracy']:.3f}")
+    return result
+
+
+class _FiniteGuard:
+  """Collects the per-microbatch `finite` flags on device and fetches them only before a log
+  or a save, so a NaN/Inf stops the run before anything non-finite is written."""
+
+  def __init__(self, first_microbatch: int, last_saved: Optional[int], k: int, directory: str):
+    self.flags: List[jax.Array] = []
+    self.first = first_microbatch
+    self.last_saved, self.k, self.directory = last_saved, k, directory
+
+  def check(self):
+    bad = _first_non_finite(self.flags, self.first)
+    if bad is not None:
+      raise FloatingPointError(
+          f"loss or gradient became NaN/Inf in step {bad // self.k + 1} (microbatch {bad}, "
+          f"counted from 0); stopped without saving it. The last good checkpoint is step "
+          f"{self.last_saved} in {self.directory}. Lower TrainConfig.learning_rate, set "
+          "clip_norm, use compute_dtype='float32', or inspect that batch")
+    self.first += len(self.flags)
+    self.flags = []
+
+
 def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[BatchesFn] = None,
           eval_batches: Optional[BatchesFn] = None) -> dict:
   """Runs (or resumes) training in `model_dir`.
@@ -360,127 +447,58 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     {'step': last optimizer step, 'losses': per-microbatch losses of this invocation,
      'eval': last eval metrics, 'preempted': bool, 'state': final state, 'start_step': int}.
   """
+  if train_batches is None and not config.train_task:
+    raise ValueError("TrainConfig.train_task is empty: set it to a registered seqio task or "
+                     "mixture (e.g. in the gin file)")
   mesh = make_mesh(config)
   partitioning.check_batch_divides(config.batch_size, mesh, what="TrainConfig.batch_size")
   rows = partitioning.process_batch_rows(mesh, config.batch_size)
-  is_chief = jax.process_index() == 0
   model_config = model_config_for(config, model_dir)
   k = config.grad_accum_steps
-
   program = _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh)
-  tx, schedule = program.tx, program.schedule
-  param_sh, opt_sh, state_sh = program.param_sh, program.opt_sh, program.state_sh
-  abstract_state, abstract_params = program.abstract_state, program.abstract_state["params"]
-  replicated = partitioning.replicated(mesh)
-
-  checkpointer = checkpointing.Checkpointer(model_dir, config.keep_checkpoints,
-                                            config.async_checkpoints)
-  writer = metrics_lib.MetricsWriter(model_dir, config.num_steps, config.tensorboard)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state = checkpointer.restore(latest, _with_shardings(abstract_state, state_sh))
-    if int(state["step"]) != latest * k:
-      raise checkpointing.CheckpointError(
-          f"{checkpointer.directory}/{latest}: holds microbatch {int(state['step'])}, expected "
-          f"{latest * k} for grad_accum_steps={k}; resume with the grad_accum_steps it was "
-          "written with")
-    writer.message(f"resuming from {checkpointer.directory}/{latest}")
-  else:
-    if config.init_checkpoint:
-      params = checkpointing.restore_params(config.init_checkpoint,
-                                            _with_shardings(abstract_params, param_sh))
-      writer.message(f"initialised params from {config.init_checkpoint}")
-    elif config.init_hf_checkpoint:
-      from teacherlm_jax.models import hf
-      _, hf_model = hf.import_checkpoint(config.init_hf_checkpoint, dtype=config.compute_dtype,
-                                         param_dtype="float32")
-      params = jax.device_put(nnx.state(hf_model, nnx.Param).to_pure_dict(), param_sh)
-      del hf_model
-      writer.message(f"initialised params from HF checkpoint {config.init_hf_checkpoint}")
-    else:
-      params = program.init_params()
-    opt_state = program.init_opt_state(params)
-    state = {"params": params, "opt_state": opt_state,
-             "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
-    latest = 0
-  if is_chief:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, MODEL_CONFIG_FILE), "w") as f:
-      json.dump(dataclasses.asdict(model_config), f, indent=1)
-    with open(os.path.join(model_dir, TRAIN_CONFIG_FILE), "w") as f:
-      json.dump(dataclasses.asdict(config), f, indent=1)
 
   if train_batches is None:
-    if not config.train_task:
-      raise ValueError("TrainConfig.train_task is empty: set it to a registered seqio task or "
-                       "mixture (e.g. in the gin file)")
     train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,
                                   train=True)
   eval_task = config.eval_task or config.train_task
   if eval_batches is None and eval_task and config.eval_batches:
     eval_batches = seqio_batches(config, mesh, eval_task, config.eval_split, train=False)
-  cached_eval = None
 
-  train_step, eval_step = program.train_step, program.eval_step
-  tokens_per_step = config.batch_size * config.seq_len * k
-  flops_per_step = metrics_lib.flops_per_token(model_config, config.seq_len) * tokens_per_step
-  peak = config.peak_tflops_per_device or metrics_lib.measure_matmul_peak_tflops()
-  writer.message(f"model {model_config.family} {model_config.num_params() / 1e6:.1f}M params, "
-                 f"mesh {partitioning.mesh_shape(mesh)}, {jax.process_count()} process(es), "
-                 f"steps {latest}->{config.num_steps}, peak {peak:.3f} TFLOP/s/device")
-
-  def run_eval(step: int) -> Optional[dict]:
-    nonlocal cached_eval
-    if eval_batches is None:
-      return None
-    if cached_eval is None:  # The held-out batches are few and fixed: read them once.
-      cached_eval = []
-      for batch in eval_batches(0):
-        if len(cached_eval) == config.eval_batches:
-          break
-        cached_eval.append(partitioning.shard_batch(
-            {key: batch[key] for key in BATCH_KEYS}, mesh, config.batch_size))
-      if not cached_eval:
-        raise ValueError(f"eval task {eval_task!r} split {config.eval_split!r} gave no batch of "
-                         f"{config.batch_size}x{config.seq_len}")
-    sums = [eval_step(state["params"], batch) for batch in cached_eval]
-    total = jax.tree.map(lambda *x: np.sum(x), *jax.device_get(sums))
-    result = metrics_lib.mean_of(total, len(sums))
-    writer.write(step, result, prefix="eval")
-    writer.message(f"eval step {step}: loss {result['loss']:.4f} acc {result['accuracy']:.3f}")
-    return result
-
-  preemption = _Preemption()
-  losses: List[jax.Array] = []
-  window: List[dict] = []
-  unchecked: List[jax.Array] = []  # `finite` flags not yet fetched, from step `checked_from`.
-  checked_from = latest * k
-  last_saved = latest if checkpointer.latest_step() is not None else None
-  eval_result, preempted = None, False
-  step = latest
-  batches = train_batches(latest * k)
-  timer_start, window_time_start, timer_steps, timed_in_window = None, 0.0, 0, 0
-
-  def check_finite():
-    nonlocal unchecked, checked_from
-    bad = _first_non_finite(unchecked, checked_from)
-    if bad is not None:
-      checkpointer.close()
-      raise FloatingPointError(
-          f"loss or gradient became NaN/Inf in step {bad // k + 1} (microbatch {bad}, counted "
-          f"from 0); stopped without saving it. The last good checkpoint is step {last_saved} in "
-          f"{checkpointer.directory}. Lower TrainConfig.learning_rate, set clip_norm, use "
-          "compute_dtype='float32', or inspect that batch")
-    checked_from += len(unchecked)
-    unchecked = []
-
-  def save(at: int):
-    nonlocal last_saved
-    check_finite()
-    checkpointer.save(at, state)
-    last_saved = at
-
+  checkpointer = checkpointing.Checkpointer(model_dir, config.keep_checkpoints,
+                                            config.async_checkpoints)
+  writer = metrics_lib.MetricsWriter(model_dir, config.num_steps, config.tensorboard)
+  preemption = None
   try:
+    state, start = _initial_state(config, program, checkpointer, writer, mesh)
+    if jax.process_index() == 0:  # Shared files: process 0 only.
+      with open(os.path.join(model_dir, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(model_config), f, indent=1)
+      with open(os.path.join(model_dir, TRAIN_CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+    evaluate = _Evaluator(config, eval_batches, program.eval_step, mesh, writer)
+    peak = config.peak_tflops_per_device or metrics_lib.measure_matmul_peak_tflops()
+    throughput = metrics_lib.Throughput(
+        tokens_per_step=config.batch_size * config.seq_len * k,
+        flops_per_token=metrics_lib.flops_per_token(model_config, config.seq_len),
+        num_devices=jax.device_count(), peak_tflops_per_device=peak)
+    writer.message(f"model {model_config.family} {model_config.num_params() / 1e6:.1f}M "
+                   f"params, mesh {partitioning.mesh_shape(mesh)}, {jax.process_count()} "
+                   f"process(es), steps {start}->{config.num_steps}, peak {peak:.3f} "
+                   "TFLOP/s/device")
+
+    guard = _FiniteGuard(start * k, start if checkpointer.latest_step() is not None else None,
+                         k, checkpointer.directory)
+    preemption = _Preemption()
+    losses: List[jax.Array] = []
+    window: List[dict] = []
+    eval_result, preempted, step = None, False, start
+    batches = train_batches(start * k)
+
+    def save(at: int):
+      guard.check()
+      checkpointer.save(at, state)
+      guard.last_saved = at
+
     while step < config.num_steps:
       for micro in range(k):
         number = step * k + micro
@@ -492,17 +510,12 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
         _check_batch(batch, config, rows[1] - rows[0], number)
         global_batch = partitioning.shard_batch({key: batch[key] for key in BATCH_KEYS}, mesh,
                                                 config.batch_size)
-        state, step_metrics = train_step(state, global_batch)
+        state, step_metrics = program.train_step(state, global_batch)
         losses.append(step_metrics["loss"])
-        unchecked.append(step_metrics["finite"])
+        guard.flags.append(step_metrics["finite"])
         window.append(step_metrics)
       step += 1
-      if timer_start is None:  # Throughput excludes the first step (compilation).
-        jax.block_until_ready(step_metrics)
-        timer_start = window_time_start = time.perf_counter()
-        timed_in_window = 0
-      else:
-        timed_in_window += 1
+      throughput.step_done(step_metrics)
       if preemption.reached(step):
         save(step)
         checkpointer.wait()
@@ -511,34 +524,26 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
         preempted = True
         break
       if step % config.log_every == 0 or step == config.num_steps:
-        check_finite()
+        guard.check()
         fetched = jax.device_get(window)
-        now = time.perf_counter()
         total = jax.tree.map(lambda *x: np.sum(x), *fetched)
         scalars = metrics_lib.mean_of(total, len(fetched))
         scalars["grad_norm"] = float(np.mean([m["grad_norm"] for m in fetched]))
-        scalars["learning_rate"] = float(schedule(step - 1))
-        if timed_in_window:
-          elapsed = max(now - window_time_start, 1e-9)
-          scalars["steps_per_s"] = timed_in_window / elapsed
-          scalars["tokens_per_s"] = timed_in_window * tokens_per_step / elapsed
-          scalars["tflops_per_device"] = (timed_in_window * flops_per_step / elapsed / 1e12
-                                          / jax.device_count())
-          scalars["mfu"] = scalars["tflops_per_device"] / peak
+        scalars["learning_rate"] = float(program.schedule(step - 1))
+        scalars.update(throughput.window_rates())
         writer.write(step, scalars)
-        timer_steps += timed_in_window
-        writer.progress(step, scalars, now - timer_start, timer_steps)
-        window, window_time_start, timed_in_window = [], now, 0
+        writer.progress(step, scalars, throughput.elapsed_s, throughput.timed_steps)
+        window = []
       if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-        eval_result = run_eval(step)
+        eval_result = evaluate(state["params"], step)
       if step % config.checkpoint_every == 0 or step == config.num_steps:
         save(step)
     if not preempted:
-      eval_result = run_eval(step) or eval_result
-    checkpointer.close()
+      eval_result = evaluate(state["params"], step) or eval_result
   finally:
-    preemption.restore()
+    if preemption is not None:
+      preemption.restore()
     writer.close()
-    checkpointer.close()  # Idempotent; lets pending async saves commit even on errors.
-  return {"step": step, "start_step": latest, "preempted": preempted, "eval": eval_result,
+    checkpointer.close()  # Lets pending async saves commit, also on errors.
+  return {"step": step, "start_step": start, "preempted": preempted, "eval": eval_result,
           "losses": np.asarray(jax.device_get(losses), np.float64), "state": state}
