@@ -82,7 +82,8 @@ class RankScorer:
     model = nnx.merge(self._graphdef, state)
     b, p = prompt_BxP.shape
     k = first_BxK.shape[1]
-    cache = transformer.init_cache(self.config, b, p + tail_length)
+    # One-token options (the paper's letters) need no cache: the prompt forward is all.
+    cache = transformer.init_cache(self.config, b, p + tail_length) if tail_length else None
     hidden_BxPxD, cache = model(prompt_BxP, segment_ids_BxL=prompt_segments_BxP, cache=cache,
                                 return_hidden=True)
     last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)
