@@ -6,7 +6,8 @@ r"""Trains a model: teacher specialisations, multi-stage SFT, or a student (one 
 Re-running with the same --model_dir resumes from its latest checkpoint. SIGTERM saves a
 checkpoint at the current step and exits 0. Multi-host: pass --coordinator_address,
 --num_processes and --process_id on every process (omit them on TPU pods, where they are
-discovered), or set them in the environment as TEACHERLM_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID.
+discovered: pass --distributed), or set them in the environment as
+TEACHERLM_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID.
 """
 import os
 import sys
@@ -22,6 +23,9 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "checkpoints, metrics and co
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "call jax.distributed.initialize() with auto-detected settings "
+    "(TPU pods, SLURM); implied by --coordinator_address or --num_processes > 1")
 
 
 def split_gin_flags(argv):
@@ -65,7 +69,7 @@ def main(argv, gin_bindings=()):
   process_id = _PROCESS_ID.value
   if process_id is None and "TEACHERLM_PROCESS_ID" in os.environ:
     process_id = int(os.environ["TEACHERLM_PROCESS_ID"])
-  if coordinator or (num_processes or 1) > 1:
+  if _DISTRIBUTED.value or coordinator or (num_processes or 1) > 1:
     from teacherlm_jax import partitioning
     partitioning.initialize_distributed(coordinator, num_processes, process_id)
   from teacherlm_jax import train

@@ -220,14 +220,21 @@ def data_dir_for(config: TrainConfig) -> str:
 
 
 def seqio_batches(config: TrainConfig, mesh, task: str, split: str, *, train: bool) -> BatchesFn:
-  from teacherlm_jax import train_data  # Imports TensorFlow; only needed for seqio inputs.
+  import seqio  # Imports TensorFlow; only needed for seqio inputs.
+  from teacherlm_jax import train_data
   if task == train_data.FLAN_COT_BYTES_TASK:
     train_data.register_flan_cot_bytes_task(data_dir_for(config))
-  else:
+  elif task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
+    # The project's fixed tasks and mixtures need a vocabulary, bound in gin as
+    # `register_all.vocabulary = ...` (see gin/teacher_sft.gin).
+    from teacherlm_jax.data import mixtures
     try:
-      import teacherlm_jax.data.tasks  # noqa: F401  (registers the project's tasks)
-    except ImportError:
-      pass
+      mixtures.register_all()
+    except (TypeError, ValueError, RuntimeError) as e:
+      raise ValueError(f"seqio task or mixture {task!r} is not registered and "
+                       f"teacherlm_jax.data.mixtures.register_all() failed ({e}); bind "
+                       "register_all.vocabulary in the gin file or register the task "
+                       "before training") from e
   return train_data.SeqioBatches(
       task, split, config.seq_len, config.batch_size, loss_on=config.loss_on, pack=config.pack,
       shuffle=train, seed=config.data_seed, repeat=train, input_sharding=config.input_sharding,
