@@ -136,6 +136,35 @@ def test_student_tasks_and_mixtures(shared_data, vocabulary, tmp_path):
   assert mixtures.leaf_tasks(multi) == ["original_creak", "student_creak_C"]
 
 
+def test_annotated_tfds_builder(shared_data, vocabulary, tmp_path):
+  import tensorflow_datasets as tfds
+  from teacherlm_jax.data import annotated_tfds
+  records = [r for _, r in zip(range(10), tasks.creak_records("train"))]
+  _write_shard(tmp_path / "creak-00000.jsonl",
+               [{"id": r["id"], "fundamentals": f"f{i}", "chain_of_thought": f"c{i}",
+                 "common_mistakes": f"m{i}"} for i, r in enumerate(records)])
+  builder = annotated_tfds.prepare("creak", str(tmp_path / "creak-*.jsonl"),
+                                   str(tmp_path / "tfds"), validation_percent=30)
+  train = list(tfds.as_numpy(builder.as_dataset(split="train")))
+  validation = list(tfds.as_numpy(builder.as_dataset(split="validation")))
+  assert len(train) + len(validation) == 10 and validation
+  assert str(builder.version) == "1.0.0"
+  # A prepared run loads like any TFDS data, and renders as a student task.
+  loaded = tfds.load("teacherlm_annotated/creak", split="train", data_dir=str(tmp_path / "tfds"))
+  assert sorted(ex["id"] for ex in tfds.as_numpy(loaded)) == sorted(ex["id"] for ex in train)
+  name = tasks.register_student_task_from_tfds("teacherlm_annotated/creak:1.0.0", "C", vocabulary,
+                                               data_dir=str(tmp_path / "tfds"))
+  got = list(seqio.get_mixture_or_task(name).get_dataset(
+      sequence_length=None, split="train", shuffle=False).as_numpy_iterator())
+  by_id = {r["id"]: (i, r) for i, r in enumerate(records)}
+  assert len(got) == len(train)
+  for ex in got:
+    i, r = by_id[ex["id"].decode()]
+    sample = prompts.sample_text(r["question"], r["options"], r["answer"])
+    assert (ex["inputs_pretokenized"] + ex["targets_pretokenized"]).decode() == (
+        f"{sample} Let's think step by step. c{i}")
+
+
 def test_bad_input(shared_data, vocabulary, tmp_path):
   _write_shard(tmp_path / "bad.jsonl", [{"id": "nope", "chain_of_thought": "x"}])
   with open(tmp_path / "bad.jsonl", "a") as f:
