@@ -41,6 +41,7 @@ import seqio
 import tensorflow as tf
 import tqdm
 
+from teacherlm_jax import partitioning
 from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import tasks as tasks_lib
 from teacherlm_jax.models import transformer
@@ -69,12 +70,30 @@ class RankScorer:
   """Scores options of many examples with shared-prefix batched forwards (see module doc)."""
 
   def __init__(self, model: transformer.DecoderLM, *, batch_size: int = 8,
-               max_length: Optional[int] = None):
+               max_length: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None):
+    """`mesh`: shard parameters by their logical axes and batch rows over ('data', 'fsdp')
+    (single process; `batch_size` must divide over the batch axes)."""
     self.config = model.config
     self.batch_size = batch_size
     self.max_length = max_length
+    self.mesh = mesh
     self._graphdef, self._state = nnx.split(model)
+    if mesh is not None:
+      partitioning.check_batch_divides(batch_size, mesh, what="batch_size")
+      shardings = partitioning.logical_shardings(partitioning.logical_axes_of(self._state), mesh)
+      params = jax.device_put(nnx.to_pure_dict(self._state), shardings)
+      nnx.replace_by_pure_dict(self._state, params)
     self._score = jax.jit(self._score_batch, static_argnames=("tail_length",))
+
+  def _call(self, arrays, tail_length: int) -> np.ndarray:
+    if self.mesh is None:
+      return np.asarray(self._score(self._state, *arrays, tail_length=tail_length))
+    rows = jax.sharding.NamedSharding(
+        self.mesh, partitioning.logical_to_spec(("batch",), partitioning.LOGICAL_AXIS_RULES,
+                                                self.mesh))
+    placed = [jax.device_put(a, rows) for a in arrays]
+    with partitioning.activate(self.mesh):
+      return np.asarray(self._score(self._state, *placed, tail_length=tail_length))
 
   def _score_batch(self, state, prompt_BxP, prompt_segments_BxP, last_B, first_BxK, tail_RxT,
                    tail_segments_RxT, tail_targets_RxT, *, tail_length: int):
@@ -157,7 +176,7 @@ class RankScorer:
       batch = [examples[i] for i in index]
       num_options = max(len(ex.options) for ex in batch)
       *arrays, tail_length = self._batch_arrays(batch, num_options)
-      scores = np.asarray(self._score(self._state, *arrays, tail_length=tail_length))
+      scores = self._call(arrays, tail_length)
       for row, (i, ex) in enumerate(zip(index, batch)):
         option_scores = scores[row, :len(ex.options)].astype(np.float64)
         if normalize == "mean":

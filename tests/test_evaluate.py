@@ -113,6 +113,14 @@ def test_multi_token_options_match_per_option_requests(peers, mmlu_rows, vocabul
     expected = _torch_option_logprobs(torch_model, ex.prompt, ex.options)
     assert np.max(np.abs(s - expected)) < 1e-4, family
     np.testing.assert_allclose(m, expected / [len(o) for o in ex.options], atol=1e-5)
+  # Sharded over the 8 simulated devices (batch over data x fsdp, params by logical axes).
+  from teacherlm_jax import partitioning
+  # (The tiny OPT peer has 3 heads, so no tensor axis here.)
+  mesh = partitioning.make_mesh(data=2, fsdp=4, tensor=1)
+  sharded = evaluate.RankScorer(model, batch_size=8, mesh=mesh).score(examples, normalize="sum")
+  np.testing.assert_allclose(np.concatenate(sharded), np.concatenate(summed), atol=1e-5)
+  with pytest.raises(ValueError, match="batch_size=4 does not divide"):
+    evaluate.RankScorer(model, batch_size=4, mesh=mesh)
 
 
 def test_evaluate_tasks_writes_reports(peers, vocabulary, tmp_path):
