@@ -275,10 +275,15 @@ def macro_averages(per_task: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
 def evaluate(model: transformer.DecoderLM, vocabulary, task_names: Sequence[str] = ("teacherlm_eval",),
              *, split: str = "test", batch_size: int = 8, normalize: str = "mean",
              max_length: Optional[int] = None, max_examples: Optional[int] = None,
-             progress: bool = True) -> Dict[str, Any]:
-  """Evaluates `model` on tasks or mixtures (expanded to their tasks); returns the report dict."""
+             mesh_shape: Optional[Sequence[int]] = None, progress: bool = True
+             ) -> Dict[str, Any]:
+  """Evaluates `model` on tasks or mixtures (expanded to their tasks); returns the report dict.
+
+  mesh_shape: (data, fsdp, tensor) to shard the scorer over this process's devices.
+  """
   names = [t for name in task_names for t in mixtures.leaf_tasks(name)]
-  scorer = RankScorer(model, batch_size=batch_size, max_length=max_length)
+  mesh = partitioning.make_mesh(*mesh_shape) if mesh_shape else None
+  scorer = RankScorer(model, batch_size=batch_size, max_length=max_length, mesh=mesh)
   per_task, total_examples, total_seconds = {}, 0, 0.0
   for i, name in enumerate(names):
     examples = task_examples(name, vocabulary, split=split, max_examples=max_examples)

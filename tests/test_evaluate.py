@@ -164,7 +164,7 @@ def test_evaluate_script(peers, vocabulary, shared_data, tmp_path):
        f"--checkpoint={CHECKPOINT_DIRS[family]}", f"--tokenizer={vocabulary.tokenizer_dir}",
        f"--output_dir={tmp_path}", f"--data_dir={shared_data}",
        "--gin.evaluate.task_names=['ecqa', 'mmlu_anatomy']", "--gin.evaluate.max_examples=8",
-       "--gin.evaluate.progress=False"],
+       "--gin.evaluate.progress=False", "--gin.evaluate.mesh_shape=(2, 4, 1)"],
       capture_output=True, text=True, cwd=REPO_ROOT, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads((tmp_path / "eval_results.json").read_text())
