@@ -16,6 +16,7 @@ import pytest
 
 from teacherlm_jax import checkpointing
 from teacherlm_jax import metrics
+from teacherlm_jax import optimizer
 from teacherlm_jax import train
 from teacherlm_jax import train_data
 
@@ -75,9 +76,10 @@ def test_sharded_training_equals_one_device(mesh, flan_batches, one_device_run, 
 
 
 def test_loss_goes_down_on_flan_cot_through_the_seqio_task(shared_data, tmp_path):
+  # Same shapes and optimizer as the other tests, so the compiled step is shared.
   config = _config(train_task=train_data.FLAN_COT_BYTES_TASK, data_dir=str(shared_data),
-                   seq_len=128, num_steps=150, schedule="cosine", warmup_steps=10,
-                   log_every=50, eval_batches=2, checkpoint_every=75, tensorboard=True, **MESH)
+                   num_steps=150, log_every=50, eval_batches=2, checkpoint_every=75,
+                   tensorboard=True, **MESH)
   result = train.train(config, str(tmp_path))
   losses = result["losses"]
   assert losses[0] > 6.0  # ~log(259): an untrained byte model.
@@ -113,6 +115,17 @@ def test_bf16_compute_keeps_float32_master_weights(flan_batches, one_device_run,
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(_params(result)))
   np.testing.assert_allclose(result["losses"], one_device_run["losses"], rtol=2e-2)
   assert json.loads((tmp_path / "model_config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_schedules_warm_up_then_hold_or_decay():
+  cosine = optimizer.learning_rate_schedule(1e-3, "cosine", warmup_steps=10, num_steps=110,
+                                            end_fraction=0.1)
+  np.testing.assert_allclose([cosine(0), cosine(5), cosine(10), cosine(60), cosine(110)],
+                             [0.0, 5e-4, 1e-3, 0.55e-3, 1e-4], rtol=1e-5, atol=1e-9)
+  constant = optimizer.learning_rate_schedule(1e-3, "constant", warmup_steps=4)
+  np.testing.assert_allclose([constant(2), constant(4), constant(10 ** 6)], [5e-4, 1e-3, 1e-3])
+  with pytest.raises(ValueError, match="schedule='cosin'"):
+    optimizer.learning_rate_schedule(1e-3, "cosin")
 
 
 def test_z_loss_adds_the_squared_log_partition():
