@@ -172,6 +172,22 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_returns(flan_batches
   assert signal.getsignal(signal.SIGTERM) is handler_before  # Ours is uninstalled.
 
 
+def test_batches_are_a_function_of_their_number(shared_data):
+  task = train_data.register_flan_cot_bytes_task(str(shared_data))
+  make = lambda **kw: train_data.SeqioBatches(task, "train", SEQ_LEN, BATCH, seed=5, **kw)
+  from_start = make()(0)
+  third = [next(from_start) for _ in range(3)][2]
+  np.testing.assert_array_equal(next(make()(2))["tokens"], third["tokens"])  # Resume at 2.
+  # 'global': a process keeps its rows of the same global batch.
+  rows = next(make(process_rows=(4, 8))(2))
+  np.testing.assert_array_equal(rows["tokens"], third["tokens"][4:])
+  # 'per_process': each process reads its own shard of the data.
+  shards = [next(make(input_sharding="per_process", process_rows=(4 * i, 4 * i + 4),
+                      process_index=i, process_count=2)(0))["tokens"] for i in range(2)]
+  assert shards[0].shape == shards[1].shape == (4, SEQ_LEN)
+  assert not np.array_equal(shards[0], shards[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
