@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -255,14 +256,21 @@ def test_drop_action_and_num_samples_keep_the_most_confident(workdir):
 def test_annotates_the_data_tasks_training_records(workdir, shared_data, monkeypatch):
   monkeypatch.setenv("TEACHERLM_DATA_DIR", str(shared_data))
   root, teacher, _ = workdir
-  summary = annotate.annotate("records:creak", root / "records", teachers=str(teacher),
-                              kinds=("fundamentals",), max_new_tokens=2, limit=4,
-                              progress=False, process_index=0, process_count=1)
+  # A second teacher checkpoint for one kind (same weights, another directory).
+  mistakes_teacher = root / "mistakes_teacher"
+  shutil.copytree(teacher, mistakes_teacher)
+  teachers = {"fundamentals": str(teacher), "common_mistakes": str(mistakes_teacher)}
+  summary = annotate.annotate("records:creak", root / "records", teachers=teachers,
+                              kinds=("fundamentals", "common_mistakes"), max_new_tokens=2,
+                              limit=4, progress=False, process_index=0, process_count=1)
   assert summary["annotated"] == 4
   out = _merged(root / "records")
   assert [r["id"] for r in out] == ["train_0", "train_1", "train_2", "train_3"]
   assert out[0]["all"]["fundamentals"].startswith(
       "Q: Determine the correctness of the following sentence. Only people named Floyd")
+  assert out[0]["teacher"] == {"fundamentals": str(teacher.resolve()),
+                               "common_mistakes": str(mistakes_teacher.resolve())}
+  assert "chain_of_thought" not in out[0]
 
 
 def test_seqio_vocabulary_and_hf_tokenizer_agree(workdir, creak_rows):

@@ -9,6 +9,7 @@ plus the KV cache; bandwidth from a large numpy copy) that our batch-1 decoding 
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from typing import Dict, List
@@ -103,7 +104,8 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
                  "ratio": theirs_s / ours_s,
                  "notes": f"bloom d={shape['hidden_size']} L={shape['n_layer']} "
                           f"V={shape['vocab_size']}, greedy, {max_new_tokens} new tokens, "
-                          f"prompts 16-48"})
+                          f"prompts 16-48, load avg {os.getloadavg()[0]:.1f} on "
+                          f"{os.cpu_count()} cpus"})
     if bandwidth:
       cache_length = decoding.bucket_length(width) + max_new_tokens
       kv_bytes = 2 * config.num_layers * batch * cache_length * config.hidden_size * 4
