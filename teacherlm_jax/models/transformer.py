@@ -108,10 +108,18 @@ def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxLxHxD.dtype)
 
 
-def _write_cache(cache_BxSxKxD: jax.Array, new_BxLxKxD: jax.Array, index_B: jax.Array):
-  """Writes each row's new entries at that row's own cache index."""
-  update = lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (i, 0, 0))
-  return jax.vmap(update)(cache_BxSxKxD, new_BxLxKxD, index_B)
+def _write_cache(cache_BxSx: jax.Array, new_BxLx: jax.Array, index_B: jax.Array):
+  """Writes each row's new entries (axis 1) at that row's own cache index."""
+  update = lambda c, x, i: jax.lax.dynamic_update_slice(
+      c, x.astype(c.dtype), (i,) + (0,) * (c.ndim - 1))
+  return jax.vmap(update)(cache_BxSx, new_BxLx, index_B)
+
+
+def _write_kv_cache(cache_BxKxSxD: jax.Array, new_BxLxKxD: jax.Array, index_B: jax.Array):
+  """Writes new keys/values into a heads-major cache at each row's own index."""
+  new_BxKxLxD = new_BxLxKxD.transpose(0, 2, 1, 3)
+  update = lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, i, 0))
+  return jax.vmap(update)(cache_BxKxSxD, new_BxKxLxD, index_B)
 
 
 class Attention(nnx.Module):
@@ -147,17 +155,21 @@ class Attention(nnx.Module):
       k = rope(k, positions_BxL, cfg.rope_theta)
     q = partitioning.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
+    # Keys and values are attended in B x K x S x D (heads-major) layout, the cache's own:
+    # the attention dots then batch over (B, K) without transposing the whole cache each step.
     new_cache = None
     if layer_cache is not None:
-      keys = _write_cache(layer_cache["key"], k, cache_index_B)
-      values = _write_cache(layer_cache["value"], v, cache_index_B)
+      keys = _write_kv_cache(layer_cache["key"], k, cache_index_B)
+      values = _write_kv_cache(layer_cache["value"], v, cache_index_B)
       new_cache = {"key": keys, "value": values}
       k, v = keys.astype(q.dtype), values.astype(q.dtype)
+    else:
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     b, l, h, hd = q.shape
     groups = h // cfg.kv_heads
     q = q.reshape(b, l, cfg.kv_heads, groups, hd)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
     scores = scores / np.float32(math.sqrt(hd))
     if cfg.family == "bloom":
       # HF adds slope * key_position (its `alibi`), equal to a relative bias up to a per-query
@@ -169,7 +181,7 @@ class Attention(nnx.Module):
                & (key_positions_BxS[:, None, :] <= positions_BxL[:, :, None]))
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    attended = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, hd)
+    attended = jnp.einsum("bkgls,bksd->blkgd", probs, v).reshape(b, l, h, hd)
     return self.out(attended), new_cache
 
 
@@ -319,10 +331,8 @@ class DecoderLM(nnx.Module):
 
     if cache is not None:
       index_B = cache["index"]
-      key_segment_ids = _write_cache(cache["segment_ids"][..., None, None],
-                                     segment_ids_BxL[..., None, None], index_B)[..., 0, 0]
-      key_positions = _write_cache(cache["positions"][..., None, None],
-                                   positions_BxL[..., None, None], index_B)[..., 0, 0]
+      key_segment_ids = _write_cache(cache["segment_ids"], segment_ids_BxL, index_B)
+      key_positions = _write_cache(cache["positions"], positions_BxL, index_B)
     else:
       index_B, key_segment_ids, key_positions = None, segment_ids_BxL, positions_BxL
 
@@ -350,8 +360,8 @@ class DecoderLM(nnx.Module):
 
 
 CACHE_AXES = {
-    "key": ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"),
-    "value": ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim"),
+    "key": ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim"),
+    "value": ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim"),
     "segment_ids": ("cache_batch", "cache_length"),
     "positions": ("cache_batch", "cache_length"),
     "index": ("cache_batch",),
@@ -360,9 +370,12 @@ CACHE_AXES = {
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int,
                dtype: Optional[jnp.dtype] = None) -> Cache:
-  """An empty KV cache: `max_length` slots per row, all marked as padding (segment 0)."""
+  """An empty KV cache: `max_length` slots per row, all marked as padding (segment 0).
+
+  Keys and values are B x K x S x D (heads-major), the layout attention reads them in.
+  """
   dtype = dtype or config.compute_dtype
-  shape = (batch_size, max_length, config.kv_heads, config.dim_per_head)
+  shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
   layer = lambda: {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
   return {
       "layers": tuple(layer() for _ in range(config.num_layers)),
