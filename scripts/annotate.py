@@ -9,38 +9,20 @@ Multi-process: run one process per host with --coordinator_address, --num_proces
 --process_id (or TEACHERLM_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID); each annotates its slice
 of the input into its own shard; then merge once.
 """
+import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin files, parsed in order")
-_GIN_BINDINGS = flags.DEFINE_multi_string(
-    "gin_bindings", [], "gin bindings, e.g. 'annotate.max_new_tokens = 64' (also --gin.X=value)")
+from teacherlm_jax import cli
+
 _INPUT = flags.DEFINE_string("input", None, "JSONL input records")
 _OUTPUT = flags.DEFINE_string("output", None, "annotation directory (one shard per process)")
 _RESUME = flags.DEFINE_bool("resume", False, "skip ids already committed in --output")
 _MERGE = flags.DEFINE_bool("merge", False, "merge the shards of --output into --merged")
 _MERGED = flags.DEFINE_string("merged", None, "merged JSONL file (default OUTPUT/merged.jsonl)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
-
-
-def split_gin_flags(argv):
-  """Turns T5X-style `--gin.NAME=value` arguments into bindings `NAME = value`."""
-  rest, bindings = [], []
-  for arg in argv:
-    if arg.startswith("--gin."):
-      name, sep, value = arg[len("--gin."):].partition("=")
-      if not sep:
-        raise app.UsageError(f"{arg}: expected --gin.NAME=VALUE")
-      bindings.append(f"{name} = {value}")
-    else:
-      rest.append(arg)
-  return rest, bindings
 
 
 def main(argv, gin_bindings=()):
@@ -56,25 +38,12 @@ def main(argv, gin_bindings=()):
     return
   if not _INPUT.value:
     raise app.UsageError("--input is required")
-  coordinator = _COORDINATOR.value or os.environ.get("TEACHERLM_COORDINATOR")
-  num_processes = (_NUM_PROCESSES.value or int(os.environ.get("TEACHERLM_NUM_PROCESSES", "0"))
-                   or None)
-  process_id = _PROCESS_ID.value
-  if process_id is None and "TEACHERLM_PROCESS_ID" in os.environ:
-    process_id = int(os.environ["TEACHERLM_PROCESS_ID"])
-  if coordinator or (num_processes or 1) > 1:
-    from teacherlm_jax import partitioning
-    partitioning.initialize_distributed(coordinator, num_processes, process_id)
-  import gin
+  cli.initialize_distributed()
   from teacherlm_jax import annotate
-  gin.add_config_file_search_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  gin.parse_config_files_and_bindings(_GIN_FILES.value,
-                                      list(_GIN_BINDINGS.value) + list(gin_bindings))
+  cli.parse_flags_and_gin(gin_bindings)
   summary = annotate.annotate(_INPUT.value, _OUTPUT.value, resume=_RESUME.value)
-  import json
   print("summary: " + json.dumps(summary, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
-  _argv, _bindings = split_gin_flags(sys.argv)
-  app.run(lambda argv: main(argv, _bindings), argv=_argv)
+  cli.run(main)

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging
 
-from teacherlm_jax import gin_utils
+from teacherlm_jax import cli
 
 _EXPERIMENT_DIR = flags.DEFINE_string("experiment_dir", None, "Where every stage writes.",
                                       required=True)
@@ -27,16 +27,17 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Real datasets (default $TEACH
 
 def main(argv, gin_bindings):
   del argv
+  cli.initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX.
   from teacherlm_jax import pipeline  # pylint: disable=g-import-not-at-top
   from teacherlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   if _DATA_DIR.value:
     sources.set_data_dir(_DATA_DIR.value)
-  gin_utils.parse_flags_and_gin(gin_bindings)
+  cli.parse_flags_and_gin(gin_bindings)
   logging.set_verbosity(logging.WARNING)
   pipeline.Pipeline(pipeline.PipelineConfig(), _EXPERIMENT_DIR.value).run()
 
 
 if __name__ == "__main__":
-  gin_utils.run(main)
+  cli.run(main)

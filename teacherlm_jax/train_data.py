@@ -15,14 +15,13 @@ Input sharding across processes:
   * 'per_process': each process reads `seqio.ShardInfo(process_index, process_count)` of the
     data and builds only its rows (scales to large inputs; batches depend on the process count).
 
-`register_flan_cot_bytes_task` registers a small byte-level chain-of-thought task over the FLAN
-CoT TSVs for CPU tests and the tiny gin configs; real stages use `teacherlm_jax.data` tasks.
+`register_flan_cot_bytes_task` registers the data tasks' FLAN CoT teacher examples with a byte
+vocabulary (no trained vocabulary needed) for CPU tests and the tiny gin configs; real stages use
+`teacherlm_jax.data` tasks with the model's vocabulary.
 """
 from __future__ import annotations
 
-import csv
 import functools
-import os
 from typing import Dict, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -121,29 +120,17 @@ class SeqioBatches:
 # A small byte-level CoT task over the FLAN TSVs (CPU tests, tiny configs).
 
 FLAN_COT_BYTES_TASK = "teacherlm_flan_cot_bytes"
-# No evaluation-set leakage: these FLAN files share no questions with CREAK/ECQA/StrategyQA.
 DEFAULT_FLAN_FILES = ("qasc", "sensemaking", "gsm8k", "aqua")
 
 
-def read_flan_cot_tsv(path: str):
-  """(question, answer, rationale) rows of a FLAN CoT TSV; literal '\\n' become newlines."""
-  rows = []
-  with open(path, newline="") as f:
-    for line_number, fields in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE),
-                                         start=1):
-      if len(fields) != 3:
-        raise ValueError(f"{path}:{line_number}: expected 3 tab-separated fields (question, "
-                         f"answer, rationale), found {len(fields)}")
-      rows.append(tuple(x.replace("\\n", "\n") for x in fields))
-  return rows
-
-
 def _flan_examples(data_dir: str, files: Sequence[str], validation_size: int):
-  rows = []
-  for name in files:
-    rows.extend(read_flan_cot_tsv(os.path.join(data_dir, "flan_cot_data", f"{name}_train.tsv")))
-  inputs = [f"{q}\nLet's think step by step." for q, _, _ in rows]
-  targets = [f"{r} So the answer is {a}." for _, a, r in rows]
+  """TeacherLM CoT examples (data/tasks.py: prompt + trigger -> rationale) of FLAN files,
+  leakage-filtered against the evaluation sets like every FLAN-derived task."""
+  from teacherlm_jax.data import sources, tasks  # pylint: disable=g-import-not-at-top
+  sources.set_data_dir(data_dir)
+  examples = [tasks.teacher_example(r) for name in files for r in tasks.flan_records(name)]
+  inputs = [e["inputs"] for e in examples]
+  targets = [e["targets"] for e in examples]
   return {"train": (inputs[validation_size:], targets[validation_size:]),
           "validation": (inputs[:validation_size], targets[:validation_size])}
 
@@ -151,10 +138,8 @@ def _flan_examples(data_dir: str, files: Sequence[str], validation_size: int):
 def register_flan_cot_bytes_task(data_dir: str, files: Sequence[str] = DEFAULT_FLAN_FILES,
                                  validation_size: int = 200,
                                  name: str = FLAN_COT_BYTES_TASK) -> str:
-  """Registers (once) question -> rationale + answer over FLAN CoT rows, byte vocabulary.
-
-  The first `validation_size` rows are the 'validation' split.
-  """
+  """Registers (once) the TeacherLM CoT teacher task over FLAN rows with a byte vocabulary
+  (no trained vocabulary needed). The first `validation_size` examples are 'validation'."""
   if name in seqio.TaskRegistry.names():
     return name
   examples = functools.lru_cache(None)(
