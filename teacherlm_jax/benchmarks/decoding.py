@@ -11,33 +11,19 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from typing import Dict, List
 
 import numpy as np
+
+from teacherlm_jax.benchmarks import timing
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
   """Bytes/s of a large memory copy (read + write), best of `repeats`."""
   src = np.ones(megabytes * (1 << 20) // 4, np.float32)
   dst = np.empty_like(src)
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    np.copyto(dst, src)
-    best = min(best, time.perf_counter() - start)
+  best, = timing.best_times([lambda: np.copyto(dst, src)], repeats)
   return 2 * src.nbytes / best
-
-
-def _best_times(fns, repeats: int) -> List[float]:
-  """Best wall time of each function; runs alternate so load changes hit both alike."""
-  best = [float("inf")] * len(fns)
-  for _ in range(repeats):
-    for i, fn in enumerate(fns):
-      start = time.perf_counter()
-      fn()
-      best[i] = min(best[i], time.perf_counter() - start)
-  return best
 
 
 def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1, 32),
@@ -96,7 +82,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
 
     ours()  # compile
     theirs()  # warm up
-    ours_s, theirs_s = _best_times([ours, theirs], repeats)
+    ours_s, theirs_s = timing.best_times([ours, theirs], repeats)
     generated = batch * max_new_tokens
     results[batch] = (generated / ours_s, generated / theirs_s)
     rows.append({"benchmark": "decoding", "metric": f"generated tokens/s, batch {batch}",

@@ -14,21 +14,11 @@ and the same real MMLU prompts (tokenised by a byte-level BPE trained on them):
 from __future__ import annotations
 
 import tempfile
-import time
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 
-
-def _best_times(fns, repeats: int) -> List[float]:
-  """Best wall time of each function; runs alternate so load changes hit both alike."""
-  best = [float("inf")] * len(fns)
-  for _ in range(repeats):
-    for i, fn in enumerate(fns):
-      start = time.perf_counter()
-      fn()
-      best[i] = min(best[i], time.perf_counter() - start)
-  return best
+from teacherlm_jax.benchmarks import timing
 
 
 def _request_rows(examples) -> List[tuple]:
@@ -171,7 +161,7 @@ def benchmark_evaluation(device: bool = False, quick: bool = False, num_examples
     ours(), ours_per_option(), theirs()  # compile / warm up
     assert np.max(np.abs(results["ours"] - results["per_option"])) < 1e-3
     assert np.max(np.abs(results["ours"] - results["torch"])) < 1e-3
-    ours_s, per_option_s, torch_s = _best_times([ours, ours_per_option, theirs], repeats)
+    ours_s, per_option_s, torch_s = timing.best_times([ours, ours_per_option, theirs], repeats)
     n = len(examples)
     option_tokens = np.mean([len(o) for ex in examples for o in ex.options])
     common = (f"bloom d={shape['hidden_size']} L={shape['n_layer']} V={v.vocab_size}, "

@@ -9,10 +9,11 @@ jax and a torch float32 square matmul on this machine), with the FLOPs of
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List
 
 import numpy as np
+
+from teacherlm_jax.benchmarks import timing
 
 SHAPES = {
     "small-bloom-50m": dict(hidden_size=512, n_layer=8, n_head=8, vocab_size=32000),
@@ -25,11 +26,7 @@ def torch_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
   a = torch.ones(size, size)
   b = torch.ones(size, size)
   a @ b
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    a @ b
-    best = min(best, time.perf_counter() - start)
+  best, = timing.best_times([lambda: a @ b], repeats)
   return 2.0 * size ** 3 / best / 1e12
 
 
@@ -97,12 +94,7 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
     return float(step_metrics["loss"])
 
   ours_loss, theirs_loss = ours(), theirs()  # Compile / warm up.
-  best = [float("inf"), float("inf")]
-  for _ in range(steps):
-    for i, fn in enumerate((ours, theirs)):
-      start = time.perf_counter()
-      fn()
-      best[i] = min(best[i], time.perf_counter() - start)
+  best = timing.best_times((ours, theirs), steps)
   tokens_per_step = batch_size * seq_len
   ours_tps, theirs_tps = tokens_per_step / best[0], tokens_per_step / best[1]
   flops_per_token = metrics.flops_per_token(config, seq_len)

@@ -1,0 +1,16 @@
+"""Wall-clock timing shared by the side-by-side benchmarks."""
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Sequence
+
+
+def best_times(fns: Sequence[Callable[[], object]], repeats: int) -> List[float]:
+  """Best wall time of each function; runs alternate so load changes hit every side alike."""
+  best = [float("inf")] * len(fns)
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      start = time.perf_counter()
+      fn()
+      best[i] = min(best[i], time.perf_counter() - start)
+  return best
