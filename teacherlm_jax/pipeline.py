@@ -145,10 +145,8 @@ class Pipeline:
   def _vocab_texts(self, data: dict):
     if self.config.dataset == "synthetic":
       records = [r for name in ("teacher", "student", "eval")
-                 for r in record_tasks.read_records(data["paths"][name],
-                                                    required=("id", "question", "options",
-                                                              "answer"))]
-      return list(synthetic.iter_text([r for r in records if "fundamentals" in r])) + [
+                 for r in record_tasks.read_records(data["paths"][name])]
+      return list(synthetic.iter_text(records)) + [
           prompts.sample_text(r["question"], r["options"], r["answer"]) for r in records]
     texts = [ex["inputs"] + ex["targets"] for name in tasks.FLAN_COT_NAMES
              for ex in map(tasks.teacher_example, tasks.flan_records(name))]

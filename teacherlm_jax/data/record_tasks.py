@@ -30,15 +30,15 @@ _RECORD_FIELDS = ("id", "question", "options", "answer")
 
 def read_records(path, required: Sequence[str] = _RECORD_FIELDS) -> Iterator[Dict]:
   """Records of a JSONL file; a row without a required field raises 'path:line: field ..'."""
-  for row in sources.read_jsonl(path, required=required, skips=tasks._skips()):  # pylint: disable=protected-access
+  for row in sources.read_jsonl(path, required=required, skips=tasks.skip_log()):
     if not isinstance(row["options"], list) or not row["options"]:
-      tasks._handle(sources.BadRow(path, row["_line"], "options",  # pylint: disable=protected-access
-                                   "must be a non-empty list of strings"))
+      tasks.handle_bad_row(sources.BadRow(path, row["_line"], "options",
+                                          "must be a non-empty list of strings"))
       continue
     try:
       prompts.letter_index(row["answer"], len(row["options"]))
     except ValueError as e:
-      tasks._handle(sources.BadRow(path, row["_line"], "answer", str(e)))  # pylint: disable=protected-access
+      tasks.handle_bad_row(sources.BadRow(path, row["_line"], "answer", str(e)))
       continue
     yield row
 
@@ -67,22 +67,22 @@ def register_record_tasks(name: str, vocabulary: seqio.Vocabulary, *, eval_path=
   if eval_path is not None:
     make = functools.partial(lambda split, p: map(eval_example, read_records(p)),
                              p=pathlib.Path(eval_path))
-    names["eval"] = tasks._add(  # pylint: disable=protected-access
-        f"{name}_eval", tasks._generator_source(make, ("test",), tasks.EVAL_SIGNATURE),  # pylint: disable=protected-access
+    names["eval"] = tasks.add_task(
+        f"{name}_eval", tasks.generator_source(make, ("test",), tasks.EVAL_SIGNATURE),
         vocabulary, evaluation=True).name
   if teacher_path is not None:
     required = _RECORD_FIELDS + tuple(kinds)
     make = functools.partial(
         lambda split, p: (ex for r in read_records(p, required) for ex in teacher_examples(r, kinds)),
         p=pathlib.Path(teacher_path))
-    names["teacher"] = tasks._add(  # pylint: disable=protected-access
-        f"teacher_{name}", tasks._generator_source(make, ("train",), tasks.TRAIN_SIGNATURE),  # pylint: disable=protected-access
+    names["teacher"] = tasks.add_task(
+        f"teacher_{name}", tasks.generator_source(make, ("train",), tasks.TRAIN_SIGNATURE),
         vocabulary, evaluation=False).name
   if student_path is not None:
     make = functools.partial(
         lambda split, p: (tasks.student_example(r, {}, "original") for r in read_records(p)),
         p=pathlib.Path(student_path))
-    names["original"] = tasks._add(  # pylint: disable=protected-access
-        f"original_{name}", tasks._generator_source(make, ("train",), tasks.TRAIN_SIGNATURE),  # pylint: disable=protected-access
+    names["original"] = tasks.add_task(
+        f"original_{name}", tasks.generator_source(make, ("train",), tasks.TRAIN_SIGNATURE),
         vocabulary, evaluation=False).name
   return names

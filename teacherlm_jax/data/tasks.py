@@ -83,11 +83,13 @@ def set_on_bad_row(mode: str = "raise") -> None:
   _ON_BAD_ROW = mode
 
 
-def _skips() -> Optional[sources.SkipLog]:
+def skip_log() -> Optional[sources.SkipLog]:
+  """The log readers count bad rows in when skipping, else None (readers then raise)."""
   return SKIPS if _ON_BAD_ROW == "skip" else None
 
 
-def _handle(error: sources.BadRow) -> None:
+def handle_bad_row(error: sources.BadRow) -> None:
+  """Counts `error` in SKIPS when skipping bad rows, else raises it."""
   if _ON_BAD_ROW == "skip":
     SKIPS.add(error)
   else:
@@ -101,7 +103,7 @@ def _handle(error: sources.BadRow) -> None:
 def mmlu_examples(subject: str, split: str = "test") -> Iterator[Dict[str, Any]]:
   """Evaluation examples of one MMLU subject ('test' or 'dev')."""
   path = sources.data_path("mmlu", split, f"{subject}_{split}.csv")
-  for row in sources.read_mmlu_csv(path, skips=_skips()):
+  for row in sources.read_mmlu_csv(path, skips=skip_log()):
     yield {"id": f"{subject}_{split}_{row['_line']}",
            "inputs": prompts.eval_prompt_mmlu(subject, row["question"], row["options"]),
            "options": list(prompts.eval_options(len(row["options"]))),
@@ -113,11 +115,11 @@ def qa_eval_examples(name: str) -> Iterator[Dict[str, Any]]:
   path = sources.data_path(*_QA_EVAL_FILES[name])
   num_options = QA_NUM_OPTIONS[name]
   id_field = _QA_EVAL_ID_FIELD[name]
-  for row in sources.read_jsonl(path, required=("question", "answer", id_field), skips=_skips()):
+  for row in sources.read_jsonl(path, required=("question", "answer", id_field), skips=skip_log()):
     try:
       label = prompts.letter_index(row["answer"], num_options)
     except ValueError as e:
-      _handle(sources.BadRow(path, row["_line"], "answer", f"is invalid: {e}"))
+      handle_bad_row(sources.BadRow(path, row["_line"], "answer", f"is invalid: {e}"))
       continue
     yield {"id": str(row[id_field]), "inputs": prompts.eval_prompt_qa(row["question"]),
            "options": list(prompts.eval_options(num_options)), "label": label}
@@ -186,7 +188,7 @@ def flan_records(name: str, *, drop_eval_overlap: bool = True) -> Iterator[Dict[
   path = sources.data_path("flan_cot_data", f"{name}_train.tsv")
   keys = eval_question_keys(str(sources.data_dir())) if drop_eval_overlap else frozenset()
   removed = 0
-  for row in sources.read_flan_tsv(path, skips=_skips()):
+  for row in sources.read_flan_tsv(path, skips=skip_log()):
     if any(k in keys for k in flan_question_keys(row["question"])):
       removed += 1
       continue
@@ -194,10 +196,10 @@ def flan_records(name: str, *, drop_eval_overlap: bool = True) -> Iterator[Dict[
       stem, options, answer = _parse_flan_options(row["question"], row["answer"], path,
                                                   row["_line"])
     except sources.BadRow as e:
-      _handle(e)
+      handle_bad_row(e)
       continue
     except ValueError as e:
-      _handle(sources.BadRow(path, row["_line"], "answer", str(e)))
+      handle_bad_row(sources.BadRow(path, row["_line"], "answer", str(e)))
       continue
     yield {"id": f"flan_{name}_{row['_line']}", "question": stem, "options": options,
            "answer": answer, "rationale": row["rationale"]}
@@ -208,9 +210,9 @@ def flan_records(name: str, *, drop_eval_overlap: bool = True) -> Iterator[Dict[
 def creak_records(split: str = "train") -> Iterator[Dict[str, Any]]:
   """CREAK (official) rows as records: 'Determine the correctness ... (A) True (B) False'."""
   path = sources.data_path("creak_official", f"{split}.json")
-  for row in sources.read_jsonl(path, required=("ex_id", "sentence", "label"), skips=_skips()):
+  for row in sources.read_jsonl(path, required=("ex_id", "sentence", "label"), skips=skip_log()):
     if row["label"] not in ("true", "false"):
-      _handle(sources.BadRow(path, row["_line"], "label", f"is {row['label']!r}, not true/false"))
+      handle_bad_row(sources.BadRow(path, row["_line"], "label", f"is {row['label']!r}, not true/false"))
       continue
     yield {"id": row["ex_id"], "question": CREAK_QUESTION + row["sentence"],
            "options": ["True", "False"], "answer": "A" if row["label"] == "true" else "B"}
@@ -259,7 +261,7 @@ def annotated_records(dataset: str, shard_pattern: str, kinds: Sequence[str]
     raise FileNotFoundError(f"no annotation shards match {shard_pattern!r}")
   originals = None
   for path in paths:
-    for row in sources.read_jsonl(path, required=("id", *kinds), skips=_skips()):
+    for row in sources.read_jsonl(path, required=("id", *kinds), skips=skip_log()):
       if all(k in row for k in ("question", "options", "answer")):
         record = {k: row[k] for k in ("id", "question", "options", "answer")}
       else:
@@ -267,7 +269,7 @@ def annotated_records(dataset: str, shard_pattern: str, kinds: Sequence[str]
           originals = {r["id"]: r for r in original_records(dataset)}
         record = originals.get(row["id"])
         if record is None:
-          _handle(sources.BadRow(path, row["_line"], "id",
+          handle_bad_row(sources.BadRow(path, row["_line"], "id",
                                  f"{row['id']!r} is not in the {dataset} training data"))
           continue
       yield record, {k: row[k] for k in kinds}
@@ -289,7 +291,7 @@ def _eval_row(example: Dict[str, Any]) -> Dict[str, Any]:
   return example
 
 
-def _generator_source(make_examples: Callable[[str], Iterator[Dict[str, Any]]],
+def generator_source(make_examples: Callable[[str], Iterator[Dict[str, Any]]],
                       splits: Sequence[str], signature) -> seqio.FunctionDataSource:
   """A seqio source over a python generator; nothing is read until the dataset is iterated."""
 
@@ -323,7 +325,7 @@ def _features(vocabulary: seqio.Vocabulary, target_eos: bool) -> Dict[str, seqio
           "targets": seqio.Feature(vocabulary, add_eos=target_eos)}
 
 
-def _add(name: str, source, vocabulary: seqio.Vocabulary, *, evaluation: bool) -> seqio.Task:
+def add_task(name: str, source, vocabulary: seqio.Vocabulary, *, evaluation: bool) -> seqio.Task:
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
@@ -339,11 +341,11 @@ def register_eval_tasks(vocabulary: seqio.Vocabulary) -> List[str]:
   names = []
   for subject in MMLU_SUBJECTS:
     make = functools.partial(lambda split, s: map(_eval_row, mmlu_examples(s, split)), s=subject)
-    names.append(_add(f"mmlu_{subject}", _generator_source(make, ("test", "dev"), EVAL_SIGNATURE),
+    names.append(add_task(f"mmlu_{subject}", generator_source(make, ("test", "dev"), EVAL_SIGNATURE),
                       vocabulary, evaluation=True).name)
   for name in QA_EVAL_TASKS:
     make = functools.partial(lambda split, n: map(_eval_row, qa_eval_examples(n)), n=name)
-    names.append(_add(name, _generator_source(make, ("test",), EVAL_SIGNATURE), vocabulary,
+    names.append(add_task(name, generator_source(make, ("test",), EVAL_SIGNATURE), vocabulary,
                       evaluation=True).name)
   return names
 
@@ -352,8 +354,8 @@ def register_teacher_tasks(vocabulary: seqio.Vocabulary) -> List[str]:
   names = []
   for flan_name in FLAN_COT_NAMES:
     make = functools.partial(lambda split, n: map(teacher_example, flan_records(n)), n=flan_name)
-    names.append(_add(f"teacher_cot_{flan_name}",
-                      _generator_source(make, ("train",), TRAIN_SIGNATURE), vocabulary,
+    names.append(add_task(f"teacher_cot_{flan_name}",
+                      generator_source(make, ("train",), TRAIN_SIGNATURE), vocabulary,
                       evaluation=False).name)
   return names
 
@@ -364,7 +366,7 @@ def register_original_tasks(vocabulary: seqio.Vocabulary) -> List[str]:
     make = functools.partial(
         lambda split, d: (student_example(r, {}, "original") for r in original_records(d)),
         d=dataset)
-    names.append(_add(f"original_{dataset}", _generator_source(make, ("train",), TRAIN_SIGNATURE),
+    names.append(add_task(f"original_{dataset}", generator_source(make, ("train",), TRAIN_SIGNATURE),
                       vocabulary, evaluation=False).name)
   return names
 
@@ -381,7 +383,7 @@ def register_student_task(dataset: str, shard_pattern: str, fmt: str,
     for record, annotations in annotated_records(dataset, shard_pattern, kinds):
       yield student_example(record, annotations, fmt, seed)
 
-  return _add(name, _generator_source(make, ("train",), TRAIN_SIGNATURE), vocabulary,
+  return add_task(name, generator_source(make, ("train",), TRAIN_SIGNATURE), vocabulary,
               evaluation=False).name
 
 
@@ -403,7 +405,7 @@ def register_student_task_from_tfds(tfds_name: str, fmt: str, vocabulary: seqio.
                 "options": [text(o) for o in ex["options"]], "answer": text(ex["answer"])}
       yield student_example(record, {k: text(ex[k]) for k in kinds}, fmt, seed)
 
-  return _add(name, _generator_source(make, ("train", "validation"), TRAIN_SIGNATURE),
+  return add_task(name, generator_source(make, ("train", "validation"), TRAIN_SIGNATURE),
               vocabulary, evaluation=False).name
 
 
