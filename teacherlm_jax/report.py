@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import List, Mapping, Sequence, Tuple
 
 import matplotlib
 
@@ -27,6 +27,18 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _tasks(accuracy: Mapping[str, Mapping[str, Sequence[float]]]) -> list:
+  return sorted({task for per_task in accuracy.values() for task in per_task})
+
+
+def _save(fig, ax, path) -> pathlib.Path:
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return pathlib.Path(path)
+
+
 def comparison_table(accuracy: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
   """Markdown table: one row per task, one column per student, 'mean ± std (n)' in percent.
 
@@ -34,7 +46,7 @@ def comparison_table(accuracy: Mapping[str, Mapping[str, Sequence[float]]]) -> s
     accuracy: student name -> task name -> accuracy per seed (0..1).
   """
   students = list(accuracy)
-  tasks = sorted({task for per_task in accuracy.values() for task in per_task})
+  tasks = _tasks(accuracy)
   lines = ["| task | " + " | ".join(students) + " |",
            "|---|" + "---|" * len(students)]
   for task in tasks:
@@ -59,17 +71,13 @@ def plot_losses(curves: Mapping[str, Sequence[LossCurve]], path) -> pathlib.Path
   ax.set_xlabel("step")
   ax.set_ylabel("training loss")
   ax.set_title("Students: training loss")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return pathlib.Path(path)
+  return _save(fig, ax, path)
 
 
 def plot_accuracy(accuracy: Mapping[str, Mapping[str, Sequence[float]]], path) -> pathlib.Path:
   """Grouped bars of accuracy per task (mean over seeds, error bar = std)."""
   students = list(accuracy)
-  tasks = sorted({task for per_task in accuracy.values() for task in per_task})
+  tasks = _tasks(accuracy)
   width = 0.8 / max(len(students), 1)
   fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(tasks) + 2), 4))
   for i, student in enumerate(students):
@@ -80,11 +88,7 @@ def plot_accuracy(accuracy: Mapping[str, Mapping[str, Sequence[float]]], path) -
   ax.set_xticklabels(tasks, rotation=20, ha="right")
   ax.set_ylabel("accuracy (%)")
   ax.set_title("Accuracy: original vs annotated students")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return pathlib.Path(path)
+  return _save(fig, ax, path)
 
 
 def write_report(directory, *, title: str, accuracy, loss_curves, annotation_summary: Mapping,

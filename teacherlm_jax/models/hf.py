@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
