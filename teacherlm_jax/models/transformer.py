@@ -302,6 +302,34 @@ class DecoderLM(nnx.Module):
     return partitioning.constrain(logits, ("activation_batch", "activation_length",
                                            "activation_vocab"))
 
+  def _scan_blocks(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
+                   positions_BxL: jax.Array) -> jax.Array:
+    """All blocks of a cache-free forward as one `lax.scan` over their stacked parameters.
+
+    The parameter tree keeps one entry per layer (checkpoints, HF conversion and sharding rules
+    see no change); the blocks' weights are stacked here, inside the traced step. Scanning
+    gives one compiled block instead of num_layers copies, and its backward pass carries the
+    residual stream's gradient from layer to layer as one buffer: unrolled, XLA:CPU fuses that
+    growing sum of per-layer terms into every consumer and recomputes it (quadratic in depth,
+    ~20% of a BLOOM-42M float32 train step).
+    """
+    graphdef, first_state = nnx.split(self.layers[0])
+    states = [first_state] + [nnx.split(block)[1] for block in self.layers[1:]]
+    stacked_state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(x, state):
+      block = nnx.merge(graphdef, state)
+      x, _ = block(x, segment_ids_BxL, positions_BxL, None, segment_ids_BxL, positions_BxL,
+                   None)
+      return x, None
+
+    if self.config.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if self.config.remat == "dots" else None)
+      body = jax.checkpoint(body, policy=policy)
+    x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, stacked_state)
+    return x_BxLxD
+
   def __call__(self, tokens_BxL: jax.Array, *, segment_ids_BxL: Optional[jax.Array] = None,
                positions_BxL: Optional[jax.Array] = None, cache: Optional[Cache] = None,
                return_hidden: bool = False) -> Tuple[jax.Array, Optional[Cache]]:
@@ -337,22 +365,17 @@ class DecoderLM(nnx.Module):
       index_B, key_segment_ids, key_positions = None, segment_ids_BxL, positions_BxL
 
     x = self.embed(tokens_BxL, positions_BxL)
-    new_layer_caches = []
-    for i, block in enumerate(self.layers):
-      layer_cache = cache["layers"][i] if cache is not None else None
-      if self.config.remat != "none" and cache is None:
-        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                  if self.config.remat == "dots" else None)
-        run = nnx.remat(lambda blk, *a: blk(*a), policy=policy)
-        x, new_layer_cache = run(block, x, segment_ids_BxL, positions_BxL, layer_cache,
-                                 key_segment_ids, key_positions, index_B)
-      else:
+    new_cache = None
+    if cache is None:
+      x = self._scan_blocks(x, segment_ids_BxL, positions_BxL)
+    else:
+      new_layer_caches = []
+      for block, layer_cache in zip(self.layers, cache["layers"]):
         x, new_layer_cache = block(x, segment_ids_BxL, positions_BxL, layer_cache,
                                    key_segment_ids, key_positions, index_B)
-      new_layer_caches.append(new_layer_cache)
+        new_layer_caches.append(new_layer_cache)
     out = x if return_hidden else self.logits(x)
 
-    new_cache = None
     if cache is not None:
       new_cache = {"layers": tuple(new_layer_caches), "segment_ids": key_segment_ids,
                    "positions": key_positions, "index": index_B + tokens_BxL.shape[1]}
