@@ -37,6 +37,7 @@ from absl import logging
 
 from teacherlm_jax import annotation_io, annotation_quality, decoding, partitioning
 from teacherlm_jax.data import prompts
+from teacherlm_jax.models import checkpoint_io
 
 ANNOTATION_KINDS = prompts.ANNOTATION_KINDS
 
@@ -143,9 +144,22 @@ def _teacher_paths(teachers: Union[str, Mapping[str, str]], kinds: Sequence[str]
 
 
 def load_teacher(path: str, dtype: str):
-  """(config, model) of a teacher checkpoint directory (HF layout)."""
-  from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
-  return hf.import_checkpoint(path, dtype=dtype)
+  """(config, model) of a teacher checkpoint directory.
+
+  Either an HF directory (config.json + weights) or one of ours, which holds
+  model_config.json: a params directory (`checkpoint_io.save_params`) or a trainer model_dir,
+  whose latest orbax checkpoint is read, so a fine-tuned teacher annotates without an export.
+  """
+  directory = pathlib.Path(path)
+  if (directory / checkpoint_io.MODEL_CONFIG_FILE).exists():
+    model = checkpoint_io.load_model(directory, dtype=dtype)
+    return model.config, model
+  if (directory / "config.json").exists():
+    from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
+    return hf.import_checkpoint(path, dtype=dtype)
+  raise ValueError(f"teacher {directory}: neither an HF checkpoint (config.json) nor a "
+                   f"teacherlm_jax checkpoint ({checkpoint_io.MODEL_CONFIG_FILE}); pass a trainer "
+                   "model_dir, a params directory or an HF directory")
 
 
 class Progress:
@@ -242,7 +256,13 @@ def annotate(input_path, output_dir, *,
                                      top_k=top_k, top_p=top_p)
   teacher_of = _teacher_paths(teachers, kinds)
   teacher_ids = {kind: str(pathlib.Path(path).resolve()) for kind, path in teacher_of.items()}
-  tok = load_tokenizer(tokenizer or f"hf:{teacher_of[kinds[0]]}", add_special_tokens)
+  if not tokenizer:
+    first = pathlib.Path(teacher_of[kinds[0]])
+    if not (first / "config.json").exists():
+      raise ValueError(f"no tokenizer given and teacher {first} is not an HF directory to take "
+                       "one from; set tokenizer='hf:<dir>' or 'spm:<model>'")
+    tokenizer = f"hf:{first}"
+  tok = load_tokenizer(tokenizer, add_special_tokens)
 
   # Input: this process's slice, bad records rejected (or raised) with file and line.
   rejects: Optional[List[annotation_io.Reject]] = [] if reject_bad_input else None

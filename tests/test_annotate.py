@@ -15,7 +15,7 @@ import pytest
 from hf_peers import make_hf_model
 from teacherlm_jax import annotate, annotation_io, annotation_quality, decoding
 from teacherlm_jax.data import prompts, vocab
-from teacherlm_jax.models import hf
+from teacherlm_jax.models import checkpoint_io, hf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_RECORDS = 16
@@ -51,8 +51,9 @@ def workdir(tmp_path_factory, creak_rows):
 
 def _run(workdir, output, **overrides):
   _, teacher, records = workdir
-  return annotate.annotate(records, output, teachers=str(teacher),
-                           **{**SETTINGS, "progress": False, **overrides})
+  return annotate.annotate(records, output,
+                           **{"teachers": str(teacher), **SETTINGS, "progress": False,
+                              **overrides})
 
 
 def _merged(output):
@@ -135,6 +136,23 @@ def _same_annotations(records, expected):
     for k in prompts.ANNOTATION_KINDS:
       assert got[k] == want[k] and got["all"][k] == want["all"][k]
       assert got["generated_tokens"][k] == want["generated_tokens"][k]
+
+
+def test_teacher_from_our_orbax_checkpoint_annotates_like_its_hf_source(workdir, reference):
+  """A teacher saved by us (orbax params + model_config.json) needs no HF export."""
+  root, teacher, _ = workdir
+  _, model = hf.import_checkpoint(teacher)
+  params_dir = root / "orbax_teacher"
+  checkpoint_io.save_params(model, params_dir)
+  with pytest.raises(ValueError, match="no tokenizer given"):
+    _run(workdir, root / "no_tokenizer", teachers=str(params_dir))
+  output = root / "from_orbax"
+  summary = _run(workdir, output, teachers=str(params_dir), tokenizer=f"hf:{teacher}",
+                 process_index=0, process_count=1)
+  assert summary["annotated"] == NUM_RECORDS
+  records = _merged(output)
+  _same_annotations(records, reference[1])
+  assert records[0]["teacher"]["chain_of_thought"] == str(params_dir.resolve())
 
 
 def test_kill_9_then_resume_yields_each_id_exactly_once(workdir, reference):
