@@ -219,7 +219,8 @@ def annotate(input_path, output_dir, *,
     input_path: JSONL records with `question_field`, `answer_field` (and optional options),
       or 'records:<dataset>' for the data tasks' training records (creak, ecqa, strategyqa).
     output_dir: annotation directory (one shard-* subdirectory per process).
-    teachers: one checkpoint directory for every kind, or {kind: directory}.
+    teachers: one checkpoint directory for every kind, or {kind: directory}; each an HF
+      directory, a trainer model_dir (latest checkpoint) or a `save_params` directory.
     kinds: annotation kinds to produce.
     tokenizer: 'hf:<dir>' or 'spm:<model>'; default the first teacher's directory.
     add_special_tokens: HF tokenizers only: add the tokenizer's special tokens (e.g. OPT BOS).
