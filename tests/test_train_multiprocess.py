@@ -1,4 +1,4 @@
-"""scripts/train.py in real processes: 2-process training, and kill -9 then resume.
+"""scripts/train.py in real processes: 2-process training, SIGTERM to both, kill -9 + resume.
 
 Every run is the same tiny config on real FLAN CoT data (constant learning rate, so runs of
 different lengths agree step by step). One uninterrupted single-process run is the reference.
@@ -154,3 +154,34 @@ def test_kill_9_then_resume_gives_the_uninterrupted_params(shared_data, referenc
                              rtol=1e-6)
   for a, b in zip(jax.tree.leaves(_params(result["state"])), jax.tree.leaves(ref_params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_to_both_processes_saves_one_checkpoint_at_the_step_they_agree_on(
+    shared_data, reference, tmp_path):
+  """TPU preemption sends SIGTERM to every host: jax.distributed's preemption sync point makes
+  both processes stop after the same step, save it together and exit 0."""
+  _, ref_losses, _ = reference
+  model_dir = tmp_path / "run"
+  config = _config(shared_data, num_steps=1000, checkpoint_every=1000)
+  port = _free_port()
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  processes = [_launch(config, model_dir, logs[i], devices=4, process_id=i, num_processes=2,
+                       port=port) for i in range(2)]
+  deadline = time.time() + 240
+  while "step 3/1000" not in logs[0].read_text():
+    assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
+    assert time.time() < deadline, "training did not reach step 3 in time"
+    time.sleep(0.05)
+  for process in processes:
+    process.send_signal(signal.SIGTERM)
+  codes = [_wait(p, log) for p, log in zip(processes, logs)]
+  texts = [log.read_text() for log in logs]
+  assert codes == [0, 0], "\n".join(text[-3000:] for text in texts)
+  saved = checkpointing.Checkpointer(str(model_dir)).all_steps()
+  assert len(saved) == 1 and 3 <= saved[0] < 1000, saved
+  for text in texts:
+    assert f"preempted: step {saved[0]}" in text
+  losses, _ = _train_losses(model_dir)
+  steps = range(1, min(saved[0], NUM_STEPS) + 1)  # The same run as the reference's so far.
+  np.testing.assert_allclose([losses[s] for s in steps], [ref_losses[s] for s in steps],
+                             rtol=1e-5)
