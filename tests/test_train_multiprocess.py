@@ -185,3 +185,38 @@ def test_sigterm_to_both_processes_saves_one_checkpoint_at_the_step_they_agree_o
   steps = range(1, min(saved[0], NUM_STEPS) + 1)  # The same run as the reference's so far.
   np.testing.assert_allclose([losses[s] for s in steps], [ref_losses[s] for s in steps],
                              rtol=1e-5)
+
+
+def test_per_process_input_builds_the_global_batch_from_each_process_shard(
+    shared_data, tmp_path):
+  """input_sharding='per_process': each process reads its own data shard and the global batch
+  holds both. One process fed the two shards' batches together trains the same steps (same
+  losses; they differ if a process reads the other's shard or the same one twice)."""
+  steps = 3
+  config = _config(shared_data, num_steps=steps, input_sharding="per_process")
+  port = _free_port()
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  processes = [_launch(config, tmp_path / "run", logs[i], devices=4, process_id=i,
+                       num_processes=2, port=port) for i in range(2)]
+  codes = [_wait(p, log) for p, log in zip(processes, logs)]
+  assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+  losses, _ = _train_losses(tmp_path / "run")
+
+  task = train_data.register_flan_cot_bytes_task(str(shared_data))
+  half = config.batch_size // 2
+  shards = [train_data.SeqioBatches(
+      task, "train", config.seq_len, config.batch_size, seed=config.data_seed,
+      input_sharding="per_process", process_rows=(i * half, (i + 1) * half), process_index=i,
+      process_count=2) for i in range(2)]
+
+  def global_batches(start):
+    for rows in zip(*(shard(start) for shard in shards)):
+      yield {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
+
+  first = next(global_batches(0))
+  assert first["tokens"].shape == (config.batch_size, config.seq_len)
+  assert not np.array_equal(first["tokens"][:half], first["tokens"][half:])
+  result = train.train(config.replace(input_sharding="global"), str(tmp_path / "one_process"),
+                       train_batches=global_batches)
+  np.testing.assert_allclose(result["losses"], [losses[s] for s in range(1, steps + 1)],
+                             rtol=1e-5)
