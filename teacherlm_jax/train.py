@@ -525,14 +525,9 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
         window.append(step_metrics)
       step += 1
       throughput.step_done(step_metrics)
-      if preemption.reached(step):
-        save(step)
-        checkpointer.wait()
-        writer.message(f"preempted (SIGTERM): saved checkpoint at step {step} in "
-                       f"{checkpointer.directory}")
-        preempted = True
-        break
-      if step % config.log_every == 0 or step == config.num_steps:
+      # A collective in multi-process runs: every process calls it once per step.
+      preempted = preemption.reached(step)
+      if step % config.log_every == 0 or step == config.num_steps or preempted:
         guard.check()
         fetched = jax.device_get(window)
         total = jax.tree.map(lambda *x: np.sum(x), *fetched)
@@ -543,6 +538,12 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
         writer.write(step, scalars)
         writer.progress(step, scalars, throughput.elapsed_s, throughput.timed_steps)
         window = []
+      if preempted:  # Logged above, so the metrics hold every step the checkpoint has.
+        save(step)
+        checkpointer.wait()
+        writer.message(f"preempted (SIGTERM): saved checkpoint at step {step} in "
+                       f"{checkpointer.directory}")
+        break
       if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
         eval_result = evaluate(state["params"], step)
       if step % config.checkpoint_every == 0 or step == config.num_steps:
