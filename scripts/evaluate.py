@@ -7,7 +7,6 @@ The tokenizer is read from --tokenizer (default: the checkpoint directory). Writ
 eval_results.json and eval_results.md into --output_dir and prints the table. With
 --skip_bad_rows, unreadable data rows are counted and reported instead of stopping the run.
 """
-import os
 
 from absl import app
 from absl import flags
@@ -32,26 +31,22 @@ def main(argv, gin_bindings=()):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from teacherlm_jax import evaluate
   from teacherlm_jax.data import mixtures, sources, tasks, vocab
-  from teacherlm_jax.models import checkpoint_io, hf
+  from teacherlm_jax.models import checkpoint_io
 
   cli.parse_flags_and_gin(gin_bindings)
   if _DATA_DIR.value:
     sources.set_data_dir(_DATA_DIR.value)
   if _SKIP_BAD_ROWS.value:
     tasks.set_on_bad_row("skip")
-  is_hf = os.path.exists(os.path.join(_CHECKPOINT.value, "config.json"))
   if _VOCABULARY.value:
     vocabulary = vocab.get_vocabulary(_VOCABULARY.value)
-  elif is_hf or _TOKENIZER.value:
+  elif checkpoint_io.is_hf_directory(_CHECKPOINT.value) or _TOKENIZER.value:
     vocabulary = vocab.HFTokenizerVocabulary(_TOKENIZER.value or _CHECKPOINT.value)
   else:
     raise app.UsageError(f"{_CHECKPOINT.value} is not an HF directory: pass --vocabulary")
   mixtures.register_all(vocabulary)
   logging.info("loading %s", _CHECKPOINT.value)
-  if is_hf:
-    _, model = hf.import_checkpoint(_CHECKPOINT.value, dtype=_DTYPE.value)
-  else:
-    model = checkpoint_io.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
+  model = checkpoint_io.load_any(_CHECKPOINT.value, dtype=_DTYPE.value)
   report = evaluate.evaluate(model, vocabulary)
   report["checkpoint"] = _CHECKPOINT.value
   json_path, md_path = evaluate.write_report(report, _OUTPUT_DIR.value)

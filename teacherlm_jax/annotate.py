@@ -31,7 +31,6 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import gin
 import jax
-import numpy as np
 import tqdm
 from absl import logging
 
@@ -143,25 +142,6 @@ def _teacher_paths(teachers: Union[str, Mapping[str, str]], kinds: Sequence[str]
   return {kind: str(teachers[kind]) for kind in kinds}
 
 
-def load_teacher(path: str, dtype: str):
-  """(config, model) of a teacher checkpoint directory.
-
-  Either an HF directory (config.json + weights) or one of ours, which holds
-  model_config.json: a params directory (`checkpoint_io.save_params`) or a trainer model_dir,
-  whose latest orbax checkpoint is read, so a fine-tuned teacher annotates without an export.
-  """
-  directory = pathlib.Path(path)
-  if (directory / checkpoint_io.MODEL_CONFIG_FILE).exists():
-    model = checkpoint_io.load_model(directory, dtype=dtype)
-    return model.config, model
-  if (directory / "config.json").exists():
-    from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
-    return hf.import_checkpoint(path, dtype=dtype)
-  raise ValueError(f"teacher {directory}: neither an HF checkpoint (config.json) nor a "
-                   f"teacherlm_jax checkpoint ({checkpoint_io.MODEL_CONFIG_FILE}); pass a trainer "
-                   "model_dir, a params directory or an HF directory")
-
-
 class Progress:
   """A live line: records/s, generated tokens/s, ETA (tqdm), plus the totals."""
 
@@ -258,8 +238,8 @@ def annotate(input_path, output_dir, *,
   teacher_of = _teacher_paths(teachers, kinds)
   teacher_ids = {kind: str(pathlib.Path(path).resolve()) for kind, path in teacher_of.items()}
   if not tokenizer:
-    first = pathlib.Path(teacher_of[kinds[0]])
-    if not (first / "config.json").exists():
+    first = teacher_of[kinds[0]]
+    if not checkpoint_io.is_hf_directory(first):
       raise ValueError(f"no tokenizer given and teacher {first} is not an HF directory to take "
                        "one from; set tokenizer='hf:<dir>' or 'spm:<model>'")
     tokenizer = f"hf:{first}"
@@ -277,7 +257,9 @@ def annotate(input_path, output_dir, *,
           if mesh_shape else None)
   decoders = {}
   for path in sorted(set(teacher_of.values())):
-    config, model = load_teacher(path, dtype)
+    # An HF directory, or a trainer model_dir / params directory of ours (no export needed).
+    model = checkpoint_io.load_any(path, dtype=dtype)
+    config = model.config
     eos_id = tok.eos_id if tok.eos_id is not None else config.eos_token_id
     pad_id = tok.pad_id if tok.pad_id is not None else config.pad_token_id
     decoders[path] = decoding.Decoder(model, mesh=mesh, eos_id=eos_id, pad_id=pad_id)

@@ -102,3 +102,22 @@ def load_model(directory, *, dtype: Optional[str] = None, shardings=None) -> Dec
   from teacherlm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   abstract, params_state, target = _abstract_target(config, shardings)
   return _filled(abstract, params_state, checkpointing.restore_params(str(directory), target))
+
+
+def is_hf_directory(directory) -> bool:
+  """Whether `directory` is an HF checkpoint (its config.json at the top)."""
+  return (pathlib.Path(directory) / "config.json").exists()
+
+
+def load_any(directory, *, dtype: Optional[str] = None) -> DecoderLM:
+  """A DecoderLM from any model directory: ours (model_config.json: a params directory or a
+  trainer model_dir, see `load_model`) or an HF checkpoint directory (config.json + weights)."""
+  directory = pathlib.Path(directory)
+  if (directory / MODEL_CONFIG_FILE).exists():
+    return load_model(directory, dtype=dtype)
+  if is_hf_directory(directory):
+    from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
+    return hf.import_checkpoint(directory, dtype=dtype or "float32")[1]
+  raise ValueError(f"{directory}: neither a teacherlm_jax model directory ({MODEL_CONFIG_FILE}) "
+                   "nor an HF checkpoint (config.json); pass a trainer model_dir, a params "
+                   "directory or an HF directory")
