@@ -19,11 +19,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import threading
-import time
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import gin
@@ -38,13 +36,13 @@ from teacherlm_jax import checkpointing
 from teacherlm_jax import metrics as metrics_lib
 from teacherlm_jax import optimizer as optimizer_lib
 from teacherlm_jax import partitioning
+from teacherlm_jax.models import checkpoint_io
 from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
 
 # A callable giving the batches numbered start, start+1, ... (this process's rows, numpy).
 BatchesFn = Callable[[int], Iterator[Dict[str, np.ndarray]]]
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
-MODEL_CONFIG_FILE = "model_config.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
@@ -139,21 +137,13 @@ def make_mesh(config: TrainConfig):
                                 devices=devices)
 
 
-def _read_json(path: str) -> Optional[dict]:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
   """The architecture: this run's saved one (resume), the previous stage's, the HF
   checkpoint's, or the preset; with this run's compute dtype and remat."""
   numerics = dict(dtype=config.compute_dtype, param_dtype="float32", remat=config.remat)
   for directory in (model_dir, config.init_checkpoint):
-    saved = directory and _read_json(os.path.join(directory, MODEL_CONFIG_FILE))
-    if saved:
-      return ModelConfig(**saved).replace(**numerics)
+    if directory and os.path.exists(os.path.join(directory, checkpoint_io.MODEL_CONFIG_FILE)):
+      return checkpoint_io.read_model_config(directory).replace(**numerics)
   if config.init_hf_checkpoint:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
     with open(os.path.join(config.init_hf_checkpoint, "config.json")) as f:
@@ -480,8 +470,8 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
   try:
     state, start = _initial_state(config, program, checkpointer, writer, mesh)
     if jax.process_index() == 0:  # Shared files: process 0 only.
-      with open(os.path.join(model_dir, MODEL_CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(model_config), f, indent=1)
+      checkpoint_io.write_model_config(
+          model_config, os.path.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
       with open(os.path.join(model_dir, TRAIN_CONFIG_FILE), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=1)
     evaluate = _Evaluator(config, eval_batches, program.eval_step, mesh, writer)
