@@ -108,18 +108,13 @@ def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxLxHxD.dtype)
 
 
-def _write_cache(cache_BxSx: jax.Array, new_BxLx: jax.Array, index_B: jax.Array):
-  """Writes each row's new entries (axis 1) at that row's own cache index."""
-  update = lambda c, x, i: jax.lax.dynamic_update_slice(
-      c, x.astype(c.dtype), (i,) + (0,) * (c.ndim - 1))
-  return jax.vmap(update)(cache_BxSx, new_BxLx, index_B)
-
-
-def _write_kv_cache(cache_BxKxSxD: jax.Array, new_BxLxKxD: jax.Array, index_B: jax.Array):
-  """Writes new keys/values into a heads-major cache at each row's own index."""
-  new_BxKxLxD = new_BxLxKxD.transpose(0, 2, 1, 3)
-  update = lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, i, 0))
-  return jax.vmap(update)(cache_BxKxSxD, new_BxKxLxD, index_B)
+def _write_cache(cache: jax.Array, new: jax.Array, index_B: jax.Array, length_axis: int = 1):
+  """Writes each row's new entries at that row's own index along `length_axis`."""
+  def update(c, x, i):
+    starts = [0] * c.ndim
+    starts[length_axis - 1] = i  # Per row: the batch axis is mapped away.
+    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), tuple(starts))
+  return jax.vmap(update)(cache, new, index_B)
 
 
 class Attention(nnx.Module):
@@ -159,8 +154,8 @@ class Attention(nnx.Module):
     # the attention dots then batch over (B, K) without transposing the whole cache each step.
     new_cache = None
     if layer_cache is not None:
-      keys = _write_kv_cache(layer_cache["key"], k, cache_index_B)
-      values = _write_kv_cache(layer_cache["value"], v, cache_index_B)
+      keys = _write_cache(layer_cache["key"], k.transpose(0, 2, 1, 3), cache_index_B, 2)
+      values = _write_cache(layer_cache["value"], v.transpose(0, 2, 1, 3), cache_index_B, 2)
       new_cache = {"key": keys, "value": values}
       k, v = keys.astype(q.dtype), values.astype(q.dtype)
     else:
