@@ -88,9 +88,7 @@ class RankScorer:
   def _call(self, arrays, tail_length: int) -> np.ndarray:
     if self.mesh is None:
       return np.asarray(self._score(self._state, *arrays, tail_length=tail_length))
-    rows = jax.sharding.NamedSharding(
-        self.mesh, partitioning.logical_to_spec(("batch",), partitioning.LOGICAL_AXIS_RULES,
-                                                self.mesh))
+    rows = partitioning.batch_sharding(self.mesh, 1)  # Rows over the batch axes.
     placed = [jax.device_put(a, rows) for a in arrays]
     with partitioning.activate(self.mesh):
       return np.asarray(self._score(self._state, *placed, tail_length=tail_length))

@@ -52,11 +52,9 @@ def eval_example(record: Dict) -> Dict:
 
 
 def teacher_examples(record: Dict, kinds: Sequence[str]) -> Iterator[Dict]:
-  question = prompts.format_question(record["question"], record["options"])
+  """One teacher SFT example per kind, its target the record's own text of that kind."""
   for kind in kinds:
-    yield {"id": f"{record['id']}/{kind}",
-           "inputs": prompts.teacher_prompt(question, record["answer"], kind),
-           "targets": " " + " ".join(str(record[kind]).split())}
+    yield {**tasks.teacher_example(record, kind, text_field=kind), "id": f"{record['id']}/{kind}"}
 
 
 def register_record_tasks(name: str, vocabulary: seqio.Vocabulary, *, eval_path=None,

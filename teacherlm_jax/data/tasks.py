@@ -236,10 +236,12 @@ def split_text(full_text: str) -> Dict[str, str]:
   return {"inputs": full_text[:cut], "targets": full_text[cut:]}
 
 
-def teacher_example(record: Mapping[str, Any], kind: str = prompts.CHAIN_OF_THOUGHT):
+def teacher_example(record: Mapping[str, Any], kind: str = prompts.CHAIN_OF_THOUGHT,
+                    text_field: str = "rationale"):
+  """Teacher SFT example: the record's prompt + `kind`'s trigger -> its `text_field` text."""
   question = prompts.format_question(record["question"], record["options"])
   return {"id": record["id"], "inputs": prompts.teacher_prompt(question, record["answer"], kind),
-          "targets": " " + " ".join(record["rationale"].split())}
+          "targets": " " + " ".join(str(record[text_field]).split())}
 
 
 def student_example(record: Mapping[str, Any], annotations: Mapping[str, str], fmt: str,
