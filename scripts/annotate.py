@@ -2,6 +2,7 @@ r"""Annotates a dataset with TeacherLM teachers (fundamentals, chain of thought,
 
   python scripts/annotate.py --gin_file=gin/annotate.gin --input=data.jsonl --output=/tmp/ann \
       --gin.annotate.teachers="'/path/to/teacherlm-7.1b'"
+  python scripts/annotate.py ... --input=seqio:records_creak   # a seqio task's records
   python scripts/annotate.py ... --resume          # continue a killed run (exactly once)
   python scripts/annotate.py --merge --output=/tmp/ann --merged=/tmp/ann.jsonl
 
@@ -18,7 +19,10 @@ from absl import logging
 
 from teacherlm_jax import cli
 
-_INPUT = flags.DEFINE_string("input", None, "JSONL input records")
+_INPUT = flags.DEFINE_string(
+    "input", None, "JSONL input records, or seqio:<task>[:<split>] for a seqio task's examples "
+    "(built in: records_creak, records_ecqa, records_strategyqa; a gin file registers others "
+    "with `import my_tasks`)")
 _OUTPUT = flags.DEFINE_string("output", None, "annotation directory (one shard per process)")
 _RESUME = flags.DEFINE_bool("resume", False, "skip ids already committed in --output")
 _MERGE = flags.DEFINE_bool("merge", False, "merge the shards of --output into --merged")

@@ -197,7 +197,8 @@ def annotate(input_path, output_dir, *,
 
   Args:
     input_path: JSONL records with `question_field`, `answer_field` (and optional options),
-      or 'records:<dataset>' for the data tasks' training records (creak, ecqa, strategyqa).
+      or 'seqio:<task>[:<split>]' for a seqio task's examples with those fields, e.g.
+      'seqio:records_creak' (the CREAK training records of the student tasks).
     output_dir: annotation directory (one shard-* subdirectory per process).
     teachers: one checkpoint directory for every kind, or {kind: directory}; each an HF
       directory, a trainer model_dir (latest checkpoint) or a `save_params` directory.
@@ -288,7 +289,7 @@ def annotate(input_path, output_dir, *,
 
   decoding_settings = {"max_new_tokens": max_new_tokens, "temperature": temperature,
                        "top_k": top_k, "top_p": top_p, "num_samples": num_samples}
-  source = (str(input_path) if str(input_path).startswith(annotation_io.RECORDS_PREFIX)
+  source = (str(input_path) if annotation_io.is_task_source(input_path)
             else str(pathlib.Path(input_path).resolve()))
   run_settings = {"input": source, "limit": limit, "kinds": list(kinds),
                   "teachers": teacher_ids, "tokenizer": tok.name, "decoding": decoding_settings,

@@ -63,7 +63,27 @@ def process_slice(num_items: int, process_index: int, process_count: int) -> ran
                num_items * (process_index + 1) // process_count)
 
 
-RECORDS_PREFIX = "records:"
+SEQIO_PREFIX = "seqio:"
+
+
+def is_task_source(source) -> bool:
+  """Whether `source` names a seqio task ('seqio:<task>[:<split>]') rather than a file."""
+  return str(source).startswith(SEQIO_PREFIX)
+
+
+def _task_rows(source: str) -> List[tuple]:
+  """(example number, JSON text) for every example of the seqio task `source` names."""
+  from teacherlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  name, _, split = source[len(SEQIO_PREFIX):].partition(":")
+  if name not in seqio.TaskRegistry.names():
+    tasks.register_records_tasks()  # vocabulary-free: records_{creak,ecqa,strategyqa}
+  try:
+    rows = tasks.task_records(name, split or "train")
+  except ValueError as e:
+    raise InputError(f"{source}: {e}", "bad_source") from None
+  return [(number, json.dumps(row, ensure_ascii=False))
+          for number, row in enumerate(rows, start=1)]
 
 
 def read_records(source, *, id_field: Optional[str], required_fields: Sequence[str],
@@ -72,8 +92,10 @@ def read_records(source, *, id_field: Optional[str], required_fields: Sequence[s
   """Reads this process's slice of the input (its non-blank lines split contiguously).
 
   Args:
-    source: a JSONL file, or 'records:<dataset>' for the training records the data tasks
-      build (`data/tasks.original_records`: creak, ecqa, strategyqa).
+    source: a JSONL file, or 'seqio:<task>[:<split>]' (split default 'train') for the examples
+      of a registered seqio task, e.g. 'seqio:records_creak' for the CREAK training records
+      the student tasks use (`data/tasks.register_records_tasks`). Example numbers then play
+      the part of line numbers in errors and rejects.
     id_field: field holding a unique record id; None = the 1-based line number.
     required_fields: fields the prompts need.
     process_index, process_count: which contiguous slice to read.
@@ -84,11 +106,8 @@ def read_records(source, *, id_field: Optional[str], required_fields: Sequence[s
     InputError naming file, line and field, when `rejects` is None.
   """
   source = str(source)
-  if source.startswith(RECORDS_PREFIX):
-    from teacherlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
-    rows = tasks.original_records(source[len(RECORDS_PREFIX):])
-    lines = [(number, json.dumps(row, ensure_ascii=False))
-             for number, row in enumerate(rows, start=1)]
+  if is_task_source(source):
+    lines = _task_rows(source)
   else:
     path = pathlib.Path(source)
     if not path.is_file():

@@ -271,16 +271,17 @@ def test_drop_action_and_num_samples_keep_the_most_confident(workdir):
   assert record["all"]["chain_of_thought"] == tokenizer.decode(ids + list(best.tokens))
 
 
-def test_annotates_the_data_tasks_training_records(workdir, shared_data, monkeypatch):
+def test_annotates_a_seqio_task_like_the_jsonl_of_its_records(workdir, shared_data, monkeypatch):
+  from teacherlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("TEACHERLM_DATA_DIR", str(shared_data))
   root, teacher, _ = workdir
   # A second teacher checkpoint for one kind (same weights, another directory).
   mistakes_teacher = root / "mistakes_teacher"
   shutil.copytree(teacher, mistakes_teacher)
   teachers = {"fundamentals": str(teacher), "common_mistakes": str(mistakes_teacher)}
-  summary = annotate.annotate("records:creak", root / "records", teachers=teachers,
-                              kinds=("fundamentals", "common_mistakes"), max_new_tokens=2,
-                              limit=4, progress=False, process_index=0, process_count=1)
+  settings = dict(teachers=teachers, kinds=("fundamentals", "common_mistakes"),
+                  max_new_tokens=2, limit=4, progress=False, process_index=0, process_count=1)
+  summary = annotate.annotate("seqio:records_creak", root / "records", **settings)
   assert summary["annotated"] == 4
   out = _merged(root / "records")
   assert [r["id"] for r in out] == ["train_0", "train_1", "train_2", "train_3"]
@@ -289,6 +290,18 @@ def test_annotates_the_data_tasks_training_records(workdir, shared_data, monkeyp
   assert out[0]["teacher"] == {"fundamentals": str(teacher.resolve()),
                                "common_mistakes": str(mistakes_teacher.resolve())}
   assert "chain_of_thought" not in out[0]
+  # The same records as a JSONL file annotate to the same texts.
+  jsonl = root / "creak_train.jsonl"
+  first = [r for r, _ in zip(tasks.original_records("creak"), range(4))]
+  jsonl.write_text("".join(json.dumps(r) + "\n" for r in first))
+  annotate.annotate(jsonl, root / "records_jsonl", **settings)
+  keep = ("id", "question", "options", "answer", "fundamentals", "common_mistakes", "all")
+  assert ([{k: r[k] for k in keep} for r in _merged(root / "records_jsonl")]
+          == [{k: r[k] for k in keep} for r in out])
+  for source, message in (("seqio:no_such_task", "unknown task 'no_such_task'"),
+                          ("seqio:records_creak:test", "has no split 'test'")):
+    with pytest.raises(annotation_io.InputError, match=f"{source}: .*{message}"):
+      annotate.annotate(source, root / "bad_source", **settings)
 
 
 def test_seqio_vocabulary_and_hf_tokenizer_agree(workdir, creak_rows):

@@ -38,7 +38,7 @@ def test_import_registers_nothing_and_needs_no_data():
           "from teacherlm_jax.data import sources; sources.set_data_dir('/nonexistent'); "
           "from teacherlm_jax.data import vocab; "
           "names = mixtures.register_all(vocab.HFTokenizerVocabulary('/nonexistent')); "
-          "assert len(names) == 57 + 3 + 7 + 3 + 3, len(names); print('ok')")
+          "assert len(names) == 57 + 3 + 7 + 3 + 3 + 3, len(names); print('ok')")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=REPO_ROOT, check=False)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
@@ -64,6 +64,9 @@ def test_every_task_yields_real_examples(shared_data, vocabulary):
       "Q: Determine the correctness of the following sentence. Only people named Floyd "
       "wearing pink are allowed to attend Pink Floyd concerts. (A) True (B) False "
       "A: The answer is (B).")
+  ex = _first("records_ecqa", "train")  # untokenised: the annotation engine's input
+  assert set(ex) == {"id", "question", "options", "answer"}
+  assert list(tasks.task_records("records_ecqa"))[0] == next(tasks.original_records("ecqa"))
   ex = _first("teacher_cot_ecqa", "train")
   assert ex["inputs_pretokenized"].decode() == (
       "Q: What might a person see at the scene of a brutal killing? (A) bloody mess "

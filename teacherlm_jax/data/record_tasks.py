@@ -9,6 +9,7 @@ and prompt strings (all from `prompts.py`):
   {name}_eval        rank classification: 'Q: .. (A) .. A: The answer is (' -> option letters
   teacher_{name}     teacher SFT: prompt + trigger -> the record's annotation, every kind
   original_{name}    student text in the 'original' format
+  records_{name}     the student records as they are (annotation input 'seqio:records_{name}')
 
 Annotated student tasks and mixtures over the annotation engine's shards then come from
 `tasks.register_student_task` / `mixtures.register_student_mixture` with `dataset=name`.
@@ -83,4 +84,7 @@ def register_record_tasks(name: str, vocabulary: seqio.Vocabulary, *, eval_path=
     names["original"] = tasks.add_task(
         f"original_{name}", tasks.generator_source(make, ("train",), tasks.TRAIN_SIGNATURE),
         vocabulary, evaluation=False).name
+    names["records"] = tasks.add_records_task(
+        f"records_{name}", functools.partial(lambda split, p: read_records(p),
+                                             p=pathlib.Path(student_path))).name
   return names

@@ -6,6 +6,7 @@ with the model's vocabulary) registers, re-registering when the vocabulary chang
   evaluation      mmlu_{subject} x57, creak, ecqa, strategyqa           split 'test' (+ mmlu 'dev')
   teacher SFT     teacher_cot_{aqua,creak,ecqa,gsm8k,qasc,sensemaking,strategyqa}    'train'
   original        original_{creak,ecqa,strategyqa}                                     'train'
+  records         records_{creak,ecqa,strategyqa}  (untokenised; the annotation input) 'train'
 
 and `register_student_task(...)` adds an annotated task over annotation shards in a chosen
 student format (see `mixtures.py` for the mixtures). The data directory is resolved only when a
@@ -19,7 +20,9 @@ the space that joins them, so byte-level BPE tokenises the boundary as in the fu
 
 Records (the shape the annotation engine also consumes) are dicts
 {'id', 'question', 'options', 'answer'} with `answer` an option letter, or the answer text for
-open questions (gsm8k).
+open questions (gsm8k). The `records_*` tasks hold them as they are, with no vocabulary and no
+preprocessing (`register_records_tasks`); the annotation engine reads any seqio task whose
+examples carry these fields (`task_records`, input 'seqio:<task>[:<split>]').
 
 Bad rows raise `path:line: field ...`; with `set_on_bad_row('skip')` (scripts' --skip_bad_rows)
 they are counted in `SKIPS` and logged instead.
@@ -285,6 +288,8 @@ EVAL_SIGNATURE = {"id": _TEXT_SPEC, "inputs": _TEXT_SPEC, "targets": _TEXT_SPEC,
                   "options": tf.TensorSpec((None,), tf.string),
                   "label": tf.TensorSpec((), tf.int32)}
 TRAIN_SIGNATURE = {"id": _TEXT_SPEC, "inputs": _TEXT_SPEC, "targets": _TEXT_SPEC}
+RECORD_SIGNATURE = {"id": _TEXT_SPEC, "question": _TEXT_SPEC,
+                    "options": tf.TensorSpec((None,), tf.string), "answer": _TEXT_SPEC}
 
 
 def _eval_row(example: Dict[str, Any]) -> Dict[str, Any]:
@@ -373,6 +378,50 @@ def register_original_tasks(vocabulary: seqio.Vocabulary) -> List[str]:
   return names
 
 
+def add_records_task(name: str, make_records: Callable[[str], Iterator[Dict[str, Any]]],
+                     splits: Sequence[str] = ("train",)) -> seqio.Task:
+  """A task of records (their RECORD_SIGNATURE fields): no vocabulary, no tokenisation."""
+
+  def make(split):
+    for record in make_records(split):
+      yield {**{k: record[k] for k in RECORD_SIGNATURE}, "id": str(record["id"])}
+
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(name, source=generator_source(make, splits, RECORD_SIGNATURE),
+                                preprocessors=[], output_features={})
+
+
+def register_records_tasks() -> List[str]:
+  """records_{creak,ecqa,strategyqa}: the training records the original/annotated tasks use."""
+  return [add_records_task(f"records_{dataset}",
+                           functools.partial(lambda split, d: original_records(d), d=dataset)).name
+          for dataset in ORIGINAL_DATASETS]
+
+
+def _python_value(value):
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray):
+    return [_python_value(v) for v in value.tolist()]
+  if isinstance(value, list):
+    return [_python_value(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def task_records(name: str, split: str = "train") -> Iterator[Dict[str, Any]]:
+  """The examples of task `name`'s `split`, in order, as python dicts (text as str, arrays as
+  lists): what the annotation engine reads for input 'seqio:<name>:<split>'."""
+  task = get_task(name)
+  if split not in task.splits:
+    raise ValueError(f"task {name!r} has no split {split!r} (splits: {list(task.splits)})")
+  dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False)
+  return ({key: _python_value(value) for key, value in example.items()}
+          for example in dataset.as_numpy_iterator())
+
+
 def register_student_task(dataset: str, shard_pattern: str, fmt: str,
                           vocabulary: seqio.Vocabulary, *, name: Optional[str] = None,
                           seed: int = 0) -> str:
@@ -413,9 +462,9 @@ def register_student_task_from_tfds(tfds_name: str, fmt: str, vocabulary: seqio.
 
 @gin.configurable
 def register_tasks(vocabulary: seqio.Vocabulary = gin.REQUIRED) -> List[str]:
-  """Registers every fixed task (evaluation, teacher SFT, original) for `vocabulary`."""
+  """Registers every fixed task (evaluation, teacher SFT, original, records) for `vocabulary`."""
   return (register_eval_tasks(vocabulary) + register_teacher_tasks(vocabulary)
-          + register_original_tasks(vocabulary))
+          + register_original_tasks(vocabulary) + register_records_tasks())
 
 
 def get_task(name: str) -> seqio.Task:
