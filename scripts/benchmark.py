@@ -2,10 +2,12 @@ r"""Benchmarks ours against PyTorch `transformers` on the same machine, in one r
 
   python scripts/benchmark.py                       # all: training, decoding, evaluation
   python scripts/benchmark.py --only=decoding --output=/tmp/bench.json
+  python scripts/benchmark.py --precisions=float32  # skip the bf16-vs-bf16 rows
   python scripts/benchmark.py --device              # JAX GPU vs PyTorch CUDA when present
 
 Prints one table (benchmark, metric, ours, pytorch, ratio, notes) and writes it as JSON.
 """
+import functools
 import json
 import os
 import pathlib
@@ -20,6 +22,10 @@ _OUTPUT = flags.DEFINE_string("output", "benchmark_results.json", "JSON file to 
 _DEVICE = flags.DEFINE_bool("device", False, "Run on the accelerator (JAX GPU vs torch CUDA) "
                             "when one is present; default CPU for both.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smaller sizes and fewer repeats (smoke runs).")
+_PRECISIONS = flags.DEFINE_list(
+    "precisions", ["float32", "bfloat16"],
+    "Training and decoding run once per precision: float32 against float32, and bfloat16 "
+    "(ours bf16 compute / bf16 decoding) against torch bf16 (autocast / bf16 weights).")
 
 
 def _format(value):
@@ -47,12 +53,16 @@ def main(argv):
   runners = {}
   if "training" in _ONLY.value:
     from teacherlm_jax.benchmarks import training
-    runners["training"] = lambda: training.benchmark_training(device=_DEVICE.value,
-                                                              quick=_QUICK.value)
+    for precision in _PRECISIONS.value:
+      runners[f"training {precision}"] = functools.partial(
+          training.benchmark_training, device=_DEVICE.value, quick=_QUICK.value,
+          precision=precision)
   if "decoding" in _ONLY.value:
     from teacherlm_jax.benchmarks import decoding
-    runners["decoding"] = lambda: decoding.benchmark_decoding(device=_DEVICE.value,
-                                                              quick=_QUICK.value)
+    for precision in _PRECISIONS.value:
+      runners[f"decoding {precision}"] = functools.partial(
+          decoding.benchmark_decoding, device=_DEVICE.value, quick=_QUICK.value,
+          precision=precision)
   if "evaluation" in _ONLY.value:
     from teacherlm_jax.benchmarks import evaluation
     runners["evaluation"] = lambda: evaluation.benchmark_evaluation(device=_DEVICE.value,

@@ -6,6 +6,10 @@ left-padded prompts and exactly `max_new_tokens` tokens per row (EOS disabled on
 and batch 32. Also reported: samples/s of our batch-32 run against the reference's batch-1
 samples/s, and the fraction of the memory-bandwidth bound (bytes a step must read: parameters
 plus the KV cache; bandwidth from a large numpy copy) that our batch-1 decoding reaches.
+
+`precision='bfloat16'` runs both with bf16 weights, activations and KV cache (ours imported
+with dtype and param_dtype bfloat16, theirs `.to(torch.bfloat16)`); tokens then need not
+agree between the two, the counts do.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
 
 
 def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1, 32),
-                       max_new_tokens: int = None, repeats: int = None) -> List[Dict]:
+                       max_new_tokens: int = None, repeats: int = None,
+                       precision: str = "float32") -> List[Dict]:
   """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
   import jax
   import torch
@@ -48,11 +53,14 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
   torch.manual_seed(0)
   hf_config = transformers.BloomConfig(**shape, pad_token_id=3, eos_token_id=2)
   torch_model = transformers.BloomForCausalLM(hf_config).eval().to(torch_device)
+  if precision not in ("float32", "bfloat16"):
+    raise ValueError(f"precision={precision!r}: expected 'float32' or 'bfloat16'")
   rng = np.random.default_rng(0)
   rows = []
   with tempfile.TemporaryDirectory() as directory:
     torch_model.save_pretrained(directory)
-    config, model = hf.import_checkpoint(directory)
+    config, model = hf.import_checkpoint(directory, dtype=precision, param_dtype=precision)
+  torch_model = torch_model.to(getattr(torch, precision))
   decoder = decoding.Decoder(model, eos_id=-1)
   sampling = decoding.SamplingConfig(max_new_tokens=max_new_tokens)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.state))
@@ -85,18 +93,21 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
     ours_s, theirs_s = timing.best_times([ours, theirs], repeats)
     generated = batch * max_new_tokens
     results[batch] = (generated / ours_s, generated / theirs_s)
-    rows.append({"benchmark": "decoding", "metric": f"generated tokens/s, batch {batch}",
+    suffix = "" if precision == "float32" else f", {precision}"
+    rows.append({"benchmark": "decoding", "metric": f"generated tokens/s, batch {batch}{suffix}",
                  "ours": generated / ours_s, "pytorch": generated / theirs_s,
                  "ratio": theirs_s / ours_s,
                  "notes": f"bloom d={shape['hidden_size']} L={shape['n_layer']} "
                           f"V={shape['vocab_size']}, greedy, {max_new_tokens} new tokens, "
                           f"prompts 16-48, load avg {os.getloadavg()[0]:.1f} on "
-                          f"{os.cpu_count()} cpus"})
+                          f"{os.cpu_count()} cpus, {precision}"})
     if bandwidth:
       cache_length = decoding.bucket_length(width) + max_new_tokens
-      kv_bytes = 2 * config.num_layers * batch * cache_length * config.hidden_size * 4
+      kv_bytes = (2 * config.num_layers * batch * cache_length * config.hidden_size
+                  * config.compute_dtype.itemsize)
       bound = batch * bandwidth / (param_bytes + kv_bytes)
-      rows.append({"benchmark": "decoding", "metric": f"fraction of bandwidth bound, batch {batch}",
+      rows.append({"benchmark": "decoding",
+                   "metric": f"fraction of bandwidth bound, batch {batch}{suffix}",
                    "ours": (generated / ours_s) / bound, "pytorch": (generated / theirs_s) / bound,
                    "ratio": "",
                    "notes": f"bound {bound:.0f} tok/s = copy bandwidth {bandwidth / 1e9:.1f} GB/s "
@@ -105,7 +116,8 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
     big = max(batch_sizes)
     ours_samples = results[big][0] / max_new_tokens
     reference_samples = results[1][1] / max_new_tokens
-    rows.append({"benchmark": "decoding", "metric": "samples/s vs reference (HF, batch 1)",
+    rows.append({"benchmark": "decoding",
+                 "metric": f"samples/s vs reference (HF, batch 1){suffix}",
                  "ours": ours_samples, "pytorch": reference_samples,
                  "ratio": ours_samples / reference_samples,
                  "notes": f"ours at batch {big}; target >= 10x"})

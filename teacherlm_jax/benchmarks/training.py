@@ -6,6 +6,10 @@ on every token, global-norm clipping at 1.0, AdamW (b1 0.9, b2 0.95, no decay). 
 tokens/s of each, the ratio, and MFU of each against one measured matmul peak (the best of a
 jax and a torch float32 square matmul on this machine), with the FLOPs of
 `metrics.flops_per_token`. Runs alternate so load changes hit both alike.
+
+`precision='bfloat16'` compares mixed precision with mixed precision: our bf16 compute with
+float32 master weights (`TrainConfig.compute_dtype`) against torch CPU autocast to bf16 with
+float32 parameters; MFU is then against the best measured bf16 matmul.
 """
 from __future__ import annotations
 
@@ -21,17 +25,18 @@ SHAPES = {
 }
 
 
-def torch_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
+def torch_matmul_tflops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
   import torch
-  a = torch.ones(size, size)
-  b = torch.ones(size, size)
+  a = torch.ones(size, size, dtype=getattr(torch, dtype))
+  b = torch.ones(size, size, dtype=getattr(torch, dtype))
   a @ b
   best, = timing.best_times([lambda: a @ b], repeats)
   return 2.0 * size ** 3 / best / 1e12
 
 
 def benchmark_training(device: bool = False, quick: bool = False, batch_size: int = 8,
-                       seq_len: int = 256, steps: int = None) -> List[Dict]:
+                       seq_len: int = 256, steps: int = None, precision: str = "float32"
+                       ) -> List[Dict]:
   """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
   import jax
   import jax.numpy as jnp
@@ -43,6 +48,8 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   from teacherlm_jax import train as train_lib
   from teacherlm_jax.models import hf
 
+  if precision not in ("float32", "bfloat16"):
+    raise ValueError(f"precision={precision!r}: expected 'float32' or 'bfloat16'")
   shape = SHAPES["quick" if quick else "small-bloom-50m"]
   steps = steps or (2 if quick else 5)
   if quick:
@@ -61,7 +68,8 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   labels = torch.tensor(tokens[:, 1:], device=torch_device)
 
   def theirs():
-    logits = torch_model(input_ids=inputs).logits
+    with torch.autocast(torch_device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+      logits = torch_model(input_ids=inputs).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              labels.reshape(-1))
     torch_opt.zero_grad(set_to_none=True)
@@ -76,8 +84,9 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   run = train_lib.TrainConfig(
       model="small-bloom-50m", seq_len=seq_len, batch_size=batch_size, learning_rate=1e-4,
       schedule="constant", adam_b1=0.9, adam_b2=0.95, clip_norm=1.0, mesh_devices=1,
-      mesh_fsdp=1)
-  config = config.replace(remat=run.remat)  # The trainer's default numerics.
+      mesh_fsdp=1, compute_dtype=precision)
+  # The trainer's numerics: compute dtype, float32 master weights, remat.
+  config = config.replace(dtype=precision, param_dtype="float32", remat=run.remat)
   mesh = train_lib.make_mesh(run)
   program = train_lib._program(config, train_lib._optimizer_args(run), 0.0, 0, mesh)
   params = program.init_params()
@@ -102,21 +111,23 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   if device:
     peak, peak_note = None, "no measured peak on the accelerator path"
   else:
-    jax_peak = metrics.measure_matmul_peak_tflops(2048)
-    torch_peak = torch_matmul_tflops(2048)
+    jax_peak = metrics.measure_matmul_peak_tflops(2048, dtype=precision)
+    torch_peak = torch_matmul_tflops(2048, dtype=precision)
     peak = max(jax_peak, torch_peak)
-    peak_note = (f"peak {peak:.3f} TFLOP/s = best float32 2048^2 matmul "
+    peak_note = (f"peak {peak:.3f} TFLOP/s = best {precision} 2048^2 matmul "
                  f"(jax {jax_peak:.3f}, torch {torch_peak:.3f})")
   params_m = config.num_params() / 1e6
-  notes = (f"bloom {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, float32, "
+  compute = "float32" if precision == "float32" else "bf16 compute, float32 master weights"
+  notes = (f"bloom {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
            f"{jax.devices()[0].platform}; first-step loss ours {ours_loss:.3f} / "
            f"torch {theirs_loss:.3f}")
-  rows = [{"benchmark": "training", "metric": "tokens/s", "ours": ours_tps,
+  suffix = "" if precision == "float32" else f", {precision}"
+  rows = [{"benchmark": "training", "metric": f"tokens/s{suffix}", "ours": ours_tps,
            "pytorch": theirs_tps, "ratio": ours_tps / theirs_tps, "notes": notes}]
   if peak:
     ours_mfu = ours_tps * flops_per_token / 1e12 / peak
     theirs_mfu = theirs_tps * flops_per_token / 1e12 / peak
-    rows.append({"benchmark": "training", "metric": "MFU", "ours": ours_mfu,
+    rows.append({"benchmark": "training", "metric": f"MFU{suffix}", "ours": ours_mfu,
                  "pytorch": theirs_mfu, "ratio": ours_mfu / theirs_mfu,
                  "notes": f"{flops_per_token / 1e6:.0f} MFLOP/token; {peak_note}"})
   return rows
