@@ -48,8 +48,7 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   from teacherlm_jax import train as train_lib
   from teacherlm_jax.models import hf
 
-  if precision not in ("float32", "bfloat16"):
-    raise ValueError(f"precision={precision!r}: expected 'float32' or 'bfloat16'")
+  suffix = timing.precision_suffix(precision)
   shape = SHAPES["quick" if quick else "small-bloom-50m"]
   steps = steps or (2 if quick else 5)
   if quick:
@@ -121,7 +120,6 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   notes = (f"bloom {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
            f"{jax.devices()[0].platform}; first-step loss ours {ours_loss:.3f} / "
            f"torch {theirs_loss:.3f}")
-  suffix = "" if precision == "float32" else f", {precision}"
   rows = [{"benchmark": "training", "metric": f"tokens/s{suffix}", "ours": ours_tps,
            "pytorch": theirs_tps, "ratio": ours_tps / theirs_tps, "notes": notes}]
   if peak:
