@@ -7,9 +7,9 @@ and batch 32. Also reported: samples/s of our batch-32 run against the reference
 samples/s, and the fraction of the memory-bandwidth bound (bytes a step must read: parameters
 plus the KV cache; bandwidth from a large numpy copy) that our batch-1 decoding reaches.
 
-`precision='bfloat16'` runs both with bf16 weights, activations and KV cache (ours imported
-with dtype and param_dtype bfloat16, theirs `.to(torch.bfloat16)`); tokens then need not
-agree between the two, the counts do.
+`precision='bfloat16'` runs both with bf16 weights and activations (ours imported with dtype
+and param_dtype bfloat16, theirs `.to(torch.bfloat16)`; our KV cache is `Decoder.cache_dtype`,
+float32 on CPU); tokens then need not agree between the two, the counts do.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
     if bandwidth:
       cache_length = decoding.bucket_length(width) + max_new_tokens
       kv_bytes = (2 * config.num_layers * batch * cache_length * config.hidden_size
-                  * config.compute_dtype.itemsize)
+                  * decoder.cache_dtype.itemsize)
       bound = batch * bandwidth / (param_bytes + kv_bytes)
       rows.append({"benchmark": "decoding",
                    "metric": f"fraction of bandwidth bound, batch {batch}{suffix}",
