@@ -122,6 +122,11 @@ class TrainConfig:
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
 
+  def model_numerics(self) -> dict:
+    """ModelConfig fields this run sets on any architecture: compute dtype, float32 master
+    weights, remat."""
+    return dict(dtype=self.compute_dtype, param_dtype="float32", remat=self.remat)
+
   def replace(self, **changes) -> "TrainConfig":
     return dataclasses.replace(self, **changes)
 
@@ -140,7 +145,7 @@ def make_mesh(config: TrainConfig):
 def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
   """The architecture: this run's saved one (resume), the previous stage's, the HF
   checkpoint's, or the preset; with this run's compute dtype and remat."""
-  numerics = dict(dtype=config.compute_dtype, param_dtype="float32", remat=config.remat)
+  numerics = config.model_numerics()
   for directory in (model_dir, config.init_checkpoint):
     if directory and os.path.exists(os.path.join(directory, checkpoint_io.MODEL_CONFIG_FILE)):
       return checkpoint_io.read_model_config(directory).replace(**numerics)

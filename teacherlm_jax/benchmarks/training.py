@@ -84,8 +84,7 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
       model="small-bloom-50m", seq_len=seq_len, batch_size=batch_size, learning_rate=1e-4,
       schedule="constant", adam_b1=0.9, adam_b2=0.95, clip_norm=1.0, mesh_devices=1,
       mesh_fsdp=1, compute_dtype=precision)
-  # The trainer's numerics: compute dtype, float32 master weights, remat.
-  config = config.replace(dtype=precision, param_dtype="float32", remat=run.remat)
+  config = config.replace(**run.model_numerics())  # The trainer's numerics.
   mesh = train_lib.make_mesh(run)
   program = train_lib._program(config, train_lib._optimizer_args(run), 0.0, 0, mesh)
   params = program.init_params()
