@@ -1,11 +1,14 @@
-"""Model options: rematerialisation keeps gradients; bfloat16 compute stays close to float32."""
+"""Model options: rematerialisation keeps gradients and saves what its policy says; bfloat16
+compute stays close to float32 and runs every matmul, backward included, on bf16 operands."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import models
+from teacherlm_jax.models import matmul
 from teacherlm_jax.models import transformer
 
 
@@ -44,3 +47,68 @@ def test_bfloat16_compute_tracks_float32(name):
   # bf16 has 8 mantissa bits: logits agree to ~1e-2 of their scale, and the argmax mostly.
   scale = float(jnp.abs(logits32).max())
   assert float(jnp.abs(logits16 - logits32).max()) < 0.05 * scale
+
+
+def _dot_operand_dtypes(jaxpr):
+  """[(lhs dtype, rhs dtype, has batch dims)] of every dot_general, sub-jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (_, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+      found.append((eqn.invars[0].aval.dtype, eqn.invars[1].aval.dtype, bool(lhs_batch)))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _dot_operand_dtypes(sub)
+  return found
+
+
+def _train_jaxpr(config, tokens):
+  model = transformer.DecoderLM(config, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss_fn(p):
+    logits, _ = nnx.merge(graphdef, p)(tokens[:, :-1])
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+  return jax.make_jaxpr(jax.grad(loss_fn))(params).jaxpr
+
+
+@pytest.mark.parametrize("spec,a_shape,b_shape", [
+    ("abc,cd->abd", (2, 3, 5), (5, 7)),  # Dense.
+    ("blkgd,bksd->bkgls", (2, 3, 2, 2, 4), (2, 2, 6, 4)),  # Attention scores.
+    ("bkgls,bksd->blkgd", (2, 2, 2, 3, 6), (2, 2, 6, 4)),  # Attention mixing.
+])
+def test_matmul_einsum_gradient_is_autodiffs_in_float32(spec, a_shape, b_shape):
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in (a_shape, b_shape))
+  out_weights = jnp.asarray(rng.normal(size=jnp.einsum(spec, a, b).shape), jnp.float32)
+  ours = jax.grad(lambda a, b: jnp.sum(matmul.einsum(spec, a, b) * out_weights), (0, 1))(a, b)
+  autodiff = jax.grad(lambda a, b: jnp.sum(jnp.einsum(spec, a, b) * out_weights), (0, 1))(a, b)
+  for got, want in zip(ours, autodiff):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="at least two"):
+    matmul.einsum("ab,bc->c", a[0], b)  # 'a' is summed inside one operand: not a matmul.
+
+
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-llama"])
+def test_bfloat16_training_runs_every_matmul_on_bfloat16_operands(name):
+  # Plain autodiff of a float32-accumulating dot promotes the bf16 operand in the backward
+  # pass: the backward matmuls would run in float32 (2-3x slower on CPU and TPU alike).
+  config = models.get(name, dtype="bfloat16")
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, (2, 9)))
+  dots = _dot_operand_dtypes(_train_jaxpr(config, tokens))
+  # Forward and both backward products of the scanned block's 6 or more matmuls + LM head.
+  assert len(dots) >= 3 * (6 + 1)
+  assert {(lhs, rhs) for lhs, rhs, _ in dots} == {(jnp.dtype(jnp.bfloat16),) * 2}
+
+
+def test_dots_remat_recomputes_no_weight_matmul():
+  config = models.get("tiny-bloom")
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (2, 9)))
+  count = {}
+  for remat in ("none", "dots", "full"):
+    dots = _dot_operand_dtypes(_train_jaxpr(config.replace(remat=remat), tokens))
+    count[remat] = (sum(not batched for *_, batched in dots), sum(batched for *_, batched in dots))
+  # 'dots' saves the projections' outputs (recomputing only the attention products);
+  # 'full' recomputes the whole block.
+  assert count["dots"][0] == count["none"][0] < count["full"][0]
+  assert count["none"][1] < count["dots"][1] == count["full"][1]

@@ -39,7 +39,8 @@ class ModelConfig:
     tie_word_embeddings: LM head shares the token embedding.
     dtype: compute dtype ('float32' or 'bfloat16').
     param_dtype: storage dtype of parameters.
-    remat: 'none', 'full' (recompute each block), 'dots' (save matmul outputs only).
+    remat: 'none', 'full' (recompute each block), 'dots' (save the weight matmuls' outputs,
+      recompute the rest: see models/matmul.py).
   """
   family: str
   vocab_size: int

@@ -19,6 +19,7 @@ jit, shard and donate it like any other state.
 from __future__ import annotations
 
 import math
+import string
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from teacherlm_jax import partitioning
+from teacherlm_jax.models import matmul
 from teacherlm_jax.models.config import ModelConfig
 
 Cache = Dict[str, Any]
@@ -51,14 +53,14 @@ class Dense(nnx.Module):
     self.dtype = config.compute_dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    n_in = len(self.in_shape)
-    kernel = self.kernel[...].astype(self.dtype)
-    # Accumulate in float32 whatever the compute dtype (as the MXU does): XLA:CPU then runs
-    # bf16 dots on its bf16 (AMX) kernels, 3x faster than a bf16-output dot, which it upcasts.
-    y = jax.lax.dot_general(
-        x.astype(self.dtype), kernel,
-        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-        preferred_element_type=jnp.float32)
+    n_in, n_out, n_lead = len(self.in_shape), len(self.out_shape), x.ndim - len(self.in_shape)
+    letters = string.ascii_letters
+    lead, contracted = letters[:n_lead], letters[n_lead:x.ndim]
+    out = letters[x.ndim:x.ndim + n_out]
+    # Float32 accumulation (as the MXU does) both ways; XLA:CPU then runs bf16 dots on its
+    # bf16 (AMX) kernels, 3x faster than a bf16-output dot, which it upcasts.
+    y = matmul.einsum(f"{lead}{contracted},{contracted}{out}->{lead}{out}",
+                      x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
@@ -170,7 +172,7 @@ class Attention(nnx.Module):
     groups = h // cfg.kv_heads
     out_dtype = q.dtype
     q = q.astype(k.dtype).reshape(b, l, cfg.kv_heads, groups, hd)
-    scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = matmul.einsum("blkgd,bksd->bkgls", q, k)
     scores = scores / np.float32(math.sqrt(hd))
     if cfg.family == "bloom":
       # HF adds slope * key_position (its `alibi`), equal to a relative bias up to a per-query
@@ -182,7 +184,7 @@ class Attention(nnx.Module):
                & (key_positions_BxS[:, None, :] <= positions_BxL[:, :, None]))
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    attended = jnp.einsum("bkgls,bksd->blkgd", probs, v).astype(out_dtype).reshape(b, l, h, hd)
+    attended = matmul.einsum("bkgls,bksd->blkgd", probs, v).astype(out_dtype).reshape(b, l, h, hd)
     return self.out(attended), new_cache
 
 
@@ -299,7 +301,7 @@ class DecoderLM(nnx.Module):
       head_ExV = self.token_embedding[...].astype(cfg.compute_dtype).T
     else:
       head_ExV = self.lm_head[...].astype(cfg.compute_dtype)
-    logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_ExV, preferred_element_type=jnp.float32)
+    logits = matmul.einsum("bld,dv->blv", x_BxLxD.astype(cfg.compute_dtype), head_ExV)
     return partitioning.constrain(logits, ("activation_batch", "activation_length",
                                            "activation_vocab"))
 
@@ -329,7 +331,7 @@ class DecoderLM(nnx.Module):
       return x, None
 
     if self.config.remat != "none":
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+      policy = (jax.checkpoint_policies.save_only_these_names(matmul.WEIGHT_MATMUL)
                 if self.config.remat == "dots" else None)
       body = jax.checkpoint(body, policy=policy)
     x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, stacked_state)

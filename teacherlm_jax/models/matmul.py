@@ -1,0 +1,69 @@
+"""The one matmul the models use: operands in the compute dtype, float32 accumulation, both
+ways.
+
+`einsum(spec, a, b)` returns float32, as the MXU accumulates on TPU. Its gradient keeps the
+same contract: the incoming float32 cotangent is rounded to the operands' dtype and the two
+backward matmuls again take compute-dtype operands and accumulate in float32. Plain autodiff
+would not: JAX transposes a `preferred_element_type=float32` dot into a float32 x bf16 dot,
+promotes the bf16 operand, and so runs every backward matmul of a bf16 model in float32
+(on XLA:CPU that was 80% of the bf16 train step's matmul time). Rounding the cotangent to
+bf16 is what mixed precision does everywhere (torch autocast, T5X); for float32 models the
+rounding is the identity and this is exactly autodiff's gradient.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+
+def _parse(spec: str):
+  inputs, out = spec.replace(" ", "").split("->")
+  a_axes, b_axes = inputs.split(",")
+  counts = collections.Counter(a_axes + b_axes + out)
+  if any(count < 2 for count in counts.values()):
+    # Every axis is contracted (a, b), batched (a, b, out) or kept (one operand and out):
+    # then each gradient is itself an einsum of the other two, with no sum to undo.
+    raise ValueError(f"matmul.einsum({spec!r}): each axis must appear in at least two of the "
+                     "operands and the output (a matmul with batch axes)")
+  return a_axes, b_axes, out
+
+
+# `jax.checkpoint` policies cannot see the dot inside a custom VJP, so outputs are named:
+# WEIGHT_MATMUL for products with no batch axes (projections, the LM head), whose outputs the
+# 'dots' remat policy saves; BATCHED_MATMUL for the rest (attention scores and mixing).
+WEIGHT_MATMUL = "weight_matmul"
+BATCHED_MATMUL = "batched_matmul"
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """jnp.einsum(spec, a, b) accumulated and returned in float32; see the module doc."""
+  a_axes, b_axes, out_axes = _parse(spec)
+  batched = bool(set(a_axes) & set(b_axes) & set(out_axes))
+  return checkpoint_name(_einsum(spec, a, b), BATCHED_MATMUL if batched else WEIGHT_MATMUL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _forward(spec, a, b):
+  return _einsum(spec, a, b), (a, b)
+
+
+def _backward(spec, residuals, out_grad):
+  a, b = residuals
+  a_axes, b_axes, out_axes = _parse(spec)
+  grad = out_grad.astype(jnp.promote_types(a.dtype, b.dtype))
+  a_grad = jnp.einsum(f"{out_axes},{b_axes}->{a_axes}", grad, b,
+                      preferred_element_type=jnp.float32)
+  b_grad = jnp.einsum(f"{a_axes},{out_axes}->{b_axes}", a, grad,
+                      preferred_element_type=jnp.float32)
+  return a_grad.astype(a.dtype), b_grad.astype(b.dtype)
+
+
+_einsum.defvjp(_forward, _backward)
