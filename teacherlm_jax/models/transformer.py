@@ -53,10 +53,10 @@ class Dense(nnx.Module):
     self.dtype = config.compute_dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    n_in, n_out, n_lead = len(self.in_shape), len(self.out_shape), x.ndim - len(self.in_shape)
+    n_lead = x.ndim - len(self.in_shape)
     letters = string.ascii_letters
     lead, contracted = letters[:n_lead], letters[n_lead:x.ndim]
-    out = letters[x.ndim:x.ndim + n_out]
+    out = letters[x.ndim:x.ndim + len(self.out_shape)]
     # Float32 accumulation (as the MXU does) both ways; XLA:CPU then runs bf16 dots on its
     # bf16 (AMX) kernels, 3x faster than a bf16-output dot, which it upcasts.
     y = matmul.einsum(f"{lead}{contracted},{contracted}{out}->{lead}{out}",
