@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 
 def _parse(spec: str):
@@ -32,18 +31,14 @@ def _parse(spec: str):
   return a_axes, b_axes, out
 
 
-# `jax.checkpoint` policies cannot see the dot inside a custom VJP, so outputs are named:
-# WEIGHT_MATMUL for products with no batch axes (projections, the LM head), whose outputs the
-# 'dots' remat policy saves; BATCHED_MATMUL for the rest (attention scores and mixing).
-WEIGHT_MATMUL = "weight_matmul"
-BATCHED_MATMUL = "batched_matmul"
-
-
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """jnp.einsum(spec, a, b) accumulated and returned in float32; see the module doc."""
-  a_axes, b_axes, out_axes = _parse(spec)
-  batched = bool(set(a_axes) & set(b_axes) & set(out_axes))
-  return checkpoint_name(_einsum(spec, a, b), BATCHED_MATMUL if batched else WEIGHT_MATMUL)
+  """jnp.einsum(spec, a, b) accumulated and returned in float32; see the module doc.
+
+  `jax.checkpoint` policies do not see the dot inside (it is a custom VJP): a caller whose
+  output a remat policy should save names it with `jax.ad_checkpoint.checkpoint_name`.
+  """
+  _parse(spec)
+  return _einsum(spec, a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

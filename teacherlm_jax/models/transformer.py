@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 from flax import nnx
 
@@ -34,6 +35,8 @@ from teacherlm_jax.models.config import ModelConfig
 Cache = Dict[str, Any]
 
 _default_kernel_init = nnx.initializers.normal(stddev=0.02)
+# The checkpoint name of Dense outputs: what remat='dots' saves.
+PROJECTION_OUTPUT = "projection_output"
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
@@ -63,7 +66,9 @@ class Dense(nnx.Module):
                       x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    # Named for remat='dots', which saves projection outputs (in the compute dtype: half the
+    # residual memory of the float32 accumulator in bf16).
+    return checkpoint_name(y.astype(self.dtype), PROJECTION_OUTPUT)
 
 
 class LayerNorm(nnx.Module):
@@ -331,7 +336,7 @@ class DecoderLM(nnx.Module):
       return x, None
 
     if self.config.remat != "none":
-      policy = (jax.checkpoint_policies.save_only_these_names(matmul.WEIGHT_MATMUL)
+      policy = (jax.checkpoint_policies.save_only_these_names(PROJECTION_OUTPUT)
                 if self.config.remat == "dots" else None)
       body = jax.checkpoint(body, policy=policy)
     x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, stacked_state)
