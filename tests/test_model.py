@@ -1,5 +1,8 @@
 """Model options: rematerialisation keeps gradients and saves what its policy says; bfloat16
-compute stays close to float32 and runs every matmul, backward included, on bf16 operands."""
+compute stays close to float32, runs on CPU under every remat policy, and does every weight matmul,
+backward included, on bf16 operands."""
+import functools
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -90,7 +93,7 @@ def test_matmul_einsum_gradient_is_autodiffs_in_float32(spec, a_shape, b_shape):
 
 
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-llama"])
-def test_bfloat16_training_runs_every_matmul_on_bfloat16_operands(name):
+def test_bfloat16_training_runs_every_weight_matmul_on_bfloat16_operands(name):
   # Plain autodiff of a float32-accumulating dot promotes the bf16 operand in the backward
   # pass: the backward matmuls would run in float32 (2-3x slower on CPU and TPU alike).
   config = models.get(name, dtype="bfloat16")
@@ -98,7 +101,37 @@ def test_bfloat16_training_runs_every_matmul_on_bfloat16_operands(name):
   dots = _dot_operand_dtypes(_train_jaxpr(config, tokens))
   # Forward and both backward products of the scanned block's 6 or more matmuls + LM head.
   assert len(dots) >= 3 * (6 + 1)
-  assert {(lhs, rhs) for lhs, rhs, _ in dots} == {(jnp.dtype(jnp.bfloat16),) * 2}
+  bf16 = jnp.dtype(jnp.bfloat16)
+  assert {(lhs, rhs) for lhs, rhs, batched in dots if not batched} == {(bf16, bf16)}
+  # Attention's products take float32 operands on CPU only (see matmul.einsum).
+  attention = jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else bf16
+  assert {(lhs, rhs) for lhs, rhs, batched in dots if batched} == {(attention, attention)}
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_gradients_cached(name, tokens_bytes, shape):
+  tokens = jnp.asarray(np.frombuffer(tokens_bytes, np.int64).reshape(shape))
+  _, grads = _loss_and_grads(models.get(name), tokens)  # Same for every remat policy.
+  return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+
+def _float32_gradients(name, tokens):
+  tokens = np.asarray(tokens, np.int64)
+  return _float32_gradients_cached(name, tokens.tobytes(), tokens.shape)
+
+
+@pytest.mark.parametrize("remat", ["none", "dots", "full"])
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama"])
+def test_bfloat16_gradients_run_and_track_float32(name, remat):
+  # Runs, not just traces: XLA:CPU rejected some bf16 batched dots at run time.
+  config = models.get(name, remat=remat, dtype="bfloat16")
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, (2, 17)))
+  _, grads16 = _loss_and_grads(config, tokens)
+  flat32 = _float32_gradients(name, tokens)
+  flat16 = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads16)]).astype(np.float32)
+  assert np.all(np.isfinite(flat16))
+  cosine = flat16 @ flat32 / (np.linalg.norm(flat16) * np.linalg.norm(flat32))
+  assert cosine > 0.99
 
 
 def test_dots_remat_recomputes_no_weight_matmul():

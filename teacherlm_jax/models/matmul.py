@@ -37,7 +37,16 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   `jax.checkpoint` policies do not see the dot inside (it is a custom VJP): a caller whose
   output a remat policy should save names it with `jax.ad_checkpoint.checkpoint_name`.
   """
-  _parse(spec)
+  a_axes, b_axes, out_axes = _parse(spec)
+  batched = bool(set(a_axes) & set(b_axes) & set(out_axes))
+  if batched and jax.default_backend() == "cpu":
+    # XLA:CPU runs a bf16 x bf16 -> f32 dot only through YNNPACK; a batched product in an
+    # operand layout YNNPACK rejects (attention with some remat policies and shapes) falls
+    # back to the generic DotThunk, which fails with "Unsupported element type ... BF16 x
+    # BF16 = F32". The batched products (attention) are the small ones: on CPU they take
+    # float32 operands, both ways.
+    a, b = a.astype(jnp.promote_types(a.dtype, jnp.float32)), b.astype(
+        jnp.promote_types(b.dtype, jnp.float32))
   return _einsum(spec, a, b)
 
 
