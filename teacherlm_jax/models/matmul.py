@@ -45,8 +45,8 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     # back to the generic DotThunk, which fails with "Unsupported element type ... BF16 x
     # BF16 = F32". The batched products (attention) are the small ones: on CPU they take
     # float32 operands, both ways.
-    a, b = a.astype(jnp.promote_types(a.dtype, jnp.float32)), b.astype(
-        jnp.promote_types(b.dtype, jnp.float32))
+    widen = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    a, b = widen(a), widen(b)
   return _einsum(spec, a, b)
 
 
