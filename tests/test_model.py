@@ -103,21 +103,21 @@ def test_bfloat16_training_runs_every_weight_matmul_on_bfloat16_operands(name):
   assert len(dots) >= 3 * (6 + 1)
   bf16 = jnp.dtype(jnp.bfloat16)
   assert {(lhs, rhs) for lhs, rhs, batched in dots if not batched} == {(bf16, bf16)}
-  # Attention's products take float32 operands on CPU only (see matmul.einsum).
-  attention = jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else bf16
+  # Attention's products take float32 operands on CPU only.
+  attention = matmul.batched_operand_dtype(bf16, jax.default_backend())
+  assert attention == (jnp.float32 if jax.default_backend() == "cpu" else bf16)
   assert {(lhs, rhs) for lhs, rhs, batched in dots if batched} == {(attention, attention)}
 
 
+def _gradient_tokens(config):
+  return jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, (2, 17)))
+
+
 @functools.lru_cache(maxsize=None)
-def _float32_gradients_cached(name, tokens_bytes, shape):
-  tokens = jnp.asarray(np.frombuffer(tokens_bytes, np.int64).reshape(shape))
-  _, grads = _loss_and_grads(models.get(name), tokens)  # Same for every remat policy.
+def _float32_gradients(name):
+  config = models.get(name)
+  _, grads = _loss_and_grads(config, _gradient_tokens(config))  # Same for every remat policy.
   return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
-
-
-def _float32_gradients(name, tokens):
-  tokens = np.asarray(tokens, np.int64)
-  return _float32_gradients_cached(name, tokens.tobytes(), tokens.shape)
 
 
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])
@@ -125,9 +125,8 @@ def _float32_gradients(name, tokens):
 def test_bfloat16_gradients_run_and_track_float32(name, remat):
   # Runs, not just traces: XLA:CPU rejected some bf16 batched dots at run time.
   config = models.get(name, remat=remat, dtype="bfloat16")
-  tokens = jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, (2, 17)))
-  _, grads16 = _loss_and_grads(config, tokens)
-  flat32 = _float32_gradients(name, tokens)
+  _, grads16 = _loss_and_grads(config, _gradient_tokens(config))
+  flat32 = _float32_gradients(name)
   flat16 = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads16)]).astype(np.float32)
   assert np.all(np.isfinite(flat16))
   cosine = flat16 @ flat32 / (np.linalg.norm(flat16) * np.linalg.norm(flat32))

@@ -31,6 +31,20 @@ def _parse(spec: str):
   return a_axes, b_axes, out
 
 
+def batched_operand_dtype(dtype, platform: str) -> jnp.dtype:
+  """The dtype a batched product (attention) takes its `dtype` operands in on `platform`.
+
+  XLA:CPU runs a bf16 x bf16 -> f32 dot only through YNNPACK; a batched product in an operand
+  layout YNNPACK rejects (attention with some remat policies and shapes) falls back to the
+  generic DotThunk, which fails with "Unsupported element type ... BF16 x BF16 = F32". The
+  batched products are the small ones: on CPU they take float32 operands. (The decoder keeps
+  a bf16 model's KV cache in this dtype, so that it is not widened at every step.)
+  """
+  if platform == "cpu":
+    return jnp.promote_types(dtype, jnp.float32)
+  return jnp.dtype(dtype)
+
+
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """jnp.einsum(spec, a, b) accumulated and returned in float32; see the module doc.
 
@@ -39,14 +53,10 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """
   a_axes, b_axes, out_axes = _parse(spec)
   batched = bool(set(a_axes) & set(b_axes) & set(out_axes))
-  if batched and jax.default_backend() == "cpu":
-    # XLA:CPU runs a bf16 x bf16 -> f32 dot only through YNNPACK; a batched product in an
-    # operand layout YNNPACK rejects (attention with some remat policies and shapes) falls
-    # back to the generic DotThunk, which fails with "Unsupported element type ... BF16 x
-    # BF16 = F32". The batched products (attention) are the small ones: on CPU they take
-    # float32 operands, both ways.
-    widen = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    a, b = widen(a), widen(b)
+  if batched:
+    platform = jax.default_backend()
+    a = a.astype(batched_operand_dtype(a.dtype, platform))
+    b = b.astype(batched_operand_dtype(b.dtype, platform))
   return _einsum(spec, a, b)
 
 
