@@ -56,6 +56,34 @@ def test_greedy_matches_transformers_generate(peer):
     np.testing.assert_allclose(generation.logprobs, expected, atol=1e-4)
 
 
+def test_pack_prompts_places_each_prompt_once_in_fewer_rows():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(16, 49, size=32)
+  prompts = [list(rng.integers(4, 100, size=n)) for n in lengths]
+  packed = decoding.pack_prompts(prompts, 64, pad_id=3, row_multiple=2)
+  rows = packed.tokens.shape[0]
+  assert rows % 2 == 0 and rows < len(prompts)
+  owner = np.full(packed.tokens.shape, -1)
+  for index, prompt in enumerate(prompts):
+    r, s, n = packed.row[index], packed.start[index], packed.length[index]
+    assert n == len(prompt) and s + n <= 64
+    assert (owner[r, s:s + n] == -1).all(), "prompts overlap"
+    owner[r, s:s + n] = index
+    np.testing.assert_array_equal(packed.tokens[r, s:s + n], prompt)
+    segment = packed.segment_ids[r, s:s + n]
+    assert segment[0] > 0 and (segment == segment[0]).all()
+  # Every non-padding token belongs to one prompt, each prompt has its own segment id.
+  np.testing.assert_array_equal(packed.segment_ids != 0, owner >= 0)
+  for r in range(rows):
+    in_row = np.flatnonzero(packed.row == r)
+    assert len(set(packed.segment_ids[r, packed.start[in_row]])) == len(in_row)
+  assert (packed.tokens[owner < 0] == 3).all()
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    decoding.pack_prompts([[5], []], 8, pad_id=0)
+  with pytest.raises(ValueError, match="prompt 0 has 9 tokens, more than the width 8"):
+    decoding.pack_prompts([[5] * 9], 8, pad_id=0)
+
+
 @pytest.fixture(scope="module")
 def bloom(tmp_path_factory):
   """(config, model) of a random BLOOM peer: sampling and batching do not depend on family."""
