@@ -15,7 +15,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from teacherlm_jax import cli
 

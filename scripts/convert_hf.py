@@ -10,7 +10,6 @@ r"""Converts checkpoints between a local HF directory and teacherlm_jax.
 
 Hub names are not fetched: pass a local directory (`huggingface-cli download` it beforehand).
 """
-import json
 import pathlib
 
 from absl import app, flags, logging

@@ -55,7 +55,6 @@ def test_packed_segments_equal_separate_runs(peer):
 
 
 def test_export_round_trip_and_transformers_reload(peer, tmp_path):
-  import torch
   import transformers
   family, torch_model, config, model, directory = peer
   exported = hf.export_checkpoint(model, tmp_path / "exported")

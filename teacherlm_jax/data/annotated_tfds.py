@@ -60,15 +60,15 @@ class TeacherlmAnnotated(tfds.core.GeneratorBasedBuilder):
     return splits
 
   def _generate_examples(self, validation: bool):
-    for record, annotations in tasks.annotated_records(self.builder_config.name,
-                                                       self.shard_pattern, self.kinds):
+    for record, texts in tasks.annotated_records(self.builder_config.name,
+                                                 self.shard_pattern, self.kinds):
       bucket = int(hashlib.sha256(record["id"].encode("utf-8")).hexdigest(), 16) % 100
       if (bucket < self.validation_percent) != validation:
         continue
       yield record["id"], {
           "id": record["id"], "question": record["question"],
           "options": list(record["options"]), "answer": record["answer"],
-          **{kind: annotations.get(kind, "") for kind in prompts.ANNOTATION_KINDS}}
+          **{kind: texts.get(kind, "") for kind in prompts.ANNOTATION_KINDS}}
 
 
 def prepare(dataset: str, shard_pattern: str, data_dir: str, *,

@@ -431,8 +431,8 @@ def register_student_task(dataset: str, shard_pattern: str, fmt: str,
 
   def make(split):
     del split
-    for record, annotations in annotated_records(dataset, shard_pattern, kinds):
-      yield student_example(record, annotations, fmt, seed)
+    for record, texts in annotated_records(dataset, shard_pattern, kinds):
+      yield student_example(record, texts, fmt, seed)
 
   return add_task(name, generator_source(make, ("train",), TRAIN_SIGNATURE), vocabulary,
               evaluation=False).name
