@@ -132,25 +132,24 @@ def pack_prompts(prompts: Sequence[Sequence[int]], width: int, pad_id: int,
       raise ValueError(f"prompt {index} is empty; decoding needs at least one prompt token")
     if n > width:
       raise ValueError(f"prompt {index} has {n} tokens, more than the width {width}")
-  row = np.zeros(len(prompts), np.int32)
-  start = np.zeros(len(prompts), np.int32)
-  room = []  # free tokens left in each row
+  row, start, segment = (np.zeros(len(prompts), np.int32) for _ in range(3))
+  room, placed = [], []  # per row: free tokens left, prompts placed (left to right)
   for index in sorted(range(len(prompts)), key=lambda i: -lengths[i]):
-    fits = [r for r, free in enumerate(room) if free >= lengths[index]]
-    if fits:
-      target = fits[0]
-    else:
-      target = len(room)
+    target = next((r for r, free in enumerate(room) if free >= lengths[index]), len(room))
+    if target == len(room):
       room.append(width)
+      placed.append(0)
     row[index], start[index] = target, width - room[target]
     room[target] -= lengths[index]
+    placed[target] += 1
+    segment[index] = placed[target]
   rows = -(-len(room) // row_multiple) * row_multiple
   tokens = np.full((rows, width), pad_id, np.int32)
   segment_ids = np.zeros((rows, width), np.int32)
-  for index in np.lexsort((start, row)):  # row by row, left to right: segment ids 1, 2, ...
+  for index, prompt in enumerate(prompts):
     r, s, n = row[index], start[index], lengths[index]
-    tokens[r, s:s + n] = np.asarray(prompts[index], np.int32)
-    segment_ids[r, s:s + n] = segment_ids[r].max() + 1
+    tokens[r, s:s + n] = np.asarray(prompt, np.int32)
+    segment_ids[r, s:s + n] = segment[index]
   return PackedPrompts(tokens, segment_ids, row, start, np.asarray(lengths, np.int32))
 
 

@@ -109,6 +109,10 @@ def test_bfloat16_training_runs_every_weight_matmul_on_bfloat16_operands(name):
   assert {(lhs, rhs) for lhs, rhs, batched in dots if batched} == {(attention, attention)}
 
 
+def _flat(grads) -> np.ndarray:
+  return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]).astype(np.float32)
+
+
 def _gradient_tokens(config):
   return jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, (2, 17)))
 
@@ -117,7 +121,7 @@ def _gradient_tokens(config):
 def _float32_gradients(name):
   config = models.get(name)
   _, grads = _loss_and_grads(config, _gradient_tokens(config))  # Same for every remat policy.
-  return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+  return _flat(grads)
 
 
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])
@@ -127,7 +131,7 @@ def test_bfloat16_gradients_run_and_track_float32(name, remat):
   config = models.get(name, remat=remat, dtype="bfloat16")
   _, grads16 = _loss_and_grads(config, _gradient_tokens(config))
   flat32 = _float32_gradients(name)
-  flat16 = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads16)]).astype(np.float32)
+  flat16 = _flat(grads16)
   assert np.all(np.isfinite(flat16))
   cosine = flat16 @ flat32 / (np.linalg.norm(flat16) * np.linalg.norm(flat32))
   assert cosine > 0.99
