@@ -5,6 +5,8 @@ r"""Annotates a dataset with TeacherLM teachers (fundamentals, chain of thought,
   python scripts/annotate.py ... --input=seqio:records_creak   # a seqio task's records
   python scripts/annotate.py ... --resume          # continue a killed run (exactly once)
   python scripts/annotate.py --merge --output=/tmp/ann --merged=/tmp/ann.jsonl
+  python scripts/annotate.py ... --cpu_devices=2 --gin.annotate.mesh_shape='(1, 1, 2)'
+                                   # CPU host: one device per core, heads split over them
 
 Multi-process: run one process per host with --coordinator_address, --num_processes and
 --process_id (or TEACHERLM_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID); each annotates its slice

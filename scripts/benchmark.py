@@ -4,6 +4,8 @@ r"""Benchmarks ours against PyTorch `transformers` on the same machine, in one r
   python scripts/benchmark.py --only=decoding --output=/tmp/bench.json
   python scripts/benchmark.py --precisions=float32  # skip the bf16-vs-bf16 rows
   python scripts/benchmark.py --device              # JAX GPU vs PyTorch CUDA when present
+  python scripts/benchmark.py --cpu_devices=1       # no CPU mesh rows (default: one device
+                                                    # per core, up to 8)
 
 Prints one table (benchmark, metric, ours, pytorch, ratio, notes) and writes it as JSON.
 """
@@ -15,6 +17,8 @@ import platform
 import time
 
 from absl import app, flags, logging
+
+from teacherlm_jax import cli  # --cpu_devices
 
 _ONLY = flags.DEFINE_list("only", ["training", "decoding", "evaluation"],
                           "Which benchmarks to run.")
@@ -50,6 +54,7 @@ def main(argv):
   del argv
   if not _DEVICE.value:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cli.configure_cpu_devices()  # Decoding adds rows for ours on a tensor mesh over them.
   runners = {}
   if "training" in _ONLY.value:
     from teacherlm_jax.benchmarks import training
@@ -86,4 +91,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.FLAGS.set_default("cpu_devices", min(8, os.cpu_count() or 1))
   app.run(main)

@@ -178,12 +178,15 @@ def test_kill_9_then_resume_yields_each_id_exactly_once(workdir, reference):
 
 
 def test_two_processes_annotate_halves_whose_merge_equals_one_process(workdir, reference):
+  # Each process decodes on a tensor mesh over its own 2 CPU devices (--cpu_devices), as each
+  # host of a pod drives its local chips.
   output = workdir[0] / "two"
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   processes = [_script(workdir, output, f"--coordinator_address=127.0.0.1:{port}",
-                       "--num_processes=2", f"--process_id={i}") for i in range(2)]
+                       "--num_processes=2", f"--process_id={i}", "--cpu_devices=2",
+                       "--gin.annotate.mesh_shape=(1, 1, 2)") for i in range(2)]
   for p in processes:
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out

@@ -8,6 +8,13 @@ samples/s, and the fraction of the memory-bandwidth bound (bytes a step must rea
 plus the KV cache, read once at the speed `read_bandwidth` measures for that many bytes) that
 our decoding reaches.
 
+With more than one JAX device (on CPU: `--cpu_devices`, one device per core) ours also runs on a
+tensor mesh over them (heads, MLP columns and vocabulary split; the same `Decoder` the
+annotation engine runs with `annotate.mesh_shape=(1, 1, N)`), timed in the same alternating loop
+as the one-device run and `generate`. Why: XLA:CPU runs each of a batch-32 step's small matmuls
+on one core, where PyTorch's oneDNN uses all of them; the mesh is how JAX spreads one step over
+cores, as it spreads it over TPU chips.
+
 `precision='bfloat16'` runs both with bf16 weights and activations (ours imported with dtype
 and param_dtype bfloat16, theirs `.to(torch.bfloat16)`; our KV cache is `Decoder.cache_dtype`,
 float32 on CPU); tokens then need not agree between the two, the counts do.
@@ -40,13 +47,18 @@ def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
 
 def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1, 32),
                        max_new_tokens: int = None, repeats: int = None,
-                       precision: str = "float32") -> List[Dict]:
-  """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
+                       precision: str = "float32", tensor_devices: int = None) -> List[Dict]:
+  """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py.
+
+  tensor_devices: size of the tensor mesh for the extra rows (default: the most devices, up to
+  all of them, that divide the head count; 1 = no mesh rows).
+  """
   import jax
   import torch
   import transformers
 
   from teacherlm_jax import decoding
+  from teacherlm_jax import partitioning
   from teacherlm_jax.models import hf
 
   suffix = timing.precision_suffix(precision)
@@ -68,7 +80,14 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
     torch_model.save_pretrained(directory)
     config, model = hf.import_checkpoint(directory, dtype=precision, param_dtype=precision)
   torch_model = torch_model.to(getattr(torch, precision))
-  decoder = decoding.Decoder(model, eos_id=-1)
+  decoders = {"": decoding.Decoder(model, eos_id=-1)}  # Metric suffix -> decoder.
+  devices = jax.devices()
+  if tensor_devices is None:
+    tensor_devices = max(t for t in range(1, len(devices) + 1) if shape["n_head"] % t == 0)
+  if tensor_devices > 1:
+    mesh = partitioning.make_mesh(1, 1, tensor_devices, devices=devices[:tensor_devices])
+    decoders[f", tensor={tensor_devices} mesh"] = decoding.Decoder(model, eos_id=-1, mesh=mesh)
+  decoder = decoders[""]
   sampling = decoding.SamplingConfig(max_new_tokens=max_new_tokens)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.state))
   results = {}
@@ -90,41 +109,47 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
                                    min_new_tokens=max_new_tokens, pad_token_id=3)
       assert out.shape[1] == width + max_new_tokens
 
-    def ours():
+    def ours(decoder):
       generations = decoder.generate(prompts, sampling)
       assert all(g.num_tokens == max_new_tokens for g in generations)
 
-    ours()  # compile
-    theirs()  # warm up
-    ours_s, theirs_s = timing.best_times([ours, theirs], repeats)
+    ours_fns = [lambda d=d: ours(d) for d in decoders.values()]
+    for fn in ours_fns:
+      fn()  # Compile.
+    theirs()  # Warm up.
+    *ours_times, theirs_s = timing.best_times(ours_fns + [theirs], repeats)
     generated = batch * max_new_tokens
-    results[batch] = (generated / ours_s, generated / theirs_s)
-    rows.append({"benchmark": "decoding", "metric": f"generated tokens/s, batch {batch}{suffix}",
-                 "ours": generated / ours_s, "pytorch": generated / theirs_s,
-                 "ratio": theirs_s / ours_s,
-                 "notes": f"bloom d={shape['hidden_size']} L={shape['n_layer']} "
-                          f"V={shape['vocab_size']}, greedy, {max_new_tokens} new tokens, "
-                          f"prompts 16-48, load avg {os.getloadavg()[0]:.1f} on "
-                          f"{os.cpu_count()} cpus, {precision}"})
-    if not device:
-      cache_length = decoding.bucket_length(width) + max_new_tokens
-      kv_bytes = (2 * config.num_layers * batch * cache_length * config.hidden_size
-                  * decoder.cache_dtype.itemsize)
-      bandwidth = read_bandwidth(param_bytes + kv_bytes)
-      bound = batch * bandwidth / (param_bytes + kv_bytes)
+    cache_length = decoding.bucket_length(width) + max_new_tokens
+    kv_bytes = (2 * config.num_layers * batch * cache_length * config.hidden_size
+                * decoder.cache_dtype.itemsize)
+    bandwidth = None if device else read_bandwidth(param_bytes + kv_bytes)
+    for side, ours_s in zip(decoders, ours_times):
+      results[batch, side] = (generated / ours_s, generated / theirs_s)
       rows.append({"benchmark": "decoding",
-                   "metric": f"fraction of bandwidth bound, batch {batch}{suffix}",
-                   "ours": (generated / ours_s) / bound, "pytorch": (generated / theirs_s) / bound,
-                   "ratio": "",
-                   "notes": f"bound {bound:.0f} tok/s = read bandwidth {bandwidth / 1e9:.1f} GB/s "
-                            f"/ ({param_bytes / 1e6:.0f} MB params + KV) x batch"})
-  if 1 in results and max(batch_sizes) > 1:
+                   "metric": f"generated tokens/s, batch {batch}{side}{suffix}",
+                   "ours": generated / ours_s, "pytorch": generated / theirs_s,
+                   "ratio": theirs_s / ours_s,
+                   "notes": f"bloom d={shape['hidden_size']} L={shape['n_layer']} "
+                            f"V={shape['vocab_size']}, greedy, {max_new_tokens} new tokens, "
+                            f"prompts 16-48, load avg {os.getloadavg()[0]:.1f} on "
+                            f"{os.cpu_count()} cpus, {precision}"})
+      if bandwidth:
+        bound = batch * bandwidth / (param_bytes + kv_bytes)
+        rows.append({"benchmark": "decoding",
+                     "metric": f"fraction of bandwidth bound, batch {batch}{side}{suffix}",
+                     "ours": (generated / ours_s) / bound,
+                     "pytorch": (generated / theirs_s) / bound, "ratio": "",
+                     "notes": f"bound {bound:.0f} tok/s = read bandwidth "
+                              f"{bandwidth / 1e9:.1f} GB/s / ({param_bytes / 1e6:.0f} MB params "
+                              "+ KV) x batch"})
+  if 1 in batch_sizes and max(batch_sizes) > 1:
     big = max(batch_sizes)
-    ours_samples = results[big][0] / max_new_tokens
-    reference_samples = results[1][1] / max_new_tokens
-    rows.append({"benchmark": "decoding",
-                 "metric": f"samples/s vs reference (HF, batch 1){suffix}",
-                 "ours": ours_samples, "pytorch": reference_samples,
-                 "ratio": ours_samples / reference_samples,
-                 "notes": f"ours at batch {big}; target >= 10x"})
+    reference_samples = results[1, ""][1] / max_new_tokens
+    for side in decoders:
+      ours_samples = results[big, side][0] / max_new_tokens
+      rows.append({"benchmark": "decoding",
+                   "metric": f"samples/s vs reference (HF, batch 1){side}{suffix}",
+                   "ours": ours_samples, "pytorch": reference_samples,
+                   "ratio": ours_samples / reference_samples,
+                   "notes": f"ours at batch {big}; target >= 10x"})
   return rows
