@@ -37,6 +37,7 @@ from teacherlm_jax import metrics as metrics_lib
 from teacherlm_jax import optimizer as optimizer_lib
 from teacherlm_jax import partitioning
 from teacherlm_jax.models import checkpoint_io
+from teacherlm_jax.models import matmul
 from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
 
@@ -161,7 +162,7 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, mesh,
-                    state_shardings, batch_sharding):
+                    state_shardings, batch_sharding, compiler_options: Optional[dict] = None):
   """jit(state, batch) -> (state, metrics), state donated, shardings explicit."""
 
   def step_fn(state, batch):
@@ -182,7 +183,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
 
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, partitioning.replicated(mesh)),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=compiler_options or None)
 
   def run(state, batch):
     with partitioning.activate(mesh):  # constrain() applies while tracing.
@@ -336,7 +337,10 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
       tx=tx, schedule=schedule, param_sh=param_sh, opt_sh=opt_sh, state_sh=state_sh,
       abstract_state=abstract_state, init_params=init_params,
       init_opt_state=jax.jit(tx.init, out_shardings=opt_sh),
-      train_step=make_train_step(graphdef, tx, z_loss, mesh, state_sh, batch_sh),
+      train_step=make_train_step(
+          graphdef, tx, z_loss, mesh, state_sh, batch_sh,
+          matmul.large_matmul_compiler_options(model_config.compute_dtype,
+                                               mesh.devices.flat[0].platform)),
       eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh))
 
 

@@ -92,6 +92,18 @@ def test_matmul_einsum_gradient_is_autodiffs_in_float32(spec, a_shape, b_shape):
     matmul.einsum("ab,bc->c", a[0], b)  # 'a' is summed inside one operand: not a matmul.
 
 
+def test_large_matmul_options_route_float32_cpu_dots_through_onednn():
+  # The trainer compiles its step with these options; a jaxlib that drops the flags or its
+  # oneDNN fusions fails here rather than silently losing the speed-up.
+  x, w = jnp.ones((64, 32), jnp.float32), jnp.ones((32, 16), jnp.float32)
+  options = matmul.large_matmul_compiler_options(jnp.float32, "cpu")
+  compiled = jax.jit(lambda x, w: jnp.tanh(x @ w), compiler_options=options).lower(x, w).compile()
+  assert "onednn_fusion" in compiled.as_text()
+  np.testing.assert_allclose(compiled(x, w), np.tanh(np.ones((64, 16)) * 32), rtol=1e-6)
+  assert matmul.large_matmul_compiler_options(jnp.bfloat16, "cpu") == {}
+  assert matmul.large_matmul_compiler_options(jnp.float32, "tpu") == {}
+
+
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-llama"])
 def test_bfloat16_training_runs_every_weight_matmul_on_bfloat16_operands(name):
   # Plain autodiff of a float32-accumulating dot promotes the bf16 operand in the backward
