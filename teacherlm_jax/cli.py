@@ -8,10 +8,11 @@
                                   TEACHERLM_NUM_PROCESSES, TEACHERLM_PROCESS_ID)
   --cpu_devices=N                 split the host CPU into N JAX devices (a mesh over cores)
 
-`run(main)` splits the `--gin.X=` arguments off before absl parses flags and passes them to
-`main(argv, gin_bindings)` (after applying --cpu_devices); `parse(files, bindings)` parses everything and turns gin's errors
-into one message that says which binding to fix; `initialize_distributed()` starts JAX's
-multi-process runtime when the flags or environment ask for it.
+`run(main)` splits the `--gin.X=` arguments off before absl parses flags, applies
+--cpu_devices and passes them to `main(argv, gin_bindings)`; `parse(files, bindings)` parses
+everything and turns gin's errors into one message that says which binding to fix;
+`initialize_distributed()` starts JAX's multi-process runtime when the flags or environment
+ask for it.
 """
 from __future__ import annotations
 
