@@ -2,6 +2,7 @@
 compute stays close to float32, runs on CPU under every remat policy, and does every weight matmul,
 backward included, on bf16 operands."""
 import functools
+import re
 
 import jax
 import jax.extend
@@ -92,6 +93,35 @@ def test_matmul_einsum_gradient_is_autodiffs_in_float32(spec, a_shape, b_shape):
     matmul.einsum("ab,bc->c", a[0], b)  # 'a' is summed inside one operand: not a matmul.
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("spec,a_shape,b_shape", [
+    ("bld,blf->df", (2, 3, 4), (2, 3, 5)), ("bld,blf->fd", (2, 3, 4), (2, 3, 5)),
+    ("blf,df->bld", (2, 3, 5), (4, 5)), ("abcd,cde->abe", (2, 3, 4, 5), (4, 5, 6)),
+    ("lbd,blf->df", (3, 2, 4), (2, 3, 5)), ("blkgd,bksd->bkgls", (2, 3, 2, 1, 4), (2, 2, 5, 4))])
+def test_matmul_product_is_the_float32_einsum(spec, a_shape, b_shape, dtype):
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal(a_shape), dtype)
+  b = jnp.asarray(rng.standard_normal(b_shape), dtype)
+  got = matmul.product(spec, a, b)
+  assert got.dtype == jnp.float32
+  want = np.einsum(spec, np.asarray(a, np.float32), np.asarray(b, np.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_weight_gradient_copies_no_activation():
+  # The weight gradient contracts the token axes; as a 2-D dot the GEMM reads the activation
+  # transposed in place, where einsum made XLA copy it transposed first (a quarter of the
+  # profiled float32 train step on CPU).
+  x, w = jnp.ones((4, 64, 32), jnp.float32), jnp.ones((32, 48), jnp.float32)
+  loss = lambda x, w: jnp.sum(jnp.tanh(matmul.einsum("bld,df->blf", x, w)))
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+  moves = re.findall(r"= \S+ (transpose|copy)\(", hlo)
+  assert not moves, moves
+  einsum_hlo = jax.jit(lambda x, g: jnp.einsum("bld,blf->df", x, g)).lower(
+      x, jnp.ones((4, 64, 48))).compile().as_text()
+  assert re.findall(r"= \S+ (transpose|copy)\(", einsum_hlo)  # What product() avoids.
+
+
 def test_large_matmul_options_route_float32_cpu_dots_through_onednn():
   # The trainer compiles its step with these options; a jaxlib that drops the flags or its
   # oneDNN fusions fails here rather than silently losing the speed-up.
@@ -100,6 +130,16 @@ def test_large_matmul_options_route_float32_cpu_dots_through_onednn():
   compiled = jax.jit(lambda x, w: jnp.tanh(x @ w), compiler_options=options).lower(x, w).compile()
   assert "onednn_fusion" in compiled.as_text()
   np.testing.assert_allclose(compiled(x, w), np.tanh(np.ones((64, 16)) * 32), rtol=1e-6)
+  # A dot scaled by a broadcast operand: what oneDNN's DOT fusion type miscomputes (~1e4 off).
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((128, 1000), np.float32), rng.standard_normal((1000, 64), np.float32)
+  scaled = {"times a constant": lambda a, b: 0.125 * (a @ b),
+            "over a constant": lambda a, b: (a @ b) / np.float32(8.0),
+            "times a runtime scalar": lambda a, b: jnp.sum(a[0, :1]) * (a @ b),
+            "times a row": lambda a, b: (a @ b) * b[0]}
+  for name, fn in scaled.items():
+    np.testing.assert_allclose(jax.jit(fn, compiler_options=options)(a, b), fn(a, b),
+                               rtol=1e-4, atol=1e-3, err_msg=name)
   assert matmul.large_matmul_compiler_options(jnp.bfloat16, "cpu") == {}
   assert matmul.large_matmul_compiler_options(jnp.float32, "tpu") == {}
 

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _parse(spec: str):
@@ -46,9 +47,12 @@ def batched_operand_dtype(dtype, platform: str) -> jnp.dtype:
 
 
 # XLA:CPU debug options: dots through oneDNN (the library PyTorch's CPU matmuls use) rather
-# than YNNPACK, which otherwise claims every dot fusion; YNNPACK keeps the reductions.
+# than YNNPACK, which otherwise claims every dot fusion; YNNPACK keeps the reductions. Each dot
+# alone (INDIVIDUAL_DOT): oneDNN's DOT fusion type also folds a following multiply or divide by
+# a broadcast operand into the GEMM, and this jaxlib computes that wrongly (`0.125 * (a @ b)`
+# off by ~1e4, `scores / sqrt(d)` alike; the chunked loss's gradient scaling hit it).
 _ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
-                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
                 "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
@@ -80,6 +84,47 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return _einsum(spec, a, b)
 
 
+def product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """jnp.einsum(spec, a, b) accumulated in float32; float32 operands as one 2-D dot where the
+  axes allow it.
+
+  A weight gradient contracts the token axes (b, l), the leading axes of both operands. As an
+  einsum, XLA:CPU first copies one operand transposed into a fresh buffer (the [2048, 32000]
+  logits gradient, or a [2048, 2048] MLP activation fused with its GELU gradient: a quarter of
+  the profiled BLOOM-42M float32 train step); as a 2-D dot over the flattened token axis, the
+  GEMM (oneDNN) reads the operand transposed in place. Not for bf16 operands: XLA:CPU's bf16
+  GEMMs (YNNPACK) do not take a transposed operand, and the step ran at 0.89x. Applies when
+  each operand is its contracted axes followed or preceded by its kept axes and the output is
+  the kept axes of one operand then the other's.
+  """
+  a_axes, b_axes, out_axes = _parse(spec)
+  contracted = "".join(axis for axis in a_axes if axis in b_axes and axis not in out_axes)
+  a_kept = "".join(axis for axis in a_axes if axis not in contracted)
+  b_kept = "".join(axis for axis in b_axes if axis not in contracted)
+  blocked = lambda axes, kept: axes in (contracted + kept, kept + contracted)
+  if (a.dtype != jnp.float32 or b.dtype != jnp.float32
+      or out_axes not in (a_kept + b_kept, b_kept + a_kept) or set(a_kept) & set(b_kept)
+      or not blocked(a_axes, a_kept) or not blocked(b_axes, b_kept)):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  if out_axes == b_kept + a_kept:  # Swap the operands rather than transpose the product.
+    a, b, a_axes, b_axes, a_kept, b_kept = b, a, b_axes, a_axes, b_kept, a_kept
+
+  def as_matrix(x, axes, kept):
+    """x as [contracted, kept] or [kept, contracted]; and which of its axes is contracted."""
+    sizes = dict(zip(axes, x.shape))
+    size = lambda names: int(np.prod([sizes[name] for name in names]))
+    if axes.startswith(contracted):
+      return x.reshape(size(contracted), size(kept)), 0
+    return x.reshape(size(kept), size(contracted)), 1
+
+  a_matrix, a_contracted = as_matrix(a, a_axes, a_kept)
+  b_matrix, b_contracted = as_matrix(b, b_axes, b_kept)
+  matrix = jax.lax.dot_general(a_matrix, b_matrix, (((a_contracted,), (b_contracted,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+  sizes = dict(zip(a_axes, a.shape)) | dict(zip(b_axes, b.shape))
+  return matrix.reshape([sizes[axis] for axis in out_axes])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
@@ -93,10 +138,8 @@ def _backward(spec, residuals, out_grad):
   a, b = residuals
   a_axes, b_axes, out_axes = _parse(spec)
   grad = out_grad.astype(jnp.promote_types(a.dtype, b.dtype))
-  a_grad = jnp.einsum(f"{out_axes},{b_axes}->{a_axes}", grad, b,
-                      preferred_element_type=jnp.float32)
-  b_grad = jnp.einsum(f"{a_axes},{out_axes}->{b_axes}", a, grad,
-                      preferred_element_type=jnp.float32)
+  a_grad = product(f"{out_axes},{b_axes}->{a_axes}", grad, b)
+  b_grad = product(f"{a_axes},{out_axes}->{b_axes}", a, grad)
   return a_grad.astype(a.dtype), b_grad.astype(b.dtype)
 
 
