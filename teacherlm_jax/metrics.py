@@ -1,8 +1,10 @@
 """Training loss, accuracy, FLOP counting, measured matmul peak, and metric writers.
 
 `loss_and_metrics` is the one loss of every stage (cross entropy over weighted target tokens,
-optional z-loss). `MetricsWriter` sends scalars to TensorBoard, a JSONL file and the console, and
-writes nothing on processes other than 0 (every process computes the same global values).
+optional z-loss); the train and eval steps compute the same sums from the hidden states in
+sequence chunks (models/head_loss.py), never holding the whole logits. `MetricsWriter` sends
+scalars to TensorBoard, a JSONL file and the console, and writes nothing on processes other than
+0 (every process computes the same global values).
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from teacherlm_jax import metrics as metrics_lib
 from teacherlm_jax import optimizer as optimizer_lib
 from teacherlm_jax import partitioning
 from teacherlm_jax.models import checkpoint_io
+from teacherlm_jax.models import head_loss
 from teacherlm_jax.models import matmul
 from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
@@ -161,17 +162,23 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
 # Steps.
 
 
+def _loss_and_metrics(model, batch, z_loss: float):
+  """`metrics.loss_and_metrics` of the model on the batch, the head and loss in sequence
+  chunks (models/head_loss.py: no whole [batch, length, vocab] logits)."""
+  hidden, _ = model(batch["tokens"], segment_ids_BxL=batch["segment_ids"],
+                    positions_BxL=batch["positions"], return_hidden=True)
+  x, head, vocab_major = model.head_operands(hidden)
+  return head_loss.head_loss(x, head, batch["targets"], batch["loss_weights"],
+                             vocab_major=vocab_major, z_loss=z_loss)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, mesh,
                     state_shardings, batch_sharding, compiler_options: Optional[dict] = None):
   """jit(state, batch) -> (state, metrics), state donated, shardings explicit."""
 
   def step_fn(state, batch):
     def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      logits, _ = model(batch["tokens"], segment_ids_BxL=batch["segment_ids"],
-                        positions_BxL=batch["positions"])
-      return metrics_lib.loss_and_metrics(logits, batch["targets"], batch["loss_weights"],
-                                          z_loss)
+      return _loss_and_metrics(nnx.merge(graphdef, params), batch, z_loss)
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -193,10 +200,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
 
 def make_eval_step(graphdef, mesh, param_shardings, batch_sharding):
   def eval_fn(params, batch):
-    model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["tokens"], segment_ids_BxL=batch["segment_ids"],
-                      positions_BxL=batch["positions"])
-    return metrics_lib.loss_and_metrics(logits, batch["targets"], batch["loss_weights"])[1]
+    return _loss_and_metrics(nnx.merge(graphdef, params), batch, 0.0)[1]
 
   jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
                    out_shardings=partitioning.replicated(mesh))

@@ -296,24 +296,31 @@ class DecoderLM(nnx.Module):
       x = x + jnp.take(table, positions_BxL + 2, axis=0, mode="clip").astype(cfg.compute_dtype)
     return partitioning.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
-  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+  def head_operands(self, x_BxLxD: jax.Array) -> Tuple[jax.Array, jax.Array, bool]:
+    """(the head's inputs, its weights, vocab_major): final norm (and OPT's projection)
+    applied, both in the compute dtype; the weights are the [vocab, embed] embedding table
+    when tied (vocab_major), else the [embed, vocab] lm_head."""
     cfg = self.config
     if cfg.has_final_norm:
       x_BxLxD = self.final_norm(x_BxLxD)
     if cfg.family == "opt" and cfg.embed_dim != cfg.hidden_size:
       x_BxLxD = self.project_out(x_BxLxD)
-    x_BxLxD = x_BxLxD.astype(cfg.compute_dtype)
-    if cfg.tie_word_embeddings:
-      head_VxE = self.token_embedding[...].astype(cfg.compute_dtype)
+    head = self.token_embedding if cfg.tie_word_embeddings else self.lm_head
+    return (x_BxLxD.astype(cfg.compute_dtype), head[...].astype(cfg.compute_dtype),
+            cfg.tie_word_embeddings)
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    x_BxLxD, head, vocab_major = self.head_operands(x_BxLxD)
+    if vocab_major:
       if x_BxLxD.shape[0] * x_BxLxD.shape[1] == 1:
         # One row (batch-1 decoding): with the table as the left operand XLA:CPU runs a
         # matrix-vector product; the other order it rewrote into a multiply-reduce loop with
         # the final norm fused in, 1.4x slower on the largest read of the step.
-        logits = jnp.moveaxis(matmul.einsum("vd,bld->vbl", head_VxE, x_BxLxD), 0, -1)
+        logits = jnp.moveaxis(matmul.einsum("vd,bld->vbl", head, x_BxLxD), 0, -1)
       else:
-        logits = matmul.einsum("bld,vd->blv", x_BxLxD, head_VxE)
+        logits = matmul.einsum("bld,vd->blv", x_BxLxD, head)
     else:
-      logits = matmul.einsum("bld,dv->blv", x_BxLxD, self.lm_head[...].astype(cfg.compute_dtype))
+      logits = matmul.einsum("bld,dv->blv", x_BxLxD, head)
     return partitioning.constrain(logits, ("activation_batch", "activation_length",
                                            "activation_vocab"))
 

@@ -1,0 +1,105 @@
+"""The chunked LM head + cross entropy against the whole-logits loss it replaces."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from teacherlm_jax import metrics
+from teacherlm_jax.models import head_loss
+from teacherlm_jax.models import matmul
+
+B, L, D, V = 2, 12, 8, 50
+
+
+def _inputs(dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((B, L, D)), dtype)
+  table = jnp.asarray(rng.standard_normal((V, D)), dtype)
+  targets = jnp.asarray(rng.integers(0, V, (B, L)))
+  weights = jnp.asarray((rng.random((B, L)) > 0.3).astype(np.float32))
+  return x, table, targets, weights
+
+
+@pytest.mark.parametrize("vocab_major", [True, False])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_chunked_loss_sums_and_gradients_equal_the_whole_logits(vocab_major, z_loss):
+  x, table, targets, weights = _inputs()
+  head = table if vocab_major else table.T
+  spec = "bld,vd->blv" if vocab_major else "bld,dv->blv"
+
+  def whole(x, head):
+    logits = jnp.einsum(spec, x, head, preferred_element_type=jnp.float32)
+    return metrics.loss_and_metrics(logits, targets, weights, z_loss)
+
+  def chunked(x, head):  # Three positions (6 tokens) a chunk: four chunks.
+    return head_loss.head_loss(x, head, targets, weights, vocab_major=vocab_major,
+                               z_loss=z_loss, chunk_bytes=3 * B * V * 4)
+
+  (loss, sums), grads = jax.value_and_grad(whole, (0, 1), has_aux=True)(x, head)
+  (chunked_loss, chunked_sums), chunked_grads = jax.value_and_grad(chunked, (0, 1),
+                                                                   has_aux=True)(x, head)
+  forward_loss, forward_sums = jax.jit(chunked)(x, head)  # Not differentiated.
+  np.testing.assert_allclose(chunked_loss, loss, rtol=1e-6)
+  np.testing.assert_allclose(forward_loss, loss, rtol=1e-6)
+  for name in sums:
+    np.testing.assert_allclose(chunked_sums[name], sums[name], rtol=1e-5)
+    np.testing.assert_allclose(forward_sums[name], sums[name], rtol=1e-5)
+  for got, want in zip(chunked_grads, grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_operands_give_bfloat16_gradients_near_float32():
+  x, table, targets, weights = _inputs(jnp.bfloat16)
+  loss = lambda x, head: head_loss.head_loss(x, head, targets, weights, vocab_major=True)[0]
+  grads = jax.grad(loss, (0, 1))(x, table)
+  assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+  exact = jax.grad(loss, (0, 1))(x.astype(jnp.float32), table.astype(jnp.float32))
+  for got, want in zip(grads, exact):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05, atol=2e-3)
+
+
+def test_chunk_length_is_the_longest_divisor_that_fits():
+  # BLOOM-42M in the benchmark: vocab 32,000, batch 8, 32 MiB -> 32 positions.
+  assert head_loss.chunk_length(8, 256, 32000, 32 * 2 ** 20) == 32
+  assert head_loss.chunk_length(2, 12, 50, 5 * 2 * 50 * 4) == 4  # 5 fit; 4 divides 12.
+  assert head_loss.chunk_length(8, 7, 250880, 1) == 1  # Never less than one position.
+
+
+def test_the_train_step_never_holds_the_whole_logits():
+  # The point of chunking: the compiled gradient's scratch memory stays below one copy of the
+  # [batch, length, vocab] float32 logits, which the whole-logits loss needs several of.
+  b, l, d, v = 4, 64, 16, 8192
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((b, l, d)), jnp.float32)
+  table = jnp.asarray(rng.standard_normal((v, d)), jnp.float32) * 0.1
+  targets = jnp.asarray(rng.integers(0, v, (b, l)))
+  weights = jnp.ones((b, l), jnp.float32)
+  logits_bytes = b * l * v * 4
+
+  def scratch(loss_fn):
+    grad = jax.jit(jax.grad(loss_fn, (0, 1)))
+    return grad.lower(x, table).compile().memory_analysis().temp_size_in_bytes
+
+  chunked = scratch(lambda x, t: head_loss.head_loss(
+      x, t, targets, weights, vocab_major=True, chunk_bytes=logits_bytes // 16)[0])
+  whole = scratch(lambda x, t: metrics.loss_and_metrics(
+      jnp.einsum("bld,vd->blv", x, t), targets, weights)[0])
+  assert whole >= logits_bytes
+  assert chunked < logits_bytes / 2
+
+
+def test_gradients_hold_under_the_train_steps_compiler_options():
+  # The train step compiles with matmul.large_matmul_compiler_options (oneDNN dots on CPU);
+  # with oneDNN's DOT fusion type the gradient scaling in this loss's backward was folded into
+  # the GEMM and came out wrong (one chunk: d hidden off by 0.17), and the tiny teacher stopped
+  # learning.
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((4, 32, 64)), jnp.float32)
+  table = jnp.asarray(rng.standard_normal((1000, 64)), jnp.float32) * 0.1
+  targets, weights = jnp.asarray(rng.integers(0, 1000, (4, 32))), jnp.ones((4, 32), jnp.float32)
+  loss = lambda x, t: head_loss.head_loss(x, t, targets, weights, vocab_major=True)[0]
+  options = matmul.large_matmul_compiler_options(jnp.float32, jax.default_backend())
+  got = jax.jit(jax.grad(loss, (0, 1)), compiler_options=options or None)(x, table)
+  want = jax.jit(jax.grad(loss, (0, 1)))(x, table)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
