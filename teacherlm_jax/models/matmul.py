@@ -60,7 +60,8 @@ def large_matmul_compiler_options(dtype, platform: str) -> dict:
   """`jax.jit(compiler_options=...)` for a step of large `dtype` matmuls (training) on `platform`.
 
   On CPU, float32 dots of thousands of rows run faster through oneDNN: the BLOOM-42M float32
-  train step took 1.06-1.15x less time in three same-process A/Bs, losses equal to 1e-6. Not
+  train step took 1.06-1.15x less time in three same-process A/Bs, losses equal to 1e-6 (with
+  the DOT fusion type; each dot alone measured within noise of it, 443 vs 471 tokens/s). Not
   for bf16 (oneDNN's path there ran the step at 0.65x of YNNPACK's AMX kernels) nor for decode
   steps (32-row products: the LM head 4x slower through oneDNN).
   """
