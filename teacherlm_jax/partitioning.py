@@ -92,6 +92,20 @@ def active_mesh() -> Optional[Mesh]:
   return active[0] if active else None
 
 
+def shard_count(names: Sequence[Optional[str]]) -> int:
+  """How many pieces an array with logical axes `names` is split into on the active mesh (1
+  with none): the divisor from a whole array's size to one device's part."""
+  active = getattr(_state, "active", None)
+  if active is None:
+    return 1
+  mesh, rules = active
+  count = 1
+  for entry in logical_to_spec(names, rules, mesh):
+    for axis in (entry,) if isinstance(entry, str) else entry or ():
+      count *= mesh.shape[axis]
+  return count
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
   """`with_sharding_constraint` by logical names; identity when no mesh is active."""
   active = getattr(_state, "active", None)

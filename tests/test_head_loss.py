@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from teacherlm_jax import metrics
+from teacherlm_jax import partitioning
 from teacherlm_jax.models import head_loss
 from teacherlm_jax.models import matmul
 
@@ -103,3 +104,21 @@ def test_gradients_hold_under_the_train_steps_compiler_options():
   want = jax.jit(jax.grad(loss, (0, 1)))(x, table)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_chunks_are_sized_per_device_on_a_mesh():
+  # The logits are split over the mesh's batch (data, fsdp) and vocabulary (tensor) axes, so
+  # the chunk budget counts one device's part: 8 devices hold 8x the positions a chunk.
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  with partitioning.activate(mesh):
+    assert partitioning.shard_count(head_loss._LOGITS_AXES) == 8
+  assert partitioning.shard_count(head_loss._LOGITS_AXES) == 1  # No mesh active.
+  x, table, targets, weights = _inputs()
+  loss = lambda x, t: head_loss.head_loss(x, t, targets, weights, vocab_major=True,
+                                          chunk_bytes=B * V * 4)[0]  # One position a device.
+  want = jax.value_and_grad(loss, (0, 1))(x, table)
+  with partitioning.activate(mesh):
+    got = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, table)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -24,10 +24,13 @@ import jax.numpy as jnp
 from teacherlm_jax import partitioning
 from teacherlm_jax.models import matmul
 
-# The most float32 logits one chunk holds; the chunk is the longest run of positions (a divisor
-# of the length) whose batch x positions x vocab logits fit. 32 MiB: BLOOM-42M (vocab 32,000,
-# batch 8) takes 32 positions a chunk, 256 tokens in each head matmul.
+# The most float32 logits one chunk holds on one device; the chunk is the longest run of
+# positions (a divisor of the length) whose batch x positions x vocab logits fit, counted per
+# device (the logits are split over the mesh's batch and vocabulary axes). 32 MiB: BLOOM-42M
+# on one CPU device (vocab 32,000, batch 8) takes 32 positions a chunk, 256 tokens in each
+# head matmul.
 DEFAULT_CHUNK_BYTES = 32 * 2 ** 20
+_LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def chunk_length(batch: int, length: int, vocab: int, chunk_bytes: int) -> int:
@@ -47,7 +50,7 @@ def head_loss(x_BxLxD: jax.Array, head: jax.Array, targets_BxL: jax.Array,
     targets_BxL, weights_BxL: target ids and loss weights.
     vocab_major: the layout of `head`.
     z_loss: weight of log(Z)^2.
-    chunk_bytes: the most float32 logits one chunk holds.
+    chunk_bytes: the most float32 logits one chunk holds on one device.
 
   Returns:
     (loss, sums) as `metrics.loss_and_metrics`: sums = {'loss_sum', 'z_loss_sum', 'correct',
@@ -55,7 +58,7 @@ def head_loss(x_BxLxD: jax.Array, head: jax.Array, targets_BxL: jax.Array,
   """
   b, l, _ = x_BxLxD.shape
   vocab = head.shape[0 if vocab_major else 1]
-  chunk = chunk_length(b, l, vocab, chunk_bytes)
+  chunk = chunk_length(b, l, vocab, chunk_bytes * partitioning.shard_count(_LOGITS_AXES))
   weights = weights_BxL.astype(jnp.float32)
   objective, nll_sum, z_sum, correct = _chunked(vocab_major, float(z_loss), chunk, x_BxLxD,
                                                 head, targets_BxL.astype(jnp.int32), weights)
@@ -75,8 +78,7 @@ def _chunk_sums(vocab_major, z_loss, x_BxCxD, head, targets_BxC, weights_BxC, gr
   """One chunk's (objective, nll, z, correct) sums, and d logits when `grads`."""
   spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
   logits = jnp.einsum(spec, x_BxCxD, head, preferred_element_type=jnp.float32)
-  logits = partitioning.constrain(logits, ("activation_batch", "activation_length",
-                                           "activation_vocab"))
+  logits = partitioning.constrain(logits, _LOGITS_AXES)
   max_logit = jnp.max(logits, axis=-1)
   shifted = jnp.exp(logits - max_logit[..., None])
   partition = jnp.sum(shifted, axis=-1)
