@@ -21,6 +21,7 @@ from typing import Dict, Tuple
 import jax
 import jax.numpy as jnp
 
+from teacherlm_jax import metrics
 from teacherlm_jax import partitioning
 from teacherlm_jax.models import matmul
 
@@ -79,23 +80,15 @@ def _chunk_sums(vocab_major, z_loss, x_BxCxD, head, targets_BxC, weights_BxC, gr
   spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
   logits = jnp.einsum(spec, x_BxCxD, head, preferred_element_type=jnp.float32)
   logits = partitioning.constrain(logits, _LOGITS_AXES)
-  max_logit = jnp.max(logits, axis=-1)
-  shifted = jnp.exp(logits - max_logit[..., None])
-  partition = jnp.sum(shifted, axis=-1)
-  log_z = max_logit + jnp.log(partition)
-  # The target logit as a masked sum, not a gather (see metrics.loss_and_metrics).
-  is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == targets_BxC[..., None]
-  target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-  nll = jnp.sum((log_z - target_logit) * weights_BxC)
-  z = jnp.sum(jnp.square(log_z) * weights_BxC)
-  correct = jnp.sum((target_logit >= max_logit) * weights_BxC)
-  sums = (nll + z_loss * z, nll, z, correct)
+  terms = metrics.cross_entropy_terms(logits, targets_BxC, weights_BxC)
+  sums = (terms["nll_sum"] + z_loss * terms["z_sum"], terms["nll_sum"], terms["z_sum"],
+          terms["correct"])
   if not grads:
     return sums, None
   # d(nll + z_loss * log_z^2) / d logits = softmax * (1 + 2 z_loss log_z) - onehot, weighted.
-  softmax = shifted / partition[..., None]
-  scale = (weights_BxC * (1.0 + 2.0 * z_loss * log_z))[..., None]
-  d_logits = (softmax * scale - jnp.where(is_target, weights_BxC[..., None], 0.0))
+  softmax = terms["shifted"] / terms["partition"][..., None]
+  scale = (weights_BxC * (1.0 + 2.0 * z_loss * terms["log_z"]))[..., None]
+  d_logits = softmax * scale - jnp.where(terms["is_target"], weights_BxC[..., None], 0.0)
   return sums, d_logits.astype(x_BxCxD.dtype)
 
 
