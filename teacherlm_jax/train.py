@@ -89,6 +89,10 @@ class TrainConfig:
   clip_norm: float = 1.0
   grad_accum_steps: int = 1
   z_loss: float = 0.0
+  # The LM head and loss run in sequence chunks of at least this many tokens a device
+  # (models/head_loss.py): fewer re-read the head's weights more than they compute with them;
+  # more hold more float32 logits (1024 x BLOOM's 250,880-token vocabulary: 1 GiB).
+  loss_chunk_tokens: int = head_loss.MIN_CHUNK_TOKENS
   # Loop.
   num_steps: int = 100
   log_every: int = 10
@@ -120,7 +124,8 @@ class TrainConfig:
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"TrainConfig.compute_dtype={self.compute_dtype!r}: expected 'float32' "
                        "or 'bfloat16'")
-    for name in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints"):
+    for name in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints",
+                 "loss_chunk_tokens"):
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
 
@@ -162,23 +167,26 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
 # Steps.
 
 
-def _loss_and_metrics(model, batch, z_loss: float):
+def _loss_and_metrics(model, batch, z_loss: float, chunk_tokens: int):
   """`metrics.loss_and_metrics` of the model on the batch, the head and loss in sequence
-  chunks (models/head_loss.py: no whole [batch, length, vocab] logits)."""
+  chunks of at least `chunk_tokens` tokens a device (models/head_loss.py: no whole
+  [batch, length, vocab] logits)."""
   hidden, _ = model(batch["tokens"], segment_ids_BxL=batch["segment_ids"],
                     positions_BxL=batch["positions"], return_hidden=True)
   x, head, vocab_major = model.head_operands(hidden)
   return head_loss.head_loss(x, head, batch["targets"], batch["loss_weights"],
-                             vocab_major=vocab_major, z_loss=z_loss)
+                             vocab_major=vocab_major, z_loss=z_loss,
+                             min_chunk_tokens=chunk_tokens)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, mesh,
-                    state_shardings, batch_sharding, compiler_options: Optional[dict] = None):
+                    state_shardings, batch_sharding, compiler_options: Optional[dict] = None,
+                    chunk_tokens: int = head_loss.MIN_CHUNK_TOKENS):
   """jit(state, batch) -> (state, metrics), state donated, shardings explicit."""
 
   def step_fn(state, batch):
     def loss_fn(params):
-      return _loss_and_metrics(nnx.merge(graphdef, params), batch, z_loss)
+      return _loss_and_metrics(nnx.merge(graphdef, params), batch, z_loss, chunk_tokens)
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -198,9 +206,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
   return run
 
 
-def make_eval_step(graphdef, mesh, param_shardings, batch_sharding):
+def make_eval_step(graphdef, mesh, param_shardings, batch_sharding,
+                   chunk_tokens: int = head_loss.MIN_CHUNK_TOKENS):
   def eval_fn(params, batch):
-    return _loss_and_metrics(nnx.merge(graphdef, params), batch, 0.0)[1]
+    return _loss_and_metrics(nnx.merge(graphdef, params), batch, 0.0, chunk_tokens)[1]
 
   jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
                    out_shardings=partitioning.replicated(mesh))
@@ -318,7 +327,7 @@ def _optimizer_args(config: TrainConfig) -> tuple:
 
 @functools.lru_cache(maxsize=8)
 def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, seed: int,
-             mesh) -> _Program:
+             mesh, chunk_tokens: int = head_loss.MIN_CHUNK_TOKENS) -> _Program:
   tx, schedule = optimizer_lib.make_optimizer(*optimizer_args)
   model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(seed))
   graphdef, abstract_params, param_axes = partitioning.abstract_params(model_fn)
@@ -344,8 +353,9 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
       train_step=make_train_step(
           graphdef, tx, z_loss, mesh, state_sh, batch_sh,
           matmul.large_matmul_compiler_options(model_config.compute_dtype,
-                                               mesh.devices.flat[0].platform)),
-      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh))
+                                               mesh.devices.flat[0].platform),
+          chunk_tokens),
+      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens))
 
 
 def _with_shardings(abstract, shardings):
@@ -467,7 +477,8 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
   rows = partitioning.process_batch_rows(mesh, config.batch_size)
   model_config = model_config_for(config, model_dir)
   k = config.grad_accum_steps
-  program = _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh)
+  program = _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh,
+                     config.loss_chunk_tokens)
 
   if train_batches is None:
     train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,

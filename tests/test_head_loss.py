@@ -34,7 +34,7 @@ def test_chunked_loss_sums_and_gradients_equal_the_whole_logits(vocab_major, z_l
 
   def chunked(x, head):  # Three positions (6 tokens) a chunk: four chunks.
     return head_loss.head_loss(x, head, targets, weights, vocab_major=vocab_major,
-                               z_loss=z_loss, chunk_bytes=3 * B * V * 4)
+                               z_loss=z_loss, chunk_bytes=3 * B * V * 4, min_chunk_tokens=1)
 
   (loss, sums), grads = jax.value_and_grad(whole, (0, 1), has_aux=True)(x, head)
   (chunked_loss, chunked_sums), chunked_grads = jax.value_and_grad(chunked, (0, 1),
@@ -66,6 +66,24 @@ def test_chunk_length_is_the_longest_divisor_that_fits():
   assert head_loss.chunk_length(8, 7, 250880, 1) == 1  # Never less than one position.
 
 
+def test_chunk_length_keeps_enough_tokens_for_the_head_matmuls():
+  mib32 = 32 * 2 ** 20
+  # BLOOM's vocabulary: 32 MiB would hold 4 positions (32 tokens); the floor takes 128.
+  assert head_loss.chunk_length(8, 256, 250880, mib32, 1024) == 128
+  assert head_loss.chunk_length(8, 256, 250880, mib32, head_loss.MIN_CHUNK_TOKENS) == 128
+  assert head_loss.chunk_length(8, 2048, 8192, mib32, 1024) == 128  # The bytes allow more.
+  assert head_loss.chunk_length(2, 12, 50, 1, 5) == 3  # The shortest divisor with >= 5 tokens.
+  assert head_loss.chunk_length(8, 7, 250880, 1, 10 ** 6) == 7  # At most the whole length.
+  # On a mesh both budgets count one device's part: 4 batch shards (data x fsdp) leave 2 of
+  # 8 rows a device, so 1024 tokens a device take 512 positions (128 on one device); with
+  # tensor=2 too, a device holds 1/8 of the logits, and 32 MiB 8x the positions.
+  assert head_loss.chunk_length(8, 1024, 250880, mib32, 1024) == 128
+  assert head_loss.chunk_length(8, 1024, 250880, mib32, 0) == 4
+  with partitioning.activate(partitioning.make_mesh(data=2, fsdp=2, tensor=2)):
+    assert head_loss.chunk_length(8, 1024, 250880, mib32, 1024) == 512
+    assert head_loss.chunk_length(8, 1024, 250880, mib32, 0) == 32
+
+
 def test_the_train_step_never_holds_the_whole_logits():
   # The point of chunking: the compiled gradient's scratch memory stays below one copy of the
   # [batch, length, vocab] float32 logits, which the whole-logits loss needs several of.
@@ -82,7 +100,8 @@ def test_the_train_step_never_holds_the_whole_logits():
     return grad.lower(x, table).compile().memory_analysis().temp_size_in_bytes
 
   chunked = scratch(lambda x, t: head_loss.head_loss(
-      x, t, targets, weights, vocab_major=True, chunk_bytes=logits_bytes // 16)[0])
+      x, t, targets, weights, vocab_major=True, chunk_bytes=logits_bytes // 16,
+      min_chunk_tokens=1)[0])
   whole = scratch(lambda x, t: metrics.loss_and_metrics(
       jnp.einsum("bld,vd->blv", x, t), targets, weights)[0])
   assert whole >= logits_bytes
@@ -115,7 +134,8 @@ def test_chunks_are_sized_per_device_on_a_mesh():
   assert partitioning.shard_count(head_loss._LOGITS_AXES) == 1  # No mesh active.
   x, table, targets, weights = _inputs()
   loss = lambda x, t: head_loss.head_loss(x, t, targets, weights, vocab_major=True,
-                                          chunk_bytes=B * V * 4)[0]  # One position a device.
+                                          chunk_bytes=B * V * 4,  # One position a device.
+                                          min_chunk_tokens=1)[0]
   want = jax.value_and_grad(loss, (0, 1))(x, table)
   with partitioning.activate(mesh):
     got = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, table)

@@ -86,7 +86,8 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
       mesh_fsdp=1, compute_dtype=precision)
   config = config.replace(**run.model_numerics())  # The trainer's numerics.
   mesh = train_lib.make_mesh(run)
-  program = train_lib._program(config, train_lib._optimizer_args(run), 0.0, 0, mesh)
+  program = train_lib._program(config, train_lib._optimizer_args(run), run.z_loss, run.seed, mesh,
+                               run.loss_chunk_tokens)
   params = program.init_params()
   state = {"params": params, "opt_state": program.init_opt_state(params),
            "step": jnp.zeros((), jnp.int32)}

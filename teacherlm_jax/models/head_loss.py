@@ -4,7 +4,7 @@
 without the [batch, length, vocab] float32 logits: a `lax.scan` over chunks of the sequence
 computes each chunk's logits, its log-partition, target logit and argmax hit, and drops them.
 For BLOOM's 250,880-token vocabulary the whole logits of one 8 x 2048 batch take 16 GiB in
-float32, with as much again for their gradient; a chunk takes a few tens of MiB.
+float32, with as much again for their gradient; a chunk of 1024 tokens takes 1 GiB.
 
 Under `jax.grad` the chunk's gradient is formed in the same pass (as Liger's fused linear cross
 entropy does): d logits = (softmax - onehot) * weight is built from the chunk's logits while
@@ -25,24 +25,43 @@ from teacherlm_jax import metrics
 from teacherlm_jax import partitioning
 from teacherlm_jax.models import matmul
 
-# The most float32 logits one chunk holds on one device; the chunk is the longest run of
-# positions (a divisor of the length) whose batch x positions x vocab logits fit, counted per
-# device (the logits are split over the mesh's batch and vocabulary axes). 32 MiB: BLOOM-42M
-# on one CPU device (vocab 32,000, batch 8) takes 32 positions a chunk, 256 tokens in each
-# head matmul.
+# A chunk is the longest run of positions (a divisor of the length) whose batch x positions x
+# vocab float32 logits fit `chunk_bytes` on one device (the logits are split over the mesh's
+# batch and vocabulary axes), but never fewer than `min_chunk_tokens` tokens a device: each
+# chunk's three matmuls read the whole head and read and write its float32 gradient, ~16 bytes
+# per (bf16) weight for 6 x tokens FLOPs, so a chunk of T tokens does 0.375 T FLOPs a byte. Below
+# the chip's ridge (TPU v4 ~230, v5e ~240, v5p ~170, H100 ~300 FLOPs/byte) the head is
+# memory-bound: 1024 tokens is above all of them. With BLOOM's 250,880-token vocabulary the
+# byte budget alone gave 32 tokens a chunk (batch 8); on a 2-core CPU the head and loss of an
+# 8 x 256 batch (d 512, float32) then took 36.9 s against 9.7 s at 1024 tokens (torch: 10.1 s;
+# 512 tokens measured as fast as 1024 there).
+# The floor costs memory: 1024 x 250,880 float32 logits are 1 GiB a device (less with the
+# vocabulary split over 'tensor'); lower it where that does not fit.
 DEFAULT_CHUNK_BYTES = 32 * 2 ** 20
+MIN_CHUNK_TOKENS = 1024
 _LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
+_TOKEN_AXES = ("activation_batch", "activation_length")
 
 
-def chunk_length(batch: int, length: int, vocab: int, chunk_bytes: int) -> int:
-  """The longest divisor of `length` whose batch x chunk x vocab float32 logits fit."""
+def chunk_length(batch: int, length: int, vocab: int, chunk_bytes: int,
+                 min_tokens: int = 0) -> int:
+  """The longest divisor of `length` whose batch x chunk x vocab float32 logits fit
+  `chunk_bytes` on one device, or the shortest with at least `min_tokens` (batch x chunk)
+  tokens on one device if that is longer; devices as the active mesh splits the logits."""
+  # Both budgets as totals over the whole (global) array.
+  chunk_bytes *= partitioning.shard_count(_LOGITS_AXES)
+  min_tokens *= partitioning.shard_count(_TOKEN_AXES)
+  divisors = [c for c in range(1, length + 1) if length % c == 0]
   fits = max(1, chunk_bytes // (4 * batch * vocab))
-  return max(c for c in range(1, length + 1) if length % c == 0 and c <= fits)
+  by_bytes = max(c for c in divisors if c <= fits)
+  by_tokens = min(c for c in divisors if c * batch >= min_tokens or c == length)
+  return max(by_bytes, by_tokens)
 
 
 def head_loss(x_BxLxD: jax.Array, head: jax.Array, targets_BxL: jax.Array,
               weights_BxL: jax.Array, *, vocab_major: bool, z_loss: float = 0.0,
-              chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+              chunk_bytes: int = DEFAULT_CHUNK_BYTES, min_chunk_tokens: int = MIN_CHUNK_TOKENS
+              ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Weighted mean token cross entropy of `x @ head` (+ z_loss * log(Z)^2), and its sums.
 
   Args:
@@ -51,7 +70,8 @@ def head_loss(x_BxLxD: jax.Array, head: jax.Array, targets_BxL: jax.Array,
     targets_BxL, weights_BxL: target ids and loss weights.
     vocab_major: the layout of `head`.
     z_loss: weight of log(Z)^2.
-    chunk_bytes: the most float32 logits one chunk holds on one device.
+    chunk_bytes: the most float32 logits one chunk holds on one device...
+    min_chunk_tokens: ...unless that is fewer tokens a device than this (see above).
 
   Returns:
     (loss, sums) as `metrics.loss_and_metrics`: sums = {'loss_sum', 'z_loss_sum', 'correct',
@@ -59,7 +79,7 @@ def head_loss(x_BxLxD: jax.Array, head: jax.Array, targets_BxL: jax.Array,
   """
   b, l, _ = x_BxLxD.shape
   vocab = head.shape[0 if vocab_major else 1]
-  chunk = chunk_length(b, l, vocab, chunk_bytes * partitioning.shard_count(_LOGITS_AXES))
+  chunk = chunk_length(b, l, vocab, chunk_bytes, min_chunk_tokens)
   weights = weights_BxL.astype(jnp.float32)
   objective, nll_sum, z_sum, correct = _chunked(vocab_major, float(z_loss), chunk, x_BxLxD,
                                                 head, targets_BxL.astype(jnp.int32), weights)
