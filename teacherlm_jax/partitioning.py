@@ -112,7 +112,8 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
   if active is None:
     return x
   mesh, rules = active
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
+  spec = logical_to_spec(names, rules, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
@@ -153,7 +154,7 @@ def logical_axes_of(abstract_state) -> dict:
                        "must name its axes so it can be sharded")
     return tuple(names)
   is_variable = lambda x: isinstance(x, nnx.Variable)
-  return jax.tree.map(axes, abstract_state, is_leaf=is_variable).to_pure_dict()
+  return nnx.to_pure_dict(jax.tree.map(axes, abstract_state, is_leaf=is_variable))
 
 
 def logical_shardings(logical_tree, mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES):
@@ -173,7 +174,7 @@ def abstract_params(model_fn: Callable[[], nnx.Module]):
   Nothing is allocated: the module is built under `nnx.eval_shape`.
   """
   graphdef, state = nnx.split(nnx.eval_shape(model_fn))
-  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state.to_pure_dict())
+  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
   return graphdef, shapes, logical_axes_of(state)
 
 
@@ -181,7 +182,7 @@ def sharded_init_fn(model_fn: Callable[[], nnx.Module], shardings) -> Callable[[
   """A compiled init that builds `model_fn`'s params directly in `shardings`: each device
   computes only its own shards, so a model larger than one device never exists whole."""
   def init():
-    return nnx.split(model_fn())[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(model_fn())[1])
   lowered = jax.jit(init, out_shardings=shardings).lower()
   # The init runs once; on CPU, XLA's optimising backend spends seconds (5x the level-0 time)
   # on the random-number code for nothing. Values agree with an optimised init to 1 ulp.

@@ -191,7 +191,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, {"loss": loss, "grad_norm": grad_norm,
                        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm), **sums}
@@ -393,7 +393,7 @@ def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer,
     from teacherlm_jax.models import hf
     _, hf_model = hf.import_checkpoint(config.init_hf_checkpoint, dtype=config.compute_dtype,
                                        param_dtype="float32")
-    params = jax.device_put(nnx.state(hf_model, nnx.Param).to_pure_dict(), program.param_sh)
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(hf_model, nnx.Param)), program.param_sh)
     writer.message(f"initialised params from HF checkpoint {config.init_hf_checkpoint}")
   else:
     params = program.init_params()

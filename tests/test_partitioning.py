@@ -27,7 +27,7 @@ def test_sharded_init_creates_params_in_their_shards_with_the_same_values():
       lambda x: (x.shape, x.dtype), shapes)
   # Same values as an ordinary unsharded init with the same seed (up to the last ulp: XLA
   # evaluates the normal sampling's erf_inv with different fusions).
-  reference = nnx.state(_model_fn(), nnx.Param).to_pure_dict()
+  reference = nnx.to_pure_dict(nnx.state(_model_fn(), nnx.Param))
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-9)
 

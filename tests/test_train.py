@@ -266,6 +266,6 @@ def test_stage_can_start_from_an_imported_hf_checkpoint(flan_batches, tmp_path):
                         mesh_data=2, mesh_fsdp=1, mesh_devices=2), tmp_path / "run", small)
   _, model = hf.import_checkpoint(tmp_path / "hf")
   from flax import nnx
-  expected = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  expected = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   _assert_trees_close(_params(result), expected, rtol=0, atol=0)
   assert json.loads((tmp_path / "run" / "model_config.json").read_text())["vocab_size"] == 101
