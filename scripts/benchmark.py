@@ -1,6 +1,8 @@
 r"""Benchmarks ours against PyTorch `transformers` on the same machine, in one run.
 
-  python scripts/benchmark.py                       # all: training, decoding, evaluation
+  python scripts/benchmark.py                       # all: training, decoding, evaluation,
+                                                    # head_loss (the LM head + loss at
+                                                    # BLOOM's 250,880-token vocabulary)
   python scripts/benchmark.py --only=decoding --output=/tmp/bench.json
   python scripts/benchmark.py --precisions=float32  # skip the bf16-vs-bf16 rows
   python scripts/benchmark.py --device              # JAX GPU vs PyTorch CUDA when present
@@ -20,7 +22,7 @@ from absl import app, flags, logging
 
 from teacherlm_jax import cli  # --cpu_devices
 
-_ONLY = flags.DEFINE_list("only", ["training", "decoding", "evaluation"],
+_ONLY = flags.DEFINE_list("only", ["training", "decoding", "evaluation", "head_loss"],
                           "Which benchmarks to run.")
 _OUTPUT = flags.DEFINE_string("output", "benchmark_results.json", "JSON file to write.")
 _DEVICE = flags.DEFINE_bool("device", False, "Run on the accelerator (JAX GPU vs torch CUDA) "
@@ -72,6 +74,10 @@ def main(argv):
     from teacherlm_jax.benchmarks import evaluation
     runners["evaluation"] = lambda: evaluation.benchmark_evaluation(device=_DEVICE.value,
                                                                     quick=_QUICK.value)
+  if "head_loss" in _ONLY.value:
+    from teacherlm_jax.benchmarks import head_loss
+    runners["head_loss"] = lambda: head_loss.benchmark_head_loss(device=_DEVICE.value,
+                                                                 quick=_QUICK.value)
   rows = []
   for name, run in runners.items():
     start = time.time()
