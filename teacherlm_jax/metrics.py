@@ -32,10 +32,17 @@ def loss_and_metrics(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_Bx
   """
   weights = weights_BxL.astype(jnp.float32)
   terms = cross_entropy_terms(logits_BxLxV, targets_BxL, weights)
+  return loss_from_sums(terms["nll_sum"] + z_loss * terms["z_sum"], terms["nll_sum"],
+                        terms["z_sum"], terms["correct"], weights)
+
+
+def loss_from_sums(objective_sum: jax.Array, nll_sum: jax.Array, z_sum: jax.Array,
+                   correct: jax.Array, weights: jax.Array):
+  """(loss, sums) of `loss_and_metrics` from the weighted sums: the loss is `objective_sum`
+  (nll + z_loss * z, the sum a caller differentiates) over the weight, at least 1."""
   weight = jnp.sum(weights)
-  loss = (terms["nll_sum"] + z_loss * terms["z_sum"]) / jnp.maximum(weight, 1.0)
-  return loss, {"loss_sum": terms["nll_sum"], "z_loss_sum": terms["z_sum"],
-                "correct": terms["correct"], "weight": weight}
+  loss = objective_sum / jnp.maximum(weight, 1.0)
+  return loss, {"loss_sum": nll_sum, "z_loss_sum": z_sum, "correct": correct, "weight": weight}
 
 
 def cross_entropy_terms(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:

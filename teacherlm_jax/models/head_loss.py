@@ -81,11 +81,9 @@ def head_loss(x_BxLxD: jax.Array, head: jax.Array, targets_BxL: jax.Array,
   vocab = head.shape[0 if vocab_major else 1]
   chunk = chunk_length(b, l, vocab, chunk_bytes, min_chunk_tokens)
   weights = weights_BxL.astype(jnp.float32)
-  objective, nll_sum, z_sum, correct = _chunked(vocab_major, float(z_loss), chunk, x_BxLxD,
-                                                head, targets_BxL.astype(jnp.int32), weights)
-  weight = jnp.sum(weights)
-  loss = objective / jnp.maximum(weight, 1.0)
-  sums = {"loss_sum": nll_sum, "z_loss_sum": z_sum, "correct": correct, "weight": weight}
+  chunk_sums = _chunked(vocab_major, float(z_loss), chunk, x_BxLxD, head,
+                        targets_BxL.astype(jnp.int32), weights)
+  loss, sums = metrics.loss_from_sums(*chunk_sums, weights)
   return loss, jax.tree.map(jax.lax.stop_gradient, sums)
 
 
