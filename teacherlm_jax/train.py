@@ -314,6 +314,16 @@ class _Program(NamedTuple):
   init_opt_state: Callable
   train_step: Callable
   eval_step: Callable
+  replicated: Any
+
+  def fresh_state(self, params) -> Dict[str, Any]:
+    """The train state at step 0 for `params`, every leaf placed as `train_step` returns it.
+
+    The step counter is committed to the mesh like the step's own output: an uncommitted
+    `jnp.zeros` traces and compiles the train step a second time on its second call.
+    """
+    return {"params": params, "opt_state": self.init_opt_state(params),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated)}
 
 
 def _optimizer_args(config: TrainConfig) -> tuple:
@@ -355,7 +365,8 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
           matmul.large_matmul_compiler_options(model_config.compute_dtype,
                                                mesh.devices.flat[0].platform),
           chunk_tokens),
-      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens))
+      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens),
+      replicated=replicated)
 
 
 def _with_shardings(abstract, shardings):
@@ -369,7 +380,7 @@ def _first_non_finite(finite_flags: List[jax.Array], first_step: int) -> Optiona
   return None if bad.size == 0 else first_step + int(bad[0])
 
 
-def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer, mesh):
+def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer):
   """(state, start step): the latest checkpoint of this run, else a fresh state initialised
   from a previous stage, an HF checkpoint, or random (directly in its shards)."""
   k = config.grad_accum_steps
@@ -397,9 +408,7 @@ def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer,
     writer.message(f"initialised params from HF checkpoint {config.init_hf_checkpoint}")
   else:
     params = program.init_params()
-  replicated = partitioning.replicated(mesh)
-  return {"params": params, "opt_state": program.init_opt_state(params),
-          "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}, 0
+  return program.fresh_state(params), 0
 
 
 class _Evaluator:
@@ -492,7 +501,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
   writer = metrics_lib.MetricsWriter(model_dir, config.num_steps, config.tensorboard)
   preemption = None
   try:
-    state, start = _initial_state(config, program, checkpointer, writer, mesh)
+    state, start = _initial_state(config, program, checkpointer, writer)
     if jax.process_index() == 0:  # Shared files: process 0 only.
       checkpoint_io.write_model_config(
           model_config, os.path.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))

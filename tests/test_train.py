@@ -6,6 +6,7 @@ message that says what to change, and multi-stage init must carry the parameters
 """
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -17,6 +18,7 @@ import pytest
 from teacherlm_jax import checkpointing
 from teacherlm_jax import metrics
 from teacherlm_jax import optimizer
+from teacherlm_jax import partitioning
 from teacherlm_jax import train
 from teacherlm_jax import train_data
 
@@ -117,6 +119,23 @@ def test_bf16_compute_keeps_float32_master_weights(flan_batches, one_device_run,
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(_params(result)))
   np.testing.assert_allclose(result["losses"], one_device_run["losses"], rtol=2e-2)
   assert json.loads((tmp_path / "model_config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_train_step_compiles_once_from_a_fresh_state(flan_batches, caplog):
+  """`fresh_state` places every leaf as the step returns it, so step 2 reuses step 1's
+  program (the benchmark's uncommitted step counter compiled it twice)."""
+  config = _config(**MESH)
+  mesh = train.make_mesh(config)
+  program = train._program(train.model_config_for(config, ""), train._optimizer_args(config),
+                           config.z_loss, config.seed, mesh, config.loss_chunk_tokens)
+  batch = partitioning.shard_batch({key: flan_batches[0][key] for key in train.BATCH_KEYS},
+                                   mesh, BATCH)
+  state, _ = program.train_step(program.fresh_state(program.init_params()), batch)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    state, _ = program.train_step(state, batch)
+  compiles = [r for r in caplog.records if "Compiling jit(step_fn)" in r.getMessage()]
+  assert not compiles, f"step 2 compiled the train step again ({len(compiles)} time(s))"
+  assert int(state["step"]) == 2
 
 
 def test_schedules_warm_up_then_hold_or_decay():

@@ -39,7 +39,6 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
                        ) -> List[Dict]:
   """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
   import jax
-  import jax.numpy as jnp
   import torch
   import transformers
 
@@ -88,9 +87,7 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   mesh = train_lib.make_mesh(run)
   program = train_lib._program(config, train_lib._optimizer_args(run), run.z_loss, run.seed, mesh,
                                run.loss_chunk_tokens)
-  params = program.init_params()
-  state = {"params": params, "opt_state": program.init_opt_state(params),
-           "step": jnp.zeros((), jnp.int32)}
+  state = program.fresh_state(program.init_params())
   batch_np = {"tokens": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
               "loss_weights": np.ones((batch_size, seq_len), np.float32),
               "segment_ids": np.ones((batch_size, seq_len), np.int32),
