@@ -5,6 +5,7 @@ r"""Benchmarks ours against PyTorch `transformers` on the same machine, in one r
                                                     # BLOOM's 250,880-token vocabulary)
   python scripts/benchmark.py --only=decoding --output=/tmp/bench.json
   python scripts/benchmark.py --precisions=float32  # skip the bf16-vs-bf16 rows
+  python scripts/benchmark.py --only=training --training_families=bloom,opt,llama
   python scripts/benchmark.py --device              # JAX GPU vs PyTorch CUDA when present
   python scripts/benchmark.py --cpu_devices=1       # no CPU mesh rows (default: one device
                                                     # per core, up to 8)
@@ -21,6 +22,7 @@ import time
 from absl import app, flags, logging
 
 from teacherlm_jax import cli  # --cpu_devices
+from teacherlm_jax.benchmarks import training
 
 _ONLY = flags.DEFINE_list("only", ["training", "decoding", "evaluation", "head_loss"],
                           "Which benchmarks to run.")
@@ -32,6 +34,12 @@ _PRECISIONS = flags.DEFINE_list(
     "precisions", ["float32", "bfloat16"],
     "Training and decoding run once per precision: float32 against float32, and bfloat16 "
     "(ours bf16 compute / bf16 decoding) against torch bf16 (autocast / bf16 weights).")
+_TRAINING_FAMILIES = flags.DEFINE_list(
+    "training_families", ["bloom"],
+    "Model families the training benchmark runs (bloom, opt, llama), each at d=512, 8 layers.")
+flags.register_validator(
+    "training_families", lambda families: set(families) <= set(training.FAMILIES),
+    message=f"--training_families: each must be one of {', '.join(training.FAMILIES)}")
 
 
 def _format(value):
@@ -59,11 +67,11 @@ def main(argv):
     cli.configure_cpu_devices()  # Decoding adds rows for ours on a tensor mesh over them.
   runners = {}
   if "training" in _ONLY.value:
-    from teacherlm_jax.benchmarks import training
-    for precision in _PRECISIONS.value:
-      runners[f"training {precision}"] = functools.partial(
-          training.benchmark_training, device=_DEVICE.value, quick=_QUICK.value,
-          precision=precision)
+    for family in _TRAINING_FAMILIES.value:
+      for precision in _PRECISIONS.value:
+        runners[f"training {family} {precision}"] = functools.partial(
+            training.benchmark_training, device=_DEVICE.value, quick=_QUICK.value,
+            precision=precision, family=family)
   if "decoding" in _ONLY.value:
     from teacherlm_jax.benchmarks import decoding
     for precision in _PRECISIONS.value:

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import hf_peers
+from teacherlm_jax.benchmarks import training
 from teacherlm_jax.models import hf, transformer
 
 FAMILIES = sorted(hf_peers.FAMILY_CONFIGS)
@@ -70,3 +71,22 @@ def test_export_round_trip_and_transformers_reload(peer, tmp_path):
   np.testing.assert_allclose(hf_peers.hf_logits(reloaded, tokens, mask)[mask.astype(bool)],
                              hf_peers.hf_logits(torch_model, tokens, mask)[mask.astype(bool)],
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("family", training.FAMILIES)
+def test_training_benchmark_models_are_the_same_on_both_sides(family, tmp_path):
+  """`scripts/benchmark.py --training_families`: the torch model of each family's benchmark
+  config, imported, has its parameter count and its logits."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  torch_model = transformers.AutoModelForCausalLM.from_config(
+      training.hf_config(family, "quick")).eval()
+  torch_model.save_pretrained(tmp_path)
+  config, model = hf.import_checkpoint(tmp_path)
+  assert config.num_params() == sum(p.numel() for p in torch_model.parameters())
+  tokens, mask = hf_peers.left_padded_batch(config.vocab_size, [6, 3], config.pad_token_id)
+  expected = hf_peers.hf_logits(torch_model, tokens, mask)
+  ours, _ = model(tokens, segment_ids_BxL=mask)
+  diff = np.abs(np.asarray(ours) - expected)[mask.astype(bool)]
+  assert diff.max() < 1e-4, f"{family}: max |logit diff| {diff.max()}"

@@ -1,7 +1,9 @@
 """Training throughput: our jitted train step vs `transformers` + torch.optim.AdamW.
 
-Both train the same BLOOM-shaped model (small-bloom-50m: d=512, 8 layers, 8 heads, vocab
-32000, float32) on the same random token batch with the same update: next-token cross entropy
+Both train the same model of one family (`family`; default BLOOM, the paper's teacher and
+student: d=512, 8 layers, 8 heads, vocab 32000, 42M parameters; OPT, the paper's other
+student, the same shape; LLaMA-style, d=512, 8 layers, MLP 1408, untied head, 58M), float32,
+no dropout, on the same random token batch with the same update: next-token cross entropy
 on every token, global-norm clipping at 1.0, AdamW (b1 0.9, b2 0.95, no decay). Reported:
 tokens/s of each, the ratio, and MFU of each against one measured matmul peak (the best of a
 jax and a torch float32 square matmul on this machine), with the FLOPs of
@@ -19,10 +21,32 @@ import numpy as np
 
 from teacherlm_jax.benchmarks import timing
 
-SHAPES = {
-    "small-bloom-50m": dict(hidden_size=512, n_layer=8, n_head=8, vocab_size=32000),
-    "quick": dict(hidden_size=256, n_layer=4, n_head=4, vocab_size=8192),
-}
+# (hidden, layers, heads, vocab) of the benchmark model and of --quick runs.
+SIZES = {"full": (512, 8, 8, 32000), "quick": (256, 4, 4, 8192)}
+FAMILIES = ("bloom", "opt", "llama")
+
+
+def hf_config(family: str, size: str = "full"):
+  """The `transformers` config of the benchmark's `family` model (dropout off: ours has none)."""
+  import transformers
+  hidden, layers, heads, vocab = SIZES[size]
+  if family == "bloom":
+    return transformers.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads,
+                                    vocab_size=vocab, pad_token_id=3, eos_token_id=2)
+  if family == "opt":
+    return transformers.OPTConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, ffn_dim=4 * hidden,
+                                  vocab_size=vocab, word_embed_proj_dim=hidden,
+                                  max_position_embeddings=2048, dropout=0.0,
+                                  attention_dropout=0.0, pad_token_id=1)
+  if family == "llama":
+    # LLaMA's MLP width rule (2/3 of 4d, rounded up to a multiple of 64): 1408 at d=512.
+    return transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                    num_attention_heads=heads, num_key_value_heads=heads,
+                                    intermediate_size=-(-8 * hidden // 3 // 64) * 64,
+                                    vocab_size=vocab, max_position_embeddings=2048,
+                                    tie_word_embeddings=False)
+  raise ValueError(f"benchmark family {family!r}: expected one of {FAMILIES}")
 
 
 def torch_matmul_tflops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
@@ -35,8 +59,8 @@ def torch_matmul_tflops(size: int = 1024, repeats: int = 5, dtype: str = "float3
 
 
 def benchmark_training(device: bool = False, quick: bool = False, batch_size: int = 8,
-                       seq_len: int = 256, steps: int = None, precision: str = "float32"
-                       ) -> List[Dict]:
+                       seq_len: int = 256, steps: int = None, precision: str = "float32",
+                       family: str = "bloom") -> List[Dict]:
   """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
   import jax
   import torch
@@ -47,21 +71,22 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   from teacherlm_jax import train as train_lib
   from teacherlm_jax.models import hf
 
-  suffix = timing.precision_suffix(precision)
-  shape = SHAPES["quick" if quick else "small-bloom-50m"]
+  suffix = timing.precision_suffix(precision) + ("" if family == "bloom" else f", {family}")
+  the_hf_config = hf_config(family, "quick" if quick else "full")
+  vocab = the_hf_config.vocab_size
   steps = steps or (2 if quick else 5)
   if quick:
     seq_len = min(seq_len, 128)
   torch_device = "cuda" if device and torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
-  hf_config = transformers.BloomConfig(**shape, pad_token_id=3, eos_token_id=2)
-  config = hf.config_from_hf(hf_config.to_dict())
-  torch_model = transformers.BloomForCausalLM(hf_config).to(torch_device).train()
+  config = hf.config_from_hf(the_hf_config.to_dict())
+  torch_model = transformers.AutoModelForCausalLM.from_config(the_hf_config)
+  torch_model = torch_model.to(torch_device).train()
   torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
                                 weight_decay=0.0)
 
   rng = np.random.default_rng(0)
-  tokens = rng.integers(4, shape["vocab_size"], size=(batch_size, seq_len + 1))
+  tokens = rng.integers(4, vocab, size=(batch_size, seq_len + 1))
   inputs = torch.tensor(tokens[:, :-1], device=torch_device)
   labels = torch.tensor(tokens[:, 1:], device=torch_device)
 
@@ -114,7 +139,7 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
                  f"(jax {jax_peak:.3f}, torch {torch_peak:.3f})")
   params_m = config.num_params() / 1e6
   compute = "float32" if precision == "float32" else "bf16 compute, float32 master weights"
-  notes = (f"bloom {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
+  notes = (f"{family} {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
            f"{jax.devices()[0].platform}; first-step loss ours {ours_loss:.3f} / "
            f"torch {theirs_loss:.3f}")
   rows = [{"benchmark": "training", "metric": f"tokens/s{suffix}", "ours": ours_tps,
