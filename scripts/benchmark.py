@@ -22,7 +22,7 @@ import time
 from absl import app, flags, logging
 
 from teacherlm_jax import cli  # --cpu_devices
-from teacherlm_jax.benchmarks import training
+from teacherlm_jax.benchmarks import models
 
 _ONLY = flags.DEFINE_list("only", ["training", "decoding", "evaluation", "head_loss"],
                           "Which benchmarks to run.")
@@ -38,8 +38,8 @@ _TRAINING_FAMILIES = flags.DEFINE_list(
     "training_families", ["bloom"],
     "Model families the training benchmark runs (bloom, opt, llama), each at d=512, 8 layers.")
 flags.register_validator(
-    "training_families", lambda families: set(families) <= set(training.FAMILIES),
-    message=f"--training_families: each must be one of {', '.join(training.FAMILIES)}")
+    "training_families", lambda families: set(families) <= set(models.FAMILIES),
+    message=f"--training_families: each must be one of {', '.join(models.FAMILIES)}")
 
 
 def _format(value):
@@ -67,6 +67,7 @@ def main(argv):
     cli.configure_cpu_devices()  # Decoding adds rows for ours on a tensor mesh over them.
   runners = {}
   if "training" in _ONLY.value:
+    from teacherlm_jax.benchmarks import training
     for family in _TRAINING_FAMILIES.value:
       for precision in _PRECISIONS.value:
         runners[f"training {family} {precision}"] = functools.partial(

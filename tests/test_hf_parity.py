@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import hf_peers
-from teacherlm_jax.benchmarks import training
+from teacherlm_jax.benchmarks import models
 from teacherlm_jax.models import hf, transformer
 
 FAMILIES = sorted(hf_peers.FAMILY_CONFIGS)
@@ -73,7 +73,7 @@ def test_export_round_trip_and_transformers_reload(peer, tmp_path):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("family", training.FAMILIES)
+@pytest.mark.parametrize("family", models.FAMILIES)
 def test_training_benchmark_models_are_the_same_on_both_sides(family, tmp_path):
   """`scripts/benchmark.py --training_families`: the torch model of each family's benchmark
   config, imported, has its parameter count and its logits."""
@@ -81,7 +81,7 @@ def test_training_benchmark_models_are_the_same_on_both_sides(family, tmp_path):
   import transformers
   torch.manual_seed(0)
   torch_model = transformers.AutoModelForCausalLM.from_config(
-      training.hf_config(family, "quick")).eval()
+      models.hf_config(family, "quick")).eval()
   torch_model.save_pretrained(tmp_path)
   config, model = hf.import_checkpoint(tmp_path)
   assert config.num_params() == sum(p.numel() for p in torch_model.parameters())

@@ -27,6 +27,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from teacherlm_jax.benchmarks import models
 from teacherlm_jax.benchmarks import timing
 
 
@@ -63,16 +64,14 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
 
   suffix = timing.precision_suffix(precision)
   if quick:
-    shape = dict(hidden_size=256, n_layer=4, n_head=4, vocab_size=8192)
     max_new_tokens = max_new_tokens or 16
     repeats = repeats or 1
   else:
-    shape = dict(hidden_size=512, n_layer=8, n_head=8, vocab_size=32000)  # small-bloom-50m
     max_new_tokens = max_new_tokens or 64
     repeats = repeats or 3
   torch_device = "cuda" if device and torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
-  hf_config = transformers.BloomConfig(**shape, pad_token_id=3, eos_token_id=2)
+  hf_config = models.hf_config("bloom", "quick" if quick else "full")
   torch_model = transformers.BloomForCausalLM(hf_config).eval().to(torch_device)
   rng = np.random.default_rng(0)
   rows = []
@@ -83,7 +82,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
   decoders = {"": decoding.Decoder(model, eos_id=-1)}  # Metric suffix -> decoder.
   devices = jax.devices()
   if tensor_devices is None:
-    tensor_devices = max(t for t in range(1, len(devices) + 1) if shape["n_head"] % t == 0)
+    tensor_devices = max(t for t in range(1, len(devices) + 1) if hf_config.n_head % t == 0)
   if tensor_devices > 1:
     mesh = partitioning.make_mesh(1, 1, tensor_devices, devices=devices[:tensor_devices])
     decoders[f", tensor={tensor_devices} mesh"] = decoding.Decoder(model, eos_id=-1, mesh=mesh)
@@ -129,8 +128,8 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
                    "metric": f"generated tokens/s, batch {batch}{side}{suffix}",
                    "ours": generated / ours_s, "pytorch": generated / theirs_s,
                    "ratio": theirs_s / ours_s,
-                   "notes": f"bloom d={shape['hidden_size']} L={shape['n_layer']} "
-                            f"V={shape['vocab_size']}, greedy, {max_new_tokens} new tokens, "
+                   "notes": f"bloom d={hf_config.hidden_size} L={hf_config.n_layer} "
+                            f"V={hf_config.vocab_size}, greedy, {max_new_tokens} new tokens, "
                             f"prompts 16-48, load avg {os.getloadavg()[0]:.1f} on "
                             f"{os.cpu_count()} cpus, {precision}"})
       if bandwidth:
