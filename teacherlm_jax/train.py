@@ -314,16 +314,15 @@ class _Program(NamedTuple):
   init_opt_state: Callable
   train_step: Callable
   eval_step: Callable
-  replicated: Any
 
   def fresh_state(self, params) -> Dict[str, Any]:
     """The train state at step 0 for `params`, every leaf placed as `train_step` returns it.
 
-    The step counter is committed to the mesh like the step's own output: an uncommitted
+    The step counter is placed in its sharding like the step's own output: an uncommitted
     `jnp.zeros` traces and compiles the train step a second time on its second call.
     """
     return {"params": params, "opt_state": self.init_opt_state(params),
-            "step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated)}
+            "step": jax.device_put(jnp.zeros((), jnp.int32), self.state_sh["step"])}
 
 
 def _optimizer_args(config: TrainConfig) -> tuple:
@@ -365,8 +364,7 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
           matmul.large_matmul_compiler_options(model_config.compute_dtype,
                                                mesh.devices.flat[0].platform),
           chunk_tokens),
-      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens),
-      replicated=replicated)
+      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens))
 
 
 def _with_shardings(abstract, shardings):
