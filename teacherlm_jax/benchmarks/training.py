@@ -43,6 +43,7 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   from teacherlm_jax import partitioning
   from teacherlm_jax import train as train_lib
   from teacherlm_jax.models import hf
+  from teacherlm_jax.models import matmul
 
   suffix = timing.precision_suffix(precision) + ("" if family == "bloom" else f", {family}")
   the_hf_config = models.hf_config(family, "quick" if quick else "full")
@@ -112,8 +113,12 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
                  f"(jax {jax_peak:.3f}, torch {torch_peak:.3f})")
   params_m = config.num_params() / 1e6
   compute = "float32" if precision == "float32" else "bf16 compute, float32 master weights"
+  platform = jax.devices()[0].platform
+  if platform == "cpu":  # Which library ran our step's dots (matmul.onednn_dots_supported).
+    onednn = matmul.large_matmul_compiler_options(config.compute_dtype, platform)
+    platform += ", oneDNN dots" if onednn else ", YNNPACK dots"
   notes = (f"{family} {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
-           f"{jax.devices()[0].platform}; first-step loss ours {ours_loss:.3f} / "
+           f"{platform}; first-step loss ours {ours_loss:.3f} / "
            f"torch {theirs_loss:.3f}")
   rows = [{"benchmark": "training", "metric": f"tokens/s{suffix}", "ours": ours_tps,
            "pytorch": theirs_tps, "ratio": ours_tps / theirs_tps, "notes": notes}]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import re
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,31 @@ _ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                 "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+def onednn_dots_supported(cpuinfo: Optional[str] = None) -> bool:
+  """Whether XLA:CPU's oneDNN dot fusions are used on this host (or the `cpuinfo` text given).
+
+  Only on Intel CPUs with AVX-512, where they were measured and tested. On one CI host (its CPU
+  not reported) XLA aborted the whole process, with no message, compiling a oneDNN dot fusion;
+  upstream reports oneDNN fusion failures on AMD EPYC Milan (openxla/xla#32521). Elsewhere the
+  step keeps XLA's default YNNPACK dots. False where /proc/cpuinfo is absent (not Linux).
+  """
+  if cpuinfo is None:
+    return _host_onednn_dots_supported()
+  vendor = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.MULTILINE)
+  flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
+  return (vendor is not None and vendor.group(1) == "GenuineIntel"
+          and flags is not None and "avx512f" in flags.group(1).split())
+
+
+@functools.lru_cache(maxsize=None)
+def _host_onednn_dots_supported() -> bool:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return onednn_dots_supported(f.read())
+  except OSError:
+    return False
+
+
 def large_matmul_compiler_options(dtype, platform: str) -> dict:
   """`jax.jit(compiler_options=...)` for a step of large `dtype` matmuls (training) on `platform`.
 
@@ -63,9 +90,10 @@ def large_matmul_compiler_options(dtype, platform: str) -> dict:
   train step took 1.06-1.15x less time in three same-process A/Bs, losses equal to 1e-6 (with
   the DOT fusion type; each dot alone measured within noise of it, 443 vs 471 tokens/s). Not
   for bf16 (oneDNN's path there ran the step at 0.65x of YNNPACK's AMX kernels) nor for decode
-  steps (32-row products: the LM head 4x slower through oneDNN).
+  steps (32-row products: the LM head 4x slower through oneDNN), nor on a host where
+  `onednn_dots_supported()` is False.
   """
-  if platform == "cpu" and jnp.dtype(dtype) == jnp.float32:
+  if platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and onednn_dots_supported():
     return dict(_ONEDNN_DOTS)
   return {}
 
