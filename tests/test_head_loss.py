@@ -114,7 +114,7 @@ def test_gradients_hold_under_the_train_steps_compiler_options():
   # the GEMM and came out wrong (one chunk: d hidden off by 0.17), and the tiny teacher stopped
   # learning.
   if not matmul.onednn_dots_supported():
-    pytest.skip("this host's CPU is not Intel with AVX-512: the train step keeps YNNPACK dots")
+    pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((4, 32, 64)), jnp.float32)
   table = jnp.asarray(rng.standard_normal((1000, 64)), jnp.float32) * 0.1

@@ -125,12 +125,13 @@ def test_float32_weight_gradient_copies_no_activation():
 _CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: x\nflags\t\t: fpu sse2 avx2 {extra}\n"
 
 
-def test_onednn_dots_only_on_intel_cpus_with_avx512():
-  assert matmul.onednn_dots_supported(_CPUINFO.format(vendor="GenuineIntel", extra="avx512f"))
-  assert not matmul.onednn_dots_supported(_CPUINFO.format(vendor="GenuineIntel", extra=""))
-  assert not matmul.onednn_dots_supported(_CPUINFO.format(vendor="GenuineIntel",
-                                                          extra="avx512fp16"))
-  assert not matmul.onednn_dots_supported(_CPUINFO.format(vendor="AuthenticAMD", extra="avx512f"))
+def test_onednn_dots_only_on_intel_cpus_with_avx512_and_amx():
+  supported = lambda vendor, flags: matmul.onednn_dots_supported(
+      _CPUINFO.format(vendor=vendor, extra=flags))
+  assert supported("GenuineIntel", "avx512f avx512bw amx_bf16 amx_tile")
+  assert not supported("GenuineIntel", "avx512f avx512bw")  # Before Sapphire Rapids.
+  assert not supported("GenuineIntel", "avx512fp16 amx_tile")  # Flags match whole words.
+  assert not supported("AuthenticAMD", "avx512f amx_tile")
   assert not matmul.onednn_dots_supported("")  # No vendor or flags line: not assumed.
   if not matmul.onednn_dots_supported():
     assert matmul.large_matmul_compiler_options(jnp.float32, "cpu") == {}
@@ -140,7 +141,7 @@ def test_large_matmul_options_route_float32_cpu_dots_through_onednn():
   # The trainer compiles its step with these options; a jaxlib that drops the flags or its
   # oneDNN fusions fails here rather than silently losing the speed-up.
   if not matmul.onednn_dots_supported():
-    pytest.skip("this host's CPU is not Intel with AVX-512: the train step keeps YNNPACK dots")
+    pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")
   x, w = jnp.ones((64, 32), jnp.float32), jnp.ones((32, 16), jnp.float32)
   options = matmul.large_matmul_compiler_options(jnp.float32, "cpu")
   compiled = jax.jit(lambda x, w: jnp.tanh(x @ w), compiler_options=options).lower(x, w).compile()

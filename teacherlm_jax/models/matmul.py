@@ -61,17 +61,18 @@ _ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
 def onednn_dots_supported(cpuinfo: Optional[str] = None) -> bool:
   """Whether XLA:CPU's oneDNN dot fusions are used on this host (or the `cpuinfo` text given).
 
-  Only on Intel CPUs with AVX-512, where they were measured and tested. On one CI host (its CPU
-  not reported) XLA aborted the whole process, with no message, compiling a oneDNN dot fusion;
-  upstream reports oneDNN fusion failures on AMD EPYC Milan (openxla/xla#32521). Elsewhere the
-  step keeps XLA's default YNNPACK dots. False where /proc/cpuinfo is absent (not Linux).
+  Only on Intel CPUs with AVX-512 and AMX (Sapphire Rapids and newer), the kind they were
+  measured and tested on: which library is faster depends on the CPU, and on one CI host (its
+  CPU not reported) XLA aborted the whole process, with no message, compiling a oneDNN dot
+  fusion; upstream reports oneDNN fusion failures on AMD EPYC Milan (openxla/xla#32521).
+  Elsewhere the step keeps XLA's default YNNPACK dots. False without /proc/cpuinfo (not Linux).
   """
   if cpuinfo is None:
     return _host_onednn_dots_supported()
   vendor = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.MULTILINE)
   flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
   return (vendor is not None and vendor.group(1) == "GenuineIntel"
-          and flags is not None and "avx512f" in flags.group(1).split())
+          and flags is not None and {"avx512f", "amx_tile"} <= set(flags.group(1).split()))
 
 
 @functools.lru_cache(maxsize=None)
