@@ -180,8 +180,8 @@ def _loss_and_metrics(model, batch, z_loss: float, chunk_tokens: int):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, mesh,
-                    state_shardings, batch_sharding, compiler_options: Optional[dict] = None,
-                    chunk_tokens: int = head_loss.MIN_CHUNK_TOKENS):
+                    state_shardings, batch_sharding, chunk_tokens: int,
+                    compiler_options: Optional[dict] = None):
   """jit(state, batch) -> (state, metrics), state donated, shardings explicit."""
 
   def step_fn(state, batch):
@@ -206,8 +206,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
   return run
 
 
-def make_eval_step(graphdef, mesh, param_shardings, batch_sharding,
-                   chunk_tokens: int = head_loss.MIN_CHUNK_TOKENS):
+def make_eval_step(graphdef, mesh, param_shardings, batch_sharding, chunk_tokens: int):
   def eval_fn(params, batch):
     return _loss_and_metrics(nnx.merge(graphdef, params), batch, 0.0, chunk_tokens)[1]
 
@@ -336,7 +335,7 @@ def _optimizer_args(config: TrainConfig) -> tuple:
 
 @functools.lru_cache(maxsize=8)
 def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, seed: int,
-             mesh, chunk_tokens: int = head_loss.MIN_CHUNK_TOKENS) -> _Program:
+             mesh, chunk_tokens: int) -> _Program:
   tx, schedule = optimizer_lib.make_optimizer(*optimizer_args)
   model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(seed))
   graphdef, abstract_params, param_axes = partitioning.abstract_params(model_fn)
@@ -360,10 +359,9 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
       abstract_state=abstract_state, init_params=init_params,
       init_opt_state=jax.jit(tx.init, out_shardings=opt_sh),
       train_step=make_train_step(
-          graphdef, tx, z_loss, mesh, state_sh, batch_sh,
+          graphdef, tx, z_loss, mesh, state_sh, batch_sh, chunk_tokens,
           matmul.large_matmul_compiler_options(model_config.compute_dtype,
-                                               mesh.devices.flat[0].platform),
-          chunk_tokens),
+                                               mesh.devices.flat[0].platform)),
       eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens))
 
 

@@ -9,6 +9,12 @@ from teacherlm_jax.models import hf, transformer
 FAMILIES = sorted(hf_peers.FAMILY_CONFIGS)
 
 
+def _assert_logits_close(got, want, mask, tolerance, label=""):
+  """Max |logit difference| over the real (mask != 0) tokens below `tolerance`."""
+  diff = np.abs(np.asarray(got) - np.asarray(want))[np.asarray(mask).astype(bool)]
+  assert diff.max() < tolerance, f"{label}: max |logit diff| {diff.max()}"
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def peer(request, tmp_path_factory):
   directory = tmp_path_factory.mktemp(request.param)
@@ -22,8 +28,7 @@ def test_left_padded_batch_logits_match_transformers(peer):
   tokens, mask = hf_peers.left_padded_batch(config.vocab_size, [9, 4, 1, 7], config.pad_token_id)
   expected = hf_peers.hf_logits(torch_model, tokens, mask)
   ours, _ = model(tokens, segment_ids_BxL=mask)
-  diff = np.abs(np.asarray(ours) - expected)[mask.astype(bool)]
-  assert diff.max() < 1e-4, f"{family}: max |logit diff| {diff.max()}"
+  _assert_logits_close(ours, expected, mask, 1e-4, family)
 
 
 def test_cached_decoding_equals_full_forward(peer):
@@ -38,8 +43,7 @@ def test_cached_decoding_equals_full_forward(peer):
     step, cache = model(tokens[:, t:t + 1], segment_ids_BxL=mask[:, t:t + 1], cache=cache)
     pieces.append(step)
   cached = np.concatenate([np.asarray(p) for p in pieces], axis=1)
-  diff = np.abs(cached - np.asarray(full))[mask.astype(bool)]
-  assert diff.max() < 1e-5, diff.max()
+  _assert_logits_close(cached, full, mask, 1e-5, "cached vs full")
 
 
 def test_packed_segments_equal_separate_runs(peer):
@@ -88,5 +92,4 @@ def test_training_benchmark_models_are_the_same_on_both_sides(family, tmp_path):
   tokens, mask = hf_peers.left_padded_batch(config.vocab_size, [6, 3], config.pad_token_id)
   expected = hf_peers.hf_logits(torch_model, tokens, mask)
   ours, _ = model(tokens, segment_ids_BxL=mask)
-  diff = np.abs(np.asarray(ours) - expected)[mask.astype(bool)]
-  assert diff.max() < 1e-4, f"{family}: max |logit diff| {diff.max()}"
+  _assert_logits_close(ours, expected, mask, 1e-4, family)
