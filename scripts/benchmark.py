@@ -97,9 +97,12 @@ def main(argv):
   print_table(rows)
   import jax
   import torch
+  from teacherlm_jax.models import matmul
   record = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "jax_devices": [str(d) for d in jax.devices()],
-                        "torch": torch.__version__, "jax": jax.__version__},
+                        "torch": torch.__version__, "jax": jax.__version__,
+                        # Float32 train steps on CPU use oneDNN dots only where True.
+                        "onednn_dots": matmul.onednn_dots_supported()},
             "rows": rows}
   pathlib.Path(_OUTPUT.value).write_text(json.dumps(record, indent=2, default=str))
   print(f"wrote {_OUTPUT.value}")
