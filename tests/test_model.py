@@ -16,7 +16,7 @@ from teacherlm_jax.models import matmul
 from teacherlm_jax.models import transformer
 
 
-def _loss_and_grads(config, tokens):
+def _loss_and_grads(config, tokens, compiler_options=None):
   model = transformer.DecoderLM(config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
 
@@ -25,7 +25,7 @@ def _loss_and_grads(config, tokens):
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
-  return jax.jit(jax.value_and_grad(loss_fn))(params)
+  return jax.jit(jax.value_and_grad(loss_fn), compiler_options=compiler_options)(params)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
@@ -157,8 +157,27 @@ def test_large_matmul_options_route_float32_cpu_dots_through_onednn():
   for name, fn in scaled.items():
     np.testing.assert_allclose(jax.jit(fn, compiler_options=options)(a, b), fn(a, b),
                                rtol=1e-4, atol=1e-3, err_msg=name)
-  assert matmul.large_matmul_compiler_options(jnp.bfloat16, "cpu") == {}
   assert matmul.large_matmul_compiler_options(jnp.float32, "tpu") == {}
+  assert matmul.large_matmul_compiler_options(jnp.bfloat16, "tpu") == {}
+
+
+def test_bfloat16_step_options_give_onednn_only_the_float32_dots():
+  if not matmul.onednn_dots_supported():
+    pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")
+  rng = np.random.default_rng(1)
+  x, w = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in ((64, 32), (32, 16)))
+  q, k = (jnp.asarray(rng.standard_normal((4, 64, 16)), jnp.float32) for _ in range(2))
+
+  def fn(x, w, q, k):  # A weight matmul on bf16 operands and an attention-like batched one.
+    return (jnp.dot(x, w, preferred_element_type=jnp.float32),
+            jnp.einsum("bqd,bkd->bqk", q, k))
+
+  options = matmul.large_matmul_compiler_options(jnp.bfloat16, "cpu")
+  compiled = jax.jit(fn, compiler_options=options).lower(x, w, q, k).compile()
+  fusions = re.findall(r"(onednn_fusion|ynn_fusion)[.\d]* = f32\[([\d,]+)\]", compiled.as_text())
+  assert ("onednn_fusion", "4,64,64") in fusions and ("ynn_fusion", "64,16") in fusions
+  for got, want in zip(compiled(x, w, q, k), jax.jit(fn)(x, w, q, k)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-llama"])
@@ -196,9 +215,11 @@ def _float32_gradients(name):
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama"])
 def test_bfloat16_gradients_run_and_track_float32(name, remat):
-  # Runs, not just traces: XLA:CPU rejected some bf16 batched dots at run time.
+  # Runs, not just traces, and under the train step's compiler options: XLA:CPU rejected
+  # some bf16 batched dots at run time.
   config = models.get(name, remat=remat, dtype="bfloat16")
-  _, grads16 = _loss_and_grads(config, _gradient_tokens(config))
+  options = matmul.large_matmul_compiler_options(config.dtype, jax.default_backend())
+  _, grads16 = _loss_and_grads(config, _gradient_tokens(config), options or None)
   flat32 = _float32_gradients(name)
   flat16 = _flat(grads16)
   assert np.all(np.isfinite(flat16))

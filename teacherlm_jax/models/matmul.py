@@ -56,6 +56,12 @@ def batched_operand_dtype(dtype, platform: str) -> jnp.dtype:
 _ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                 "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
                 "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+# For a bf16 step: oneDNN takes only the float32 dots (attention's batched products, see
+# `batched_operand_dtype`) and YNNPACK keeps its default fusions, among them the bf16 x bf16 ->
+# float32 dots, which its AMX kernels run faster than oneDNN.
+_ONEDNN_FLOAT32_DOTS = {"xla_cpu_use_onednn": True,
+                        "xla_cpu_experimental_onednn_fusion_type":
+                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def onednn_dots_supported(cpuinfo: Optional[str] = None) -> bool:
@@ -89,13 +95,19 @@ def large_matmul_compiler_options(dtype, platform: str) -> dict:
 
   On CPU, float32 dots of thousands of rows run faster through oneDNN: the BLOOM-42M float32
   train step took 1.06-1.15x less time in three same-process A/Bs, losses equal to 1e-6 (with
-  the DOT fusion type; each dot alone measured within noise of it, 443 vs 471 tokens/s). Not
-  for bf16 (oneDNN's path there ran the step at 0.65x of YNNPACK's AMX kernels) nor for decode
-  steps (32-row products: the LM head 4x slower through oneDNN), nor on a host where
-  `onednn_dots_supported()` is False.
+  the DOT fusion type; each dot alone measured within noise of it, 443 vs 471 tokens/s). A
+  bf16 step keeps its bf16 dots on YNNPACK (oneDNN's path there ran the step at 0.65x of
+  YNNPACK's AMX kernels) and gives oneDNN attention's float32 batched products, which YNNPACK
+  ran at 36-54 GFLOP/s (18% of the step) and oneDNN at 90-190: the step 1.06-1.15x faster in
+  four same-process A/Bs. Not for decode steps (32-row products: the LM head 4x slower
+  through oneDNN), nor on a host where `onednn_dots_supported()` is False.
   """
-  if platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and onednn_dots_supported():
+  if platform != "cpu" or not onednn_dots_supported():
+    return {}
+  if jnp.dtype(dtype) == jnp.float32:
     return dict(_ONEDNN_DOTS)
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    return dict(_ONEDNN_FLOAT32_DOTS)
   return {}
 
 
