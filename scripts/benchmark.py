@@ -101,8 +101,11 @@ def main(argv):
   record = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "jax_devices": [str(d) for d in jax.devices()],
                         "torch": torch.__version__, "jax": jax.__version__,
-                        # Float32 train steps on CPU use oneDNN dots only where True.
-                        "onednn_dots": matmul.onednn_dots_supported()},
+                        # Train steps on CPU use oneDNN dots only where True.
+                        "onednn_dots": matmul.onednn_dots_supported(),
+                        # glibc malloc settings (e.g. glibc.malloc.hugetlb=1) move both
+                        # sides' CPU steps by 15-40%: see the README's training notes.
+                        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
             "rows": rows}
   pathlib.Path(_OUTPUT.value).write_text(json.dumps(record, indent=2, default=str))
   print(f"wrote {_OUTPUT.value}")
