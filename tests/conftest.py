@@ -26,3 +26,11 @@ def shared_data() -> pathlib.Path:
   if not path.is_dir():
     pytest.skip(f"real data directory {path} is absent (set TEACHERLM_DATA_DIR)")
   return path
+
+
+@pytest.fixture
+def onednn_dots() -> None:
+  """Skips unless the train step compiles with oneDNN dots here (matmul.onednn_dots_supported)."""
+  from teacherlm_jax.models import matmul
+  if not matmul.onednn_dots_supported():
+    pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")

@@ -108,13 +108,11 @@ def test_the_train_step_never_holds_the_whole_logits():
   assert chunked < logits_bytes / 2
 
 
-def test_gradients_hold_under_the_train_steps_compiler_options():
+def test_gradients_hold_under_the_train_steps_compiler_options(onednn_dots):
   # The train step compiles with matmul.large_matmul_compiler_options (oneDNN dots on CPU);
   # with oneDNN's DOT fusion type the gradient scaling in this loss's backward was folded into
   # the GEMM and came out wrong (one chunk: d hidden off by 0.17), and the tiny teacher stopped
   # learning.
-  if not matmul.onednn_dots_supported():
-    pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((4, 32, 64)), jnp.float32)
   table = jnp.asarray(rng.standard_normal((1000, 64)), jnp.float32) * 0.1

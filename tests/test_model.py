@@ -137,11 +137,9 @@ def test_onednn_dots_only_on_intel_cpus_with_avx512_and_amx():
     assert matmul.large_matmul_compiler_options(jnp.float32, "cpu") == {}
 
 
-def test_large_matmul_options_route_float32_cpu_dots_through_onednn():
+def test_large_matmul_options_route_float32_cpu_dots_through_onednn(onednn_dots):
   # The trainer compiles its step with these options; a jaxlib that drops the flags or its
   # oneDNN fusions fails here rather than silently losing the speed-up.
-  if not matmul.onednn_dots_supported():
-    pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")
   x, w = jnp.ones((64, 32), jnp.float32), jnp.ones((32, 16), jnp.float32)
   options = matmul.large_matmul_compiler_options(jnp.float32, "cpu")
   compiled = jax.jit(lambda x, w: jnp.tanh(x @ w), compiler_options=options).lower(x, w).compile()
@@ -161,9 +159,7 @@ def test_large_matmul_options_route_float32_cpu_dots_through_onednn():
   assert matmul.large_matmul_compiler_options(jnp.bfloat16, "tpu") == {}
 
 
-def test_bfloat16_step_options_give_onednn_only_the_float32_dots():
-  if not matmul.onednn_dots_supported():
-    pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")
+def test_bfloat16_step_options_give_onednn_only_the_float32_dots(onednn_dots):
   rng = np.random.default_rng(1)
   x, w = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in ((64, 32), (32, 16)))
   q, k = (jnp.asarray(rng.standard_normal((4, 64, 16)), jnp.float32) for _ in range(2))

@@ -116,7 +116,7 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   platform = jax.devices()[0].platform
   if platform == "cpu":  # Which library ran our step's dots (matmul.onednn_dots_supported).
     onednn = matmul.large_matmul_compiler_options(config.compute_dtype, platform)
-    platform += ", oneDNN dots" if onednn else ", YNNPACK dots"
+    platform += ", oneDNN float32 dots" if onednn else ", YNNPACK dots"
   notes = (f"{family} {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
            f"{platform}; first-step loss ours {ours_loss:.3f} / "
            f"torch {theirs_loss:.3f}")

@@ -48,20 +48,20 @@ def batched_operand_dtype(dtype, platform: str) -> jnp.dtype:
   return jnp.dtype(dtype)
 
 
-# XLA:CPU debug options: dots through oneDNN (the library PyTorch's CPU matmuls use) rather
-# than YNNPACK, which otherwise claims every dot fusion; YNNPACK keeps the reductions. Each dot
-# alone (INDIVIDUAL_DOT): oneDNN's DOT fusion type also folds a following multiply or divide by
-# a broadcast operand into the GEMM, and this jaxlib computes that wrongly (`0.125 * (a @ b)`
-# off by ~1e4, `scores / sqrt(d)` alike; the chunked loss's gradient scaling hit it).
-_ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
-                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-                "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-# For a bf16 step: oneDNN takes only the float32 dots (attention's batched products, see
+# XLA:CPU debug options that give dots to oneDNN (the library PyTorch's CPU matmuls use) rather
+# than YNNPACK, which otherwise claims every dot fusion. Each dot alone (INDIVIDUAL_DOT):
+# oneDNN's DOT fusion type also folds a following multiply or divide by a broadcast operand into
+# the GEMM, and this jaxlib computes that wrongly (`0.125 * (a @ b)` off by ~1e4, `scores /
+# sqrt(d)` alike; the chunked loss's gradient scaling hit it).
+# A bf16 step: oneDNN takes only the float32 dots (attention's batched products, see
 # `batched_operand_dtype`) and YNNPACK keeps its default fusions, among them the bf16 x bf16 ->
 # float32 dots, which its AMX kernels run faster than oneDNN.
 _ONEDNN_FLOAT32_DOTS = {"xla_cpu_use_onednn": True,
                         "xla_cpu_experimental_onednn_fusion_type":
                             "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# A float32 step: every dot through oneDNN; YNNPACK keeps only the reductions.
+_ONEDNN_DOTS = {**_ONEDNN_FLOAT32_DOTS,
+                "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def onednn_dots_supported(cpuinfo: Optional[str] = None) -> bool:
