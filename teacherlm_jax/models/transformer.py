@@ -174,22 +174,29 @@ class Attention(nnx.Module):
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     b, l, h, hd = q.shape
-    groups = h // cfg.kv_heads
+    kv_heads, groups, s = cfg.kv_heads, h // cfg.kv_heads, k.shape[2]
     out_dtype = q.dtype
-    q = q.astype(k.dtype).reshape(b, l, cfg.kv_heads, groups, hd)
-    scores = matmul.einsum("blkgd,bksd->bkgls", q, k)
-    scores = scores / np.float32(math.sqrt(hd))
+    # Each key/value head's query groups are folded into the query rows: both products are
+    # then plain matmuls batched over (B, K) with operands in row-major order. As 5-D einsums
+    # over (B, K, G, L) with G = 1 (multi-head attention), XLA:CPU transposed the [L, S]
+    # scores before and after the softmax (the BLOOM-42M float32 train step 1.05-1.09x faster
+    # this way, same losses).
+    q = q.astype(k.dtype).reshape(b, l, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
+    scores = matmul.einsum("bkmd,bksd->bkms", q.reshape(b, kv_heads, groups * l, hd), k)
+    scores = scores.reshape(b, kv_heads, groups, l, s) / np.float32(math.sqrt(hd))
     if cfg.family == "bloom":
       # HF adds slope * key_position (its `alibi`), equal to a relative bias up to a per-query
       # constant that softmax ignores; we keep HF's form for bit-level parity.
-      slopes = jnp.asarray(alibi_slopes(h)).reshape(cfg.kv_heads, groups)
+      slopes = jnp.asarray(alibi_slopes(h)).reshape(kv_heads, groups)
       scores = scores + slopes[None, :, :, None, None] * key_positions_BxS[:, None, None, None, :]
     visible = ((segment_ids_BxL[:, :, None] == key_segment_ids_BxS[:, None, :])
                & (key_segment_ids_BxS[:, None, :] != 0)
                & (key_positions_BxS[:, None, :] <= positions_BxL[:, :, None]))
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    attended = matmul.einsum("bkgls,bksd->blkgd", probs, v).astype(out_dtype).reshape(b, l, h, hd)
+    attended = matmul.einsum("bkms,bksd->bkmd", probs.reshape(b, kv_heads, groups * l, s), v)
+    attended = attended.reshape(b, kv_heads, groups, l, hd).transpose(0, 3, 1, 2, 4)
+    attended = attended.astype(out_dtype).reshape(b, l, h, hd)
     return self.out(attended), new_cache
 
 
