@@ -59,6 +59,30 @@ def test_packed_segments_equal_separate_runs(peer):
   np.testing.assert_allclose(packed_logits[0, 5:12], alone_second[0], atol=1e-5)
 
 
+def test_attention_in_query_blocks_matches_transformers(peer, monkeypatch):
+  """A cache-free forward attends in blocks of query rows, each seeing only the keys up to
+  its own last row: the same logits as transformers (left-padded) and as separate runs
+  (packed segments that cross the blocks' boundaries)."""
+  family, torch_model, config, model, _ = peer
+  monkeypatch.setattr(transformer, "MIN_QUERY_BLOCK_ROWS", 4)
+  assert transformer.causal_query_blocks(16) == 4
+  tokens, mask = hf_peers.left_padded_batch(config.vocab_size, [16, 9, 3, 14],
+                                            config.pad_token_id, 4)
+  ours, _ = model(tokens, segment_ids_BxL=mask)
+  _assert_logits_close(ours, hf_peers.hf_logits(torch_model, tokens, mask), mask, 1e-4, family)
+  rng = np.random.default_rng(5)
+  lengths = [6, 7, 3]
+  segments = [rng.integers(3, config.vocab_size, n) for n in lengths]
+  packed = np.concatenate(segments)[None]
+  segment_ids = np.concatenate([[i + 1] * n for i, n in enumerate(lengths)])[None]
+  packed_logits, _ = model(packed, segment_ids_BxL=segment_ids)
+  start = 0
+  for segment in segments:
+    alone, _ = model(segment[None])
+    np.testing.assert_allclose(packed_logits[0, start:start + len(segment)], alone[0], atol=1e-5)
+    start += len(segment)
+
+
 def test_export_round_trip_and_transformers_reload(peer, tmp_path):
   import transformers
   family, torch_model, config, model, directory = peer

@@ -39,8 +39,8 @@ class ModelConfig:
     tie_word_embeddings: LM head shares the token embedding.
     dtype: compute dtype ('float32' or 'bfloat16').
     param_dtype: storage dtype of parameters.
-    remat: 'none', 'full' (recompute each block), 'dots' (save the projections' outputs,
-      recompute the rest: norms, activations, attention).
+    remat: 'none', 'full' (recompute each block), 'dots' (save the projections' and
+      attention's outputs, recompute the rest: norms, activations, attention scores).
   """
   family: str
   vocab_size: int
