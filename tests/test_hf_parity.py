@@ -46,17 +46,25 @@ def test_cached_decoding_equals_full_forward(peer):
   _assert_logits_close(cached, full, mask, 1e-5, "cached vs full")
 
 
+def _assert_packed_equals_separate_runs(model, config, lengths, pads, seed):
+  """Segments of `lengths` random tokens packed in one row (then `pads` pad tokens) give the
+  logits each gives alone."""
+  rng = np.random.default_rng(seed)
+  segments = [rng.integers(3, config.vocab_size, n) for n in lengths]
+  packed = np.concatenate(segments + [np.full(pads, config.pad_token_id)])[None]
+  segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)]
+                               + [np.zeros(pads, int)])[None]
+  packed_logits, _ = model(packed, segment_ids_BxL=segment_ids)
+  start = 0
+  for segment in segments:
+    alone, _ = model(segment[None])
+    np.testing.assert_allclose(packed_logits[0, start:start + len(segment)], alone[0], atol=1e-5)
+    start += len(segment)
+
+
 def test_packed_segments_equal_separate_runs(peer):
   _, _, config, model, _ = peer
-  rng = np.random.default_rng(3)
-  first, second = rng.integers(3, config.vocab_size, 5), rng.integers(3, config.vocab_size, 7)
-  packed = np.concatenate([first, second, [config.pad_token_id] * 2])[None]
-  segment_ids = np.array([[1] * 5 + [2] * 7 + [0] * 2])
-  packed_logits, _ = model(packed, segment_ids_BxL=segment_ids)
-  alone_first, _ = model(first[None])
-  alone_second, _ = model(second[None])
-  np.testing.assert_allclose(packed_logits[0, :5], alone_first[0], atol=1e-5)
-  np.testing.assert_allclose(packed_logits[0, 5:12], alone_second[0], atol=1e-5)
+  _assert_packed_equals_separate_runs(model, config, [5, 7], pads=2, seed=3)
 
 
 def test_attention_in_query_blocks_matches_transformers(peer, monkeypatch):
@@ -70,17 +78,7 @@ def test_attention_in_query_blocks_matches_transformers(peer, monkeypatch):
                                             config.pad_token_id, 4)
   ours, _ = model(tokens, segment_ids_BxL=mask)
   _assert_logits_close(ours, hf_peers.hf_logits(torch_model, tokens, mask), mask, 1e-4, family)
-  rng = np.random.default_rng(5)
-  lengths = [6, 7, 3]
-  segments = [rng.integers(3, config.vocab_size, n) for n in lengths]
-  packed = np.concatenate(segments)[None]
-  segment_ids = np.concatenate([[i + 1] * n for i, n in enumerate(lengths)])[None]
-  packed_logits, _ = model(packed, segment_ids_BxL=segment_ids)
-  start = 0
-  for segment in segments:
-    alone, _ = model(segment[None])
-    np.testing.assert_allclose(packed_logits[0, start:start + len(segment)], alone[0], atol=1e-5)
-    start += len(segment)
+  _assert_packed_equals_separate_runs(model, config, [6, 7, 3], pads=0, seed=5)
 
 
 def test_export_round_trip_and_transformers_reload(peer, tmp_path):
