@@ -119,13 +119,14 @@ class Throughput:
   def elapsed_s(self) -> float:
     return 0.0 if self._start is None else time.perf_counter() - self._start
 
-  def step_done(self, step_outputs):
+  def step_done(self, step_outputs, steps: int = 1):
+    """After a call of `steps` train steps whose outputs are `step_outputs`."""
     if self._start is None:
       jax.block_until_ready(step_outputs)
       self._start = self._window_start = time.perf_counter()
     else:
-      self._in_window += 1
-      self.timed_steps += 1
+      self._in_window += steps
+      self.timed_steps += steps
 
   def window_rates(self) -> Dict[str, float]:
     """Rates since the previous call (empty if no timed step); starts a new window."""

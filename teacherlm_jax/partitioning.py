@@ -210,9 +210,13 @@ def check_batch_divides(batch_size: int, mesh: Mesh, rules: LogicalRules = LOGIC
                      f"make it a multiple of {jax.process_count()}")
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules: LogicalRules = LOGICAL_AXIS_RULES):
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: LogicalRules = LOGICAL_AXIS_RULES,
+                   stacked: bool = False):
+  """Rows over the batch axes. `stacked`: arrays with a leading, unsharded axis of batches
+  (one per train step of a multi-step call) before the rows."""
   names = ("batch", "length") + (None,) * (ndim - 2)
-  return NamedSharding(mesh, logical_to_spec(names[:ndim], rules, mesh))
+  spec = logical_to_spec(names[:ndim - stacked], rules, mesh)
+  return NamedSharding(mesh, PartitionSpec(None, *spec) if stacked else spec)
 
 
 def process_batch_rows(mesh: Mesh, global_batch_size: int,
@@ -237,15 +241,18 @@ def process_batch_rows(mesh: Mesh, global_batch_size: int,
 
 
 def shard_batch(local_batch: dict, mesh: Mesh, global_batch_size: int,
-                rules: LogicalRules = LOGICAL_AXIS_RULES) -> dict:
+                rules: LogicalRules = LOGICAL_AXIS_RULES, stacked: bool = False) -> dict:
   """Global jax.Arrays from this process's rows (`process_batch_rows`) of a batch of numpy
-  arrays, via `jax.make_array_from_process_local_data` (the multi-host input path)."""
+  arrays, via `jax.make_array_from_process_local_data` (the multi-host input path).
+
+  `stacked`: each array holds several batches along a leading axis ([steps, rows, ...]).
+  """
   out = {}
   for name, local in local_batch.items():
     local = np.asarray(local)
-    global_shape = (global_batch_size,) + local.shape[1:]
+    global_shape = local.shape[:stacked] + (global_batch_size,) + local.shape[1 + stacked:]
     out[name] = jax.make_array_from_process_local_data(
-        batch_sharding(mesh, local.ndim, rules), local, global_shape)
+        batch_sharding(mesh, local.ndim, rules, stacked), local, global_shape)
   return out
 
 

@@ -113,6 +113,21 @@ def test_gradient_accumulation_equals_the_large_batch(flan_batches, tmp_path):
   _assert_trees_close(_params(accumulated), _params(large), rtol=1e-4, atol=1e-5)
 
 
+def test_several_steps_per_call_equal_one_step_per_call(flan_batches, tmp_path):
+  # 7 steps of 2 microbatches, logged every 3: calls of 2 steps (0->2, 3->5) and, where a call
+  # would cross a log or num_steps, single steps (2->3, 5->6, 6->7).
+  config = _config(num_steps=7, log_every=3, grad_accum_steps=2, **MESH)
+  one = _run(config, tmp_path / "one", flan_batches)
+  several = _run(config.replace(steps_per_call=2), tmp_path / "several", flan_batches)
+  assert int(several["state"]["step"]) == 14  # Microbatches.
+  np.testing.assert_allclose(several["losses"], one["losses"], rtol=2e-6)
+  _assert_trees_close(_params(several), _params(one), rtol=1e-4, atol=1e-5)
+  logged = lambda d: [json.loads(line)["step"] for line in
+                      (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+                      if json.loads(line)["split"] == "train"]
+  assert logged("several") == logged("one") == [3, 6, 7]
+
+
 def test_bf16_compute_keeps_float32_master_weights(flan_batches, one_device_run, tmp_path):
   result = _run(_config(compute_dtype="bfloat16", **MESH), tmp_path,
                 flan_batches)
@@ -179,17 +194,21 @@ def test_loss_mask_targets_only_or_every_token(shared_data):
   assert np.all(every_token["positions"][:, 1:][starts & real[:, 1:]] == 0)
 
 
-def test_sigterm_saves_a_checkpoint_at_the_current_step_and_returns(flan_batches, tmp_path):
+@pytest.mark.parametrize("steps_per_call, saved_step", [(1, 5), (2, 6)])
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_returns(
+    steps_per_call, saved_step, flan_batches, tmp_path):
+  # The signal arrives while batch 4 is read: in step 5, or in the call of steps 5 and 6.
   def batches(start):
     for number, batch in enumerate(flan_batches[start:], start):
       if number == 4:  # A real SIGTERM to this process, as a TPU preemption sends.
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
-  config = _config(num_steps=20, checkpoint_every=1000, **MESH)
+  config = _config(num_steps=20, checkpoint_every=1000, log_every=10,
+                   steps_per_call=steps_per_call, **MESH)
   handler_before = signal.getsignal(signal.SIGTERM)
   result = train.train(config, str(tmp_path), train_batches=batches)
-  assert result["preempted"] and result["step"] == 5
-  assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == [5]
+  assert result["preempted"] and result["step"] == saved_step
+  assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == [saved_step]
   assert signal.getsignal(signal.SIGTERM) is handler_before  # Ours is uninstalled.
 
 
