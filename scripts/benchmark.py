@@ -40,6 +40,10 @@ _TRAINING_FAMILIES = flags.DEFINE_list(
 flags.register_validator(
     "training_families", lambda families: set(families) <= set(models.FAMILIES),
     message=f"--training_families: each must be one of {', '.join(models.FAMILIES)}")
+_TRAINING_STEPS_PER_CALL = flags.DEFINE_integer(
+    "training_steps_per_call", 4,
+    "Train steps per jitted call of ours (TrainConfig.steps_per_call); torch runs as many per "
+    "timed run. Above 1, a second row times ours at one step per call.", lower_bound=1)
 
 
 def _format(value):
@@ -72,7 +76,8 @@ def main(argv):
       for precision in _PRECISIONS.value:
         runners[f"training {family} {precision}"] = functools.partial(
             training.benchmark_training, device=_DEVICE.value, quick=_QUICK.value,
-            precision=precision, family=family)
+            precision=precision, family=family,
+            steps_per_call=_TRAINING_STEPS_PER_CALL.value)
   if "decoding" in _ONLY.value:
     from teacherlm_jax.benchmarks import decoding
     for precision in _PRECISIONS.value:

@@ -9,6 +9,10 @@ tokens/s of each, the ratio, and MFU of each against one measured matmul peak (t
 jax and a torch float32 square matmul on this machine), with the FLOPs of
 `metrics.flops_per_token`. Runs alternate so load changes hit both alike.
 
+Ours runs `steps_per_call` steps per jitted call (`TrainConfig.steps_per_call`, the trainer's
+multi-step `lax.scan`), torch the same number of steps per timed run; a second row times ours
+at one step per call in the same alternation.
+
 `precision='bfloat16'` compares mixed precision with mixed precision: our bf16 compute with
 float32 master weights (`TrainConfig.compute_dtype`) against torch CPU autocast to bf16 with
 float32 parameters; MFU is then against the best measured bf16 matmul.
@@ -33,7 +37,7 @@ def torch_matmul_tflops(size: int = 1024, repeats: int = 5, dtype: str = "float3
 
 def benchmark_training(device: bool = False, quick: bool = False, batch_size: int = 8,
                        seq_len: int = 256, steps: int = None, precision: str = "float32",
-                       family: str = "bloom") -> List[Dict]:
+                       family: str = "bloom", steps_per_call: int = 4) -> List[Dict]:
   """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
   import jax
   import torch
@@ -64,7 +68,7 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   inputs = torch.tensor(tokens[:, :-1], device=torch_device)
   labels = torch.tensor(tokens[:, 1:], device=torch_device)
 
-  def theirs():
+  def their_step():
     with torch.autocast(torch_device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
       logits = torch_model(input_ids=inputs).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -92,16 +96,30 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
               "segment_ids": np.ones((batch_size, seq_len), np.int32),
               "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))}
   batch = partitioning.shard_batch(batch_np, mesh, batch_size)
+  batches = partitioning.shard_batch({k: np.stack([v] * steps_per_call) for k, v in
+                                      batch_np.items()}, mesh, batch_size, stacked=True)
   holder = {"state": state}
 
-  def ours():
+  def our_step():
     holder["state"], step_metrics = program.train_step(holder["state"], batch)
     return float(step_metrics["loss"])
 
-  ours_loss, theirs_loss = ours(), theirs()  # Compile / warm up.
-  best = timing.best_times((ours, theirs), steps)
+  def ours():  # As the trainer runs with TrainConfig.steps_per_call.
+    if steps_per_call == 1:
+      return our_step()
+    holder["state"], step_metrics = program.train_steps(holder["state"], batches)
+    return float(step_metrics["loss"][0])
+
+  def theirs():
+    return [their_step() for _ in range(steps_per_call)][0]
+
+  ours_loss, theirs_loss = our_step(), theirs()  # Compile / warm up.
+  ours()
+  timed = (ours, theirs) if steps_per_call == 1 else (ours, theirs, our_step)
+  best = timing.best_times(timed, steps)
   tokens_per_step = batch_size * seq_len
-  ours_tps, theirs_tps = tokens_per_step / best[0], tokens_per_step / best[1]
+  ours_tps = steps_per_call * tokens_per_step / best[0]
+  theirs_tps = steps_per_call * tokens_per_step / best[1]
   flops_per_token = metrics.flops_per_token(config, seq_len)
   if device:
     peak, peak_note = None, "no measured peak on the accelerator path"
@@ -118,10 +136,15 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
     onednn = matmul.large_matmul_compiler_options(config.compute_dtype, platform)
     platform += ", oneDNN float32 dots" if onednn else ", YNNPACK dots"
   notes = (f"{family} {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
-           f"{platform}; first-step loss ours {ours_loss:.3f} / "
-           f"torch {theirs_loss:.3f}")
+           f"{platform}, {steps_per_call} step(s) per call; first-step loss ours "
+           f"{ours_loss:.3f} / torch {theirs_loss:.3f}")
   rows = [{"benchmark": "training", "metric": f"tokens/s{suffix}", "ours": ours_tps,
            "pytorch": theirs_tps, "ratio": ours_tps / theirs_tps, "notes": notes}]
+  if steps_per_call > 1:
+    single_tps = tokens_per_step / best[2]
+    rows.append({"benchmark": "training", "metric": f"tokens/s, one step per call{suffix}",
+                 "ours": single_tps, "pytorch": theirs_tps, "ratio": single_tps / theirs_tps,
+                 "notes": "the same step, one jitted call per step"})
   if peak:
     ours_mfu = ours_tps * flops_per_token / 1e12 / peak
     theirs_mfu = theirs_tps * flops_per_token / 1e12 / peak
