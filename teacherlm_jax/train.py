@@ -191,10 +191,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
 
   `stacked`: jit(state, batches) -> (state, metrics) instead, `batches` holding several
   batches along a leading axis, run in order as a `lax.scan` over the one-step function
-  (metrics stacked the same way; each count of batches compiles once). One call then runs several steps, as Keras's
-  `steps_per_execution` or TPUEstimator's `iterations_per_loop`: the host dispatches once per
-  call, and XLA:CPU allocates and first touches the step's scratch memory once per call rather
-  than once per step (the BLOOM-42M float32 step: 221k page faults a step at 1, 55k at 4).
+  (metrics stacked the same way; each count of batches compiles once). One call then runs
+  several steps, as Keras's `steps_per_execution` or TPUEstimator's `iterations_per_loop`: the
+  host dispatches once per call, and XLA:CPU allocates and first touches the step's scratch
+  memory once per call rather than once per step (the BLOOM-42M float32 step: 221k page
+  faults a step at one step per call, 55k at 4).
   """
 
   def step_fn(state, batch):
