@@ -6,6 +6,7 @@ r"""Benchmarks ours against PyTorch `transformers` on the same machine, in one r
   python scripts/benchmark.py --only=decoding --output=/tmp/bench.json
   python scripts/benchmark.py --precisions=float32  # skip the bf16-vs-bf16 rows
   python scripts/benchmark.py --only=training --training_families=bloom,opt,llama
+  python scripts/benchmark.py --only=training --training_shapes=8x256  # default: 8x256,1x2048
   python scripts/benchmark.py --device              # JAX GPU vs PyTorch CUDA when present
   python scripts/benchmark.py --cpu_devices=1       # no CPU mesh rows (default: one device
                                                     # per core, up to 8)
@@ -40,10 +41,27 @@ _TRAINING_FAMILIES = flags.DEFINE_list(
 flags.register_validator(
     "training_families", lambda families: set(families) <= set(models.FAMILIES),
     message=f"--training_families: each must be one of {', '.join(models.FAMILIES)}")
+_TRAINING_SHAPES = flags.DEFINE_list(
+    "training_shapes", ["8x256", "1x2048"],
+    "Batch shapes (ROWSxTOKENS) the training benchmark runs, each with every family and "
+    "precision: 8x256, and 1x2048, the sequence length of gin/student.gin and "
+    "gin/teacher_sft.gin at the same 2,048 tokens a step.")
+flags.register_validator(
+    "training_shapes", lambda shapes: all(_is_shape(shape) for shape in shapes),
+    message="--training_shapes: each must be ROWSxTOKENS with both above 0, e.g. 8x256")
 _TRAINING_STEPS_PER_CALL = flags.DEFINE_integer(
     "training_steps_per_call", 4,
     "Train steps per jitted call of ours (TrainConfig.steps_per_call); torch runs as many per "
     "timed run. Above 1, a second row times ours at one step per call.", lower_bound=1)
+
+
+def _is_shape(text: str) -> bool:
+  from teacherlm_jax.benchmarks import training
+  try:
+    training.parse_shape(text)
+  except ValueError:
+    return False
+  return True
 
 
 def _format(value):
@@ -72,12 +90,14 @@ def main(argv):
   runners = {}
   if "training" in _ONLY.value:
     from teacherlm_jax.benchmarks import training
-    for family in _TRAINING_FAMILIES.value:
-      for precision in _PRECISIONS.value:
-        runners[f"training {family} {precision}"] = functools.partial(
-            training.benchmark_training, device=_DEVICE.value, quick=_QUICK.value,
-            precision=precision, family=family,
-            steps_per_call=_TRAINING_STEPS_PER_CALL.value)
+    for shape in _TRAINING_SHAPES.value:
+      batch_size, seq_len = training.parse_shape(shape)
+      for family in _TRAINING_FAMILIES.value:
+        for precision in _PRECISIONS.value:
+          runners[f"training {family} {precision} {shape}"] = functools.partial(
+              training.benchmark_training, device=_DEVICE.value, quick=_QUICK.value,
+              batch_size=batch_size, seq_len=seq_len, precision=precision, family=family,
+              steps_per_call=_TRAINING_STEPS_PER_CALL.value)
   if "decoding" in _ONLY.value:
     from teacherlm_jax.benchmarks import decoding
     for precision in _PRECISIONS.value:

@@ -9,6 +9,13 @@ tokens/s of each, the ratio, and MFU of each against one measured matmul peak (t
 jax and a torch float32 square matmul on this machine), with the FLOPs of
 `metrics.flops_per_token`. Runs alternate so load changes hit both alike.
 
+The batch is `batch_size` rows of `seq_len` tokens (`DEFAULT_SHAPE`, 8x256, unless given; rows
+of another shape name it, e.g. "tokens/s, 1x2048"). BLOOM's `transformers` attention (eager,
+ALiBi through `baddbmm`) computes every query's scores against every key and masks the future
+(OPT's and LLaMA's run torch's SDPA); ours attends in blocks of query rows that skip the keys
+after a block (`transformer.causal_query_blocks`), so the longer the rows, the more of BLOOM's
+attention work torch does and ours does not.
+
 Ours runs `steps_per_call` steps per jitted call (`TrainConfig.steps_per_call`, the trainer's
 multi-step `lax.scan`), torch the same number of steps per timed run; a second row times ours
 at one step per call in the same alternation.
@@ -19,12 +26,19 @@ float32 parameters; MFU is then against the best measured bf16 matmul.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import re
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 from teacherlm_jax.benchmarks import models
 from teacherlm_jax.benchmarks import timing
+
+# (rows, tokens a row) of the training rows without a shape in their name. The benchmark also
+# runs 1x2048 by default: the sequence length of `gin/student.gin` and `gin/teacher_sft.gin`,
+# the same 2,048 tokens a step (`scripts/benchmark.py --training_shapes`).
+DEFAULT_SHAPE = (8, 256)
+
 
 def torch_matmul_tflops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
   import torch
@@ -35,8 +49,17 @@ def torch_matmul_tflops(size: int = 1024, repeats: int = 5, dtype: str = "float3
   return 2.0 * size ** 3 / best / 1e12
 
 
-def benchmark_training(device: bool = False, quick: bool = False, batch_size: int = 8,
-                       seq_len: int = 256, steps: int = None, precision: str = "float32",
+def parse_shape(text: str) -> Tuple[int, int]:
+  """'8x256' -> (8, 256): rows x tokens a row of one train step's batch."""
+  match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
+  if not match or 0 in (int(match.group(1)), int(match.group(2))):
+    raise ValueError(f"training shape {text!r}: expected ROWSxTOKENS, e.g. 8x256")
+  return int(match.group(1)), int(match.group(2))
+
+
+def benchmark_training(device: bool = False, quick: bool = False,
+                       batch_size: int = DEFAULT_SHAPE[0], seq_len: int = DEFAULT_SHAPE[1],
+                       steps: int = None, precision: str = "float32",
                        family: str = "bloom", steps_per_call: int = 4) -> List[Dict]:
   """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
   import jax
@@ -49,12 +72,13 @@ def benchmark_training(device: bool = False, quick: bool = False, batch_size: in
   from teacherlm_jax.models import hf
   from teacherlm_jax.models import matmul
 
-  suffix = timing.precision_suffix(precision) + ("" if family == "bloom" else f", {family}")
   the_hf_config = models.hf_config(family, "quick" if quick else "full")
   vocab = the_hf_config.vocab_size
   steps = steps or (2 if quick else 5)
   if quick:
     seq_len = min(seq_len, 128)
+  suffix = (timing.precision_suffix(precision) + ("" if family == "bloom" else f", {family}")
+            + ("" if (batch_size, seq_len) == DEFAULT_SHAPE else f", {batch_size}x{seq_len}"))
   torch_device = "cuda" if device and torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   config = hf.config_from_hf(the_hf_config.to_dict())
