@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from configs import models
-from teacherlm_jax.models import hf, transformer
+from teacherlm_jax.models import attention, hf, transformer
 from teacherlm_jax.models.config import ModelConfig
 
 # Published parameter counts (HF model cards / papers), within 1%.
@@ -61,4 +61,4 @@ def test_alibi_slopes_for_non_power_of_two_heads_match_transformers():
   for heads in (4, 6, 12, 112):
     mask = torch.ones(1, 3)
     alibi = build_alibi_tensor(mask, heads, torch.float32).reshape(heads, 3)
-    np.testing.assert_allclose(transformer.alibi_slopes(heads), alibi[:, 1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(attention.alibi_slopes(heads), alibi[:, 1].numpy(), rtol=1e-6)

@@ -4,7 +4,7 @@ import pytest
 
 import hf_peers
 from teacherlm_jax.benchmarks import models
-from teacherlm_jax.models import hf, transformer
+from teacherlm_jax.models import attention, hf, transformer
 
 FAMILIES = sorted(hf_peers.FAMILY_CONFIGS)
 
@@ -72,8 +72,8 @@ def test_attention_in_query_blocks_matches_transformers(peer, monkeypatch):
   its own last row: the same logits as transformers (left-padded) and as separate runs
   (packed segments that cross the blocks' boundaries)."""
   family, torch_model, config, model, _ = peer
-  monkeypatch.setattr(transformer, "MIN_QUERY_BLOCK_ROWS", 4)
-  assert transformer.causal_query_blocks(16) == 4
+  monkeypatch.setattr(attention, "MIN_QUERY_BLOCK_ROWS", 4)
+  assert attention.causal_query_blocks(16) == 4
   tokens, mask = hf_peers.left_padded_batch(config.vocab_size, [16, 9, 3, 14],
                                             config.pad_token_id, 4)
   ours, _ = model(tokens, segment_ids_BxL=mask)

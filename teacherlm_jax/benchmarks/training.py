@@ -13,7 +13,7 @@ The batch is `batch_size` rows of `seq_len` tokens (`DEFAULT_SHAPE`, 8x256, unle
 of another shape name it, e.g. "tokens/s, 1x2048"). BLOOM's `transformers` attention (eager,
 ALiBi through `baddbmm`) computes every query's scores against every key and masks the future
 (OPT's and LLaMA's run torch's SDPA); ours attends in blocks of query rows that skip the keys
-after a block (`transformer.causal_query_blocks`), so the longer the rows, the more of BLOOM's
+after a block (`attention.causal_query_blocks`), so the longer the rows, the more of BLOOM's
 attention work torch does and ours does not.
 
 Ours runs `steps_per_call` steps per jitted call (`TrainConfig.steps_per_call`, the trainer's

@@ -10,15 +10,15 @@ Masking is expressed with two integer arrays instead of a boolean attention mask
   * `positions_BxL`: the token's position inside its text (reset per segment, 0 for the first
     non-pad token of a left-padded row, which is what HF derives from `attention_mask`).
 A key is visible to a query iff both are in the same non-zero segment and the key's position is
-not after the query's. The same rule serves full forwards, packed training, and cached
-decoding, where the cache stores the segment ids and positions of the keys it holds.
+not after the query's. The same rule (`attention.scores_and_visibility`) serves full forwards,
+packed training, and cached decoding, where the cache stores the segment ids and positions of
+the keys it holds.
 
 The KV cache is a plain pytree (`init_cache`) passed in and returned, so the decode loop can
 jit, shard and donate it like any other state.
 """
 from __future__ import annotations
 
-import math
 import string
 from typing import Any, Dict, Optional, Tuple
 
@@ -29,35 +29,16 @@ import numpy as np
 from flax import nnx
 
 from teacherlm_jax import partitioning
+from teacherlm_jax.models import attention
 from teacherlm_jax.models import matmul
 from teacherlm_jax.models.config import ModelConfig
 
 Cache = Dict[str, Any]
 
 _default_kernel_init = nnx.initializers.normal(stddev=0.02)
-# The checkpoint names of what remat='dots' saves: the Dense outputs and attention's output
-# (its probabilities-times-values product; not the scores, which grow with length squared).
+# The checkpoint name of the Dense outputs, which remat='dots' saves (with attention's output
+# and row statistics, see attention.py).
 PROJECTION_OUTPUT = "projection_output"
-ATTENTION_OUTPUT = "attention_output"
-# A cache-free forward splits attention's queries into blocks of at least this many rows.
-MIN_QUERY_BLOCK_ROWS = 64
-
-
-def causal_query_blocks(length: int) -> int:
-  """How many blocks of query rows a cache-free forward of `length` tokens attends in.
-
-  There a key after the query is never visible, so each block of queries attends only to
-  the keys up to its own last row: n blocks compute (n + 1) / 2n of the [L, S] scores and
-  their softmax, 62.5% with 4 (the BLOOM-42M float32 train step at length 256: +3% tokens/s,
-  -2% CPU time per step in same-process A/Bs). Blocks of fewer than MIN_QUERY_BLOCK_ROWS rows
-  would make the batched products too small to run well. Up to 16 blocks: at length 2048 the
-  step ran 407 median tokens/s with 16 blocks of 128 rows against 372 with 8 and 391 with 32
-  (same-process A/B, 4-step calls); at 1024, 16 blocks of 64 rows 490 against 8's 488.
-  """
-  for blocks in (16, 8, 4, 2):
-    if length % blocks == 0 and length // blocks >= MIN_QUERY_BLOCK_ROWS:
-      return blocks
-  return 1
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
@@ -113,18 +94,6 @@ class LayerNorm(nnx.Module):
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
     y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
-
-
-def alibi_slopes(num_heads: int) -> np.ndarray:
-  """BLOOM's ALiBi slopes, including head counts that are not powers of two."""
-  closest = 2 ** math.floor(math.log2(num_heads))
-  base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-  slopes = [base ** p for p in range(1, closest + 1)]
-  if closest != num_heads:
-    extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-    remaining = min(closest, num_heads - closest)
-    slopes += [extra_base ** p for p in range(1, 1 + 2 * remaining, 2)]
-  return np.asarray(slopes, np.float32)
 
 
 def rope_tables(positions_BxL: jax.Array, dim: int, theta: float) -> Tuple[jax.Array, jax.Array]:
@@ -218,57 +187,16 @@ class Attention(nnx.Module):
 
     b, l, h, hd = q.shape
     kv_heads, groups = cfg.kv_heads, h // cfg.kv_heads
-    # Each key/value head's query groups are folded into the query rows: both products are
-    # then plain matmuls batched over (B, K) with operands in row-major order. As 5-D einsums
-    # over (B, K, G, L) with G = 1 (multi-head attention), XLA:CPU transposed the [L, S]
-    # scores before and after the softmax (the BLOOM-42M float32 train step 1.05-1.09x faster
-    # this way, same losses).
+    # (B, K, G, L, D): each key/value head's query groups, folded into rows by attention.py.
     q = q.astype(k.dtype).reshape(b, l, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
+    alibi = cfg.family == "bloom"
     if layer_cache is not None:
-      attended = self._attend(q, k, v, segment_ids_BxL, positions_BxL, key_segment_ids_BxS,
-                              key_positions_BxS, first_row=None)
-    else:  # Causal in token order: each block of queries sees the keys up to its last row.
-      rows = l // causal_query_blocks(l)
-      attended = jnp.concatenate([
-          self._attend(q[:, :, :, start:start + rows], k[:, :, :start + rows],
-                       v[:, :, :start + rows], segment_ids_BxL[:, start:start + rows],
-                       positions_BxL[:, start:start + rows],
-                       key_segment_ids_BxS[:, :start + rows], key_positions_BxS[:, :start + rows],
-                       first_row=start)
-          for start in range(0, l, rows)], axis=3)
+      attended = attention.attend(q, k, v, segment_ids_BxL, positions_BxL, key_segment_ids_BxS,
+                                  key_positions_BxS, alibi)
+    else:  # A cache-free forward: causal, in blocks of query rows.
+      attended = attention.causal_attention(q, k, v, segment_ids_BxL, positions_BxL, alibi)
     attended = attended.transpose(0, 3, 1, 2, 4).astype(cfg.compute_dtype).reshape(b, l, h, hd)
-    attended = checkpoint_name(attended, ATTENTION_OUTPUT)
     return self.out(attended), new_cache
-
-  def _attend(self, q_BxKxGxLxD, k_BxKxSxD, v_BxKxSxD, segment_ids_BxL, positions_BxL,
-              key_segment_ids_BxS, key_positions_BxS, first_row: Optional[int]) -> jax.Array:
-    """Attention of queries (B, K, G, L, D) to keys and values (B, K, S, D) -> (B, K, G, L, D).
-
-    A key is visible to a query of its own segment at the same or an earlier position; with
-    `first_row` (a cache-free forward, the queries being rows first_row.. of the sequence and
-    the keys its first S tokens) also only at the same or an earlier row.
-    """
-    cfg = self.config
-    b, kv_heads, groups, l, hd = q_BxKxGxLxD.shape
-    s = k_BxKxSxD.shape[2]
-    scores = matmul.einsum("bkmd,bksd->bkms", q_BxKxGxLxD.reshape(b, kv_heads, groups * l, hd),
-                           k_BxKxSxD)
-    scores = scores.reshape(b, kv_heads, groups, l, s) / np.float32(math.sqrt(hd))
-    if cfg.family == "bloom":
-      # HF adds slope * key_position (its `alibi`), equal to a relative bias up to a per-query
-      # constant that softmax ignores; we keep HF's form for bit-level parity.
-      slopes = jnp.asarray(alibi_slopes(kv_heads * groups)).reshape(kv_heads, groups)
-      scores = scores + slopes[None, :, :, None, None] * key_positions_BxS[:, None, None, None, :]
-    visible = ((segment_ids_BxL[:, :, None] == key_segment_ids_BxS[:, None, :])
-               & (key_segment_ids_BxS[:, None, :] != 0)
-               & (key_positions_BxS[:, None, :] <= positions_BxL[:, :, None]))
-    if first_row is not None:
-      visible &= (np.arange(s)[None, :] <= first_row + np.arange(l)[:, None])[None]
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxD.dtype)
-    attended = matmul.einsum("bkms,bksd->bkmd", probs.reshape(b, kv_heads, groups * l, s),
-                             v_BxKxSxD)
-    return attended.reshape(b, kv_heads, groups, l, hd)
 
 
 class MLP(nnx.Module):
@@ -428,8 +356,8 @@ class DecoderLM(nnx.Module):
       return x, None
 
     if self.config.remat != "none":
-      policy = (jax.checkpoint_policies.save_only_these_names(PROJECTION_OUTPUT,
-                                                              ATTENTION_OUTPUT)
+      policy = (jax.checkpoint_policies.save_only_these_names(
+                    PROJECTION_OUTPUT, attention.ATTENTION_OUTPUT, attention.ATTENTION_ROW_STATS)
                 if self.config.remat == "dots" else None)
       body = jax.checkpoint(body, policy=policy)
     x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, stacked_state)
