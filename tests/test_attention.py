@@ -37,7 +37,8 @@ def test_causal_attention_and_its_gradient_equal_attention_to_the_whole_sequence
   q, k, v, segment_ids, positions, d_out = _inputs(kv_heads, groups, jnp.float32)
 
   def causal(q, k, v):
-    return attention.causal_attention(q, k, v, segment_ids, positions, alibi)
+    return attention.causal_attention(q, k, v, segment_ids, positions, alibi,
+                                      jnp.dtype(jnp.float32))
 
   def whole(q, k, v):
     return attention.attend(q, k, v, segment_ids, positions, segment_ids, positions, alibi)
@@ -54,15 +55,17 @@ def test_causal_attention_and_its_gradient_equal_attention_to_the_whole_sequence
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
 
 
-def test_bfloat16_operands_give_bfloat16_gradients_close_to_float32():
+def test_bfloat16_operands_give_bfloat16_outputs_and_gradients_close_to_float32():
   q, k, v, segment_ids, positions, d_out = _inputs(2, 2, jnp.float32, seed=1)
-  grads = {}
+  d_out = jnp.where((segment_ids != 0)[:, None, None, :, None], d_out, 0)
+  results = {}
   for dtype in (jnp.float32, jnp.bfloat16):
     inputs = [x.astype(dtype) for x in (q, k, v)]
-    _, vjp = jax.vjp(lambda q, k, v: attention.causal_attention(q, k, v, segment_ids, positions,
-                                                                 True), *inputs)
-    grads[dtype] = vjp(jnp.where((segment_ids != 0)[:, None, None, :, None], d_out, 0))
-  for got, want in zip(grads[jnp.bfloat16], grads[jnp.float32]):
+    output, vjp = jax.vjp(
+        lambda q, k, v: attention.causal_attention(q, k, v, segment_ids, positions, True,
+                                                   jnp.dtype(dtype)), *inputs)
+    results[dtype] = (output, *vjp(d_out.astype(dtype)))
+  for got, want in zip(results[jnp.bfloat16], results[jnp.float32]):
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), want,
                                atol=0.03 * float(jnp.abs(want).max()))

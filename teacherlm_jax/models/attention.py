@@ -119,10 +119,14 @@ def _block_scores(q, k, segment_ids, positions, alibi, start, end):
                                positions[:, :end], alibi, first_row=start)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def causal_attention(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positions_BxL,
-                     alibi: bool) -> jax.Array:
+                     alibi: bool, output_dtype) -> jax.Array:
   """Attention of a cache-free forward, each token to its own text's earlier tokens.
+
+  Returns (B, K, G, L, D) in `output_dtype`, the model's compute dtype: the output is also
+  what the gradient saves (a bf16 model keeps it in bf16, as remat='dots' saved it before),
+  and its row sums below are taken in float32 from that.
 
   Keys after a query are never visible there, so the queries go in blocks
   (`causal_query_blocks`), each attending only to the keys up to its own last row. Equal to
@@ -136,8 +140,8 @@ def causal_attention(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positio
   407 -> 456, BLOOM 422 -> 469, LLaMA-style 390 -> 452; at 8 rows of 256 (4 blocks of 64
   rows) BLOOM within noise (618 -> 615 and 616 -> 623).
   """
-  return _causal_forward(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positions_BxL,
-                         alibi)[0]
+  return _causal_fwd(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positions_BxL, alibi,
+                     output_dtype)[0]
 
 
 def _causal_forward(q, k, v, segment_ids, positions, alibi):
@@ -156,19 +160,20 @@ def _causal_forward(q, k, v, segment_ids, positions, alibi):
   return output, row_stats
 
 
-def _causal_fwd(q, k, v, segment_ids, positions, alibi):
+def _causal_fwd(q, k, v, segment_ids, positions, alibi, output_dtype):
   output, row_stats = _causal_forward(q, k, v, segment_ids, positions, alibi)
   # Named so that remat='dots' saves them and its backward pass does not rerun this forward.
-  output = checkpoint_name(output, ATTENTION_OUTPUT)
+  output = checkpoint_name(output.astype(output_dtype), ATTENTION_OUTPUT)
   row_stats = checkpoint_name(row_stats, ATTENTION_ROW_STATS)
   return output, (q, k, v, segment_ids, positions, output, row_stats)
 
 
-def _causal_bwd(alibi, residuals, d_output):
+def _causal_bwd(alibi, output_dtype, residuals, d_output):
   q, k, v, segment_ids, positions, output, (maxima, denominators) = residuals
   b, kv_heads, groups, l, hd = q.shape
   # sum_s p * dp per row, with dp = d_output . v: the same as sum_d output * d_output.
-  row_sums = jnp.sum(d_output * output, axis=-1, keepdims=True)
+  row_sums = jnp.sum(d_output.astype(jnp.float32) * output.astype(jnp.float32), axis=-1,
+                     keepdims=True)
   # As matmul.einsum's gradient: the cotangents are rounded to the operands' dtype and the
   # products accumulate in float32, as do the key and value gradients across blocks.
   d_output = d_output.astype(v.dtype)

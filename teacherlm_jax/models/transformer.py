@@ -194,7 +194,8 @@ class Attention(nnx.Module):
       attended = attention.attend(q, k, v, segment_ids_BxL, positions_BxL, key_segment_ids_BxS,
                                   key_positions_BxS, alibi)
     else:  # A cache-free forward: causal, in blocks of query rows.
-      attended = attention.causal_attention(q, k, v, segment_ids_BxL, positions_BxL, alibi)
+      attended = attention.causal_attention(q, k, v, segment_ids_BxL, positions_BxL, alibi,
+                                            jnp.dtype(cfg.compute_dtype))
     attended = attended.transpose(0, 3, 1, 2, 4).astype(cfg.compute_dtype).reshape(b, l, h, hd)
     return self.out(attended), new_cache
 
