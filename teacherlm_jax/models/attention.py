@@ -124,10 +124,6 @@ def causal_attention(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positio
                      alibi: bool, output_dtype) -> jax.Array:
   """Attention of a cache-free forward, each token to its own text's earlier tokens.
 
-  Returns (B, K, G, L, D) in `output_dtype`, the model's compute dtype: the output is also
-  what the gradient saves (a bf16 model keeps it in bf16, as remat='dots' saved it before),
-  and its row sums below are taken in float32 from that.
-
   Keys after a query are never visible there, so the queries go in blocks
   (`causal_query_blocks`), each attending only to the keys up to its own last row. Equal to
   `attend` with the sequence as its own keys. The gradient saves the output and two numbers
@@ -139,6 +135,10 @@ def causal_attention(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positio
   train step at one 2,048-token row, same-process A/Bs (4-step calls, median tokens/s): OPT
   407 -> 456, BLOOM 422 -> 469, LLaMA-style 390 -> 452; at 8 rows of 256 (4 blocks of 64
   rows) BLOOM within noise (618 -> 615 and 616 -> 623).
+
+  Returns (B, K, G, L, D) in `output_dtype`, the model's compute dtype: the output is also
+  what the gradient saves (a bf16 model keeps it in bf16, as remat='dots' saved it before),
+  and the row sums are taken in float32 from it.
   """
   return _causal_fwd(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positions_BxL, alibi,
                      output_dtype)[0]
