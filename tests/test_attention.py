@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from teacherlm_jax.models import attention
+from teacherlm_jax.models import transformer
 
 
 def _inputs(kv_heads, groups, dtype, seed=0):
@@ -19,13 +20,10 @@ def _inputs(kv_heads, groups, dtype, seed=0):
   segment_ids = np.ones((b, l), np.int32)
   segment_ids[1, :7] = 0
   segment_ids[2, 5:13], segment_ids[2, 13:21], segment_ids[2, 21:] = 2, 3, 0
-  positions = np.zeros((b, l), np.int32)
-  for row in range(b):
-    for t in range(1, l):
-      same = segment_ids[row, t] == segment_ids[row, t - 1] and segment_ids[row, t] != 0
-      positions[row, t] = positions[row, t - 1] + 1 if same else 0
+  segment_ids = jnp.asarray(segment_ids)
   cast = lambda x: jnp.asarray(x, dtype)
-  return (cast(q), cast(k), cast(v), jnp.asarray(segment_ids), jnp.asarray(positions),
+  return (cast(q), cast(k), cast(v), segment_ids,
+          transformer.positions_from_segments(segment_ids),
           jnp.asarray(rng.normal(size=(b, kv_heads, groups, l, hd)), jnp.float32))
 
 
