@@ -144,7 +144,7 @@ def causal_attention(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positio
                      output_dtype)[0]
 
 
-def _causal_forward(q, k, v, segment_ids, positions, alibi):
+def _causal_fwd(q, k, v, segment_ids, positions, alibi, output_dtype):
   outputs, maxima, denominators = [], [], []
   for start, end in _query_blocks(q.shape[3]):
     scores, visible = _block_scores(q, k, segment_ids, positions, alibi, start, end)
@@ -155,16 +155,11 @@ def _causal_forward(q, k, v, segment_ids, positions, alibi):
     outputs.append(_mix(unnormalized, v[:, :, :end]) / denominator)
     maxima.append(maximum)
     denominators.append(denominator)
-  output = jnp.concatenate(outputs, axis=3)
-  row_stats = (jnp.concatenate(maxima, axis=3), jnp.concatenate(denominators, axis=3))
-  return output, row_stats
-
-
-def _causal_fwd(q, k, v, segment_ids, positions, alibi, output_dtype):
-  output, row_stats = _causal_forward(q, k, v, segment_ids, positions, alibi)
   # Named so that remat='dots' saves them and its backward pass does not rerun this forward.
-  output = checkpoint_name(output.astype(output_dtype), ATTENTION_OUTPUT)
-  row_stats = checkpoint_name(row_stats, ATTENTION_ROW_STATS)
+  output = checkpoint_name(jnp.concatenate(outputs, axis=3).astype(output_dtype),
+                           ATTENTION_OUTPUT)
+  row_stats = checkpoint_name((jnp.concatenate(maxima, axis=3),
+                               jnp.concatenate(denominators, axis=3)), ATTENTION_ROW_STATS)
   return output, (q, k, v, segment_ids, positions, output, row_stats)
 
 
