@@ -5,7 +5,7 @@ setuptools.setup(
     name="teacherlm_jax",
     version="0.1.0",
     description="TeacherLM data augmentation (fundamentals, chain of thought, common mistakes) in JAX/Flax.",
-    packages=setuptools.find_packages(include=["teacherlm_jax", "teacherlm_jax.*", "configs", "configs.*"]),
+    packages=setuptools.find_packages(include=["teacherlm_jax", "teacherlm_jax.*"]),
     package_data={"teacherlm_jax": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=[

@@ -36,7 +36,7 @@ def main(argv, gin_bindings=()):
   if not _OUTPUT.value:
     raise app.UsageError("--output is required")
   if _MERGE.value:
-    from teacherlm_jax import annotation_io
+    from teacherlm_jax.annotation import io as annotation_io
     merged = _MERGED.value or os.path.join(_OUTPUT.value, "merged.jsonl")
     count = annotation_io.merge(_OUTPUT.value, merged)
     print(f"merged {count} records into {merged}", flush=True)
@@ -44,7 +44,7 @@ def main(argv, gin_bindings=()):
   if not _INPUT.value:
     raise app.UsageError("--input is required")
   cli.initialize_distributed()
-  from teacherlm_jax import annotate
+  from teacherlm_jax.annotation import annotate
   cli.parse_flags_and_gin(gin_bindings)
   summary = annotate.annotate(_INPUT.value, _OUTPUT.value, resume=_RESUME.value)
   print("summary: " + json.dumps(summary, sort_keys=True), flush=True)

@@ -14,6 +14,7 @@ import pathlib
 
 from absl import app, flags, logging
 
+from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.models import checkpoint_io, hf
 
 _DIRECTION = flags.DEFINE_enum("direction", "import", ["import", "export"],
@@ -37,8 +38,8 @@ def main(argv):
     out = checkpoint_io.save_params(model, _OUTPUT_DIR.value)
     tokenizer_dir = _TOKENIZER_DIR.value or _HF_DIR.value
     try:
-      hf.load_tokenizer(tokenizer_dir).save_pretrained(str(pathlib.Path(out) / "tokenizer"))
-    except hf.CheckpointError as e:
+      hf_tokenizers.load(tokenizer_dir).save_pretrained(str(pathlib.Path(out) / "tokenizer"))
+    except hf_tokenizers.TokenizerError as e:
       logging.warning("no tokenizer copied: %s", e)
     logging.info("imported %s (%s, %.1fM params) -> %s", _HF_DIR.value, config.family,
                  config.num_params() / 1e6, out)

@@ -29,8 +29,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute
 def main(argv, gin_bindings=()):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from teacherlm_jax import evaluate
   from teacherlm_jax.data import mixtures, sources, tasks, vocab
+  from teacherlm_jax.evaluation import evaluate
   from teacherlm_jax.models import checkpoint_io
 
   cli.parse_flags_and_gin(gin_bindings)

@@ -30,8 +30,8 @@ def main(argv, gin_bindings):
   cli.initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX.
-  from teacherlm_jax import pipeline  # pylint: disable=g-import-not-at-top
   from teacherlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from teacherlm_jax.pipeline import pipeline  # pylint: disable=g-import-not-at-top
   if _DATA_DIR.value:
     sources.set_data_dir(_DATA_DIR.value)
   cli.parse_flags_and_gin(gin_bindings)

@@ -21,7 +21,7 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "checkpoints, metrics and co
 
 def parse_gin(gin_files, bindings):
   """Parses gin files and bindings; an unknown name lists the TrainConfig fields."""
-  from teacherlm_jax import train  # Registers TrainConfig.
+  from teacherlm_jax.training import train  # Registers TrainConfig.
   known = ", ".join(f.name for f in train.dataclasses.fields(train.TrainConfig))
   cli.parse(gin_files, bindings, hint=f"TrainConfig fields are: {known}")
 
@@ -34,7 +34,7 @@ def main(argv, gin_bindings=()):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
   cli.initialize_distributed()
-  from teacherlm_jax import train
+  from teacherlm_jax.training import train
   parse_gin(cli.GIN_FILES.value, list(cli.GIN_BINDINGS.value) + list(gin_bindings))
   result = train.train(train.TrainConfig(), _MODEL_DIR.value)
   status = "preempted" if result["preempted"] else "done"

@@ -87,7 +87,7 @@ def initialize_distributed(force: bool = False) -> bool:
     return False
   if jax.distributed.is_initialized():  # e.g. tpu/run_multihost.py started it already.
     return True
-  from teacherlm_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from teacherlm_jax.runtime import partitioning  # pylint: disable=g-import-not-at-top
   partitioning.initialize_distributed(coordinator, num_processes or None, process_id)
   return True
 

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from hf_peers import make_hf_model
-from teacherlm_jax import annotate, annotation_io, annotation_quality, decoding
-from teacherlm_jax.data import prompts, vocab
+from teacherlm_jax.annotation import annotate
+from teacherlm_jax.annotation import decoding
+from teacherlm_jax.annotation import io as annotation_io
+from teacherlm_jax.annotation import quality as annotation_quality
+from teacherlm_jax.data import hf_tokenizers, prompts, vocab
 from teacherlm_jax.models import checkpoint_io, hf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -42,7 +45,7 @@ def workdir(tmp_path_factory, creak_rows):
                                    options_field=None)
            for r in creak_rows for k in prompts.ANNOTATION_KINDS]
   vocab.build_bpe_tokenizer(texts, vocab_size=300, directory=teacher)
-  size = len(hf.load_tokenizer(teacher))
+  size = len(hf_tokenizers.load(teacher))
   make_hf_model("bloom", teacher, vocab_size=size, pad_token_id=3, eos_token_id=2)
   records = root / "records.jsonl"
   records.write_text("".join(json.dumps(r) + "\n" for r in creak_rows[:NUM_RECORDS]))

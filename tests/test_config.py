@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
 from teacherlm_jax.models import attention, hf, transformer
+from teacherlm_jax.models import presets
 from teacherlm_jax.models.config import ModelConfig
 
 # Published parameter counts (HF model cards / papers), within 1%.
@@ -18,13 +18,13 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_preset_parameter_count_matches_published_size(name):
-  count = models.get(name).num_params()
+  count = presets.get(name).num_params()
   assert abs(count - PUBLISHED[name]) / PUBLISHED[name] < 0.01, (name, count)
 
 
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama", "opt-350m"])
 def test_num_params_counts_the_module_tree(name):
-  config = models.get(name)
+  config = presets.get(name)
   abstract = nnx.eval_shape(lambda: transformer.DecoderLM(config, rngs=nnx.Rngs(0)))
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   assert sum(int(np.prod(x.shape)) for x in leaves) == config.num_params()
@@ -32,7 +32,7 @@ def test_num_params_counts_the_module_tree(name):
 
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama"])
 def test_every_parameter_has_logical_axes_of_its_rank(name):
-  config = models.get(name)
+  config = presets.get(name)
   abstract = nnx.eval_shape(lambda: transformer.DecoderLM(config, rngs=nnx.Rngs(0)))
   for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     assert len(variable.logical_axes) == len(variable.shape), path
@@ -40,7 +40,7 @@ def test_every_parameter_has_logical_axes_of_its_rank(name):
 
 @pytest.mark.parametrize("name", ["bloom-7b1", "opt-350m", "llama-7b"])
 def test_hf_config_round_trip(name):
-  config = models.get(name)
+  config = presets.get(name)
   assert hf.config_from_hf(hf.config_to_hf(config)).replace() == config.replace(
       dtype="float32", param_dtype="float32")
 
@@ -52,7 +52,7 @@ def test_bad_shapes_are_rejected():
   with pytest.raises(ValueError, match="family='gpt'"):
     ModelConfig(family="gpt", vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, mlp_dim=8)
   with pytest.raises(ValueError, match="unknown model preset 'bloom-9b'"):
-    models.get("bloom-9b")
+    presets.get("bloom-9b")
 
 
 def test_alibi_slopes_for_non_power_of_two_heads_match_transformers():

@@ -6,8 +6,9 @@ import jax
 import torch
 
 from hf_peers import left_padded_batch, make_hf_model
-from teacherlm_jax import decoding, partitioning
+from teacherlm_jax.annotation import decoding
 from teacherlm_jax.models import hf
+from teacherlm_jax.runtime import partitioning
 
 MAX_NEW = 12
 LENGTHS = [5, 9, 3, 12]

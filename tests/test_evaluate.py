@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from teacherlm_jax import evaluate
 from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import prompts
 from teacherlm_jax.data import tasks
 from teacherlm_jax.data import vocab
+from teacherlm_jax.evaluation import evaluate
 
 torch = pytest.importorskip("torch")
 hf = pytest.importorskip("teacherlm_jax.models.hf")
@@ -114,7 +114,7 @@ def test_multi_token_options_match_per_option_requests(peers, mmlu_rows, vocabul
     assert np.max(np.abs(s - expected)) < 1e-4, family
     np.testing.assert_allclose(m, expected / [len(o) for o in ex.options], atol=1e-5)
   # Sharded over the 8 simulated devices (batch over data x fsdp, params by logical axes).
-  from teacherlm_jax import partitioning
+  from teacherlm_jax.runtime import partitioning
   # (The tiny OPT peer has 3 heads, so no tensor axis here.)
   mesh = partitioning.make_mesh(data=2, fsdp=4, tensor=1)
   sharded = evaluate.RankScorer(model, batch_size=8, mesh=mesh).score(examples, normalize="sum")

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from teacherlm_jax import metrics
-from teacherlm_jax import partitioning
 from teacherlm_jax.models import head_loss
+from teacherlm_jax.models import losses
 from teacherlm_jax.models import matmul
+from teacherlm_jax.runtime import partitioning
 
 B, L, D, V = 2, 12, 8, 50
 
@@ -30,7 +30,7 @@ def test_chunked_loss_sums_and_gradients_equal_the_whole_logits(vocab_major, z_l
 
   def whole(x, head):
     logits = jnp.einsum(spec, x, head, preferred_element_type=jnp.float32)
-    return metrics.loss_and_metrics(logits, targets, weights, z_loss)
+    return losses.loss_and_metrics(logits, targets, weights, z_loss)
 
   def chunked(x, head):  # Three positions (6 tokens) a chunk: four chunks.
     return head_loss.head_loss(x, head, targets, weights, vocab_major=vocab_major,
@@ -102,7 +102,7 @@ def test_the_train_step_never_holds_the_whole_logits():
   chunked = scratch(lambda x, t: head_loss.head_loss(
       x, t, targets, weights, vocab_major=True, chunk_bytes=logits_bytes // 16,
       min_chunk_tokens=1)[0])
-  whole = scratch(lambda x, t: metrics.loss_and_metrics(
+  whole = scratch(lambda x, t: losses.loss_and_metrics(
       jnp.einsum("bld,vd->blv", x, t), targets, weights)[0])
   assert whole >= logits_bytes
   assert chunked < logits_bytes / 2

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
 from teacherlm_jax.models import attention
 from teacherlm_jax.models import matmul
+from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
 
 
@@ -32,7 +32,7 @@ def _loss_and_grads(config, tokens, compiler_options=None):
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_the_same_gradients(remat):
-  config = models.get("tiny-llama")
+  config = presets.get("tiny-llama")
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 12)))
   loss, grads = _loss_and_grads(config, tokens)
   loss_remat, grads_remat = _loss_and_grads(config.replace(remat=remat), tokens)
@@ -43,7 +43,7 @@ def test_remat_gives_the_same_gradients(remat):
 
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama"])
 def test_bfloat16_compute_tracks_float32(name):
-  config = models.get(name)
+  config = presets.get(name)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 10)))
   model = transformer.DecoderLM(config, rngs=nnx.Rngs(0))
   logits32, _ = model(tokens)
@@ -61,7 +61,7 @@ def test_bfloat16_gradients_do_not_depend_on_query_blocks(name, monkeypatch):
   block or in eight: the blocks' key and value gradients are summed in the products' float32
   (on CPU), and rounded to bf16 once. (Cast per block, each block's share was rounded first:
   10-17% of the gradient elements then moved, by up to 2.5e-3 of the largest.)"""
-  config = models.get(name).replace(dtype="bfloat16")
+  config = presets.get(name).replace(dtype="bfloat16")
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 33)))
   grads = []
   for min_rows, blocks in [(4, 8), (10 ** 6, 1)]:
@@ -201,7 +201,7 @@ def test_bfloat16_step_options_give_onednn_only_the_float32_dots(onednn_dots):
 def test_bfloat16_training_runs_every_weight_matmul_on_bfloat16_operands(name):
   # Plain autodiff of a float32-accumulating dot promotes the bf16 operand in the backward
   # pass: the backward matmuls would run in float32 (2-3x slower on CPU and TPU alike).
-  config = models.get(name, dtype="bfloat16")
+  config = presets.get(name, dtype="bfloat16")
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, (2, 9)))
   dots = _dot_operand_dtypes(_train_jaxpr(config, tokens))
   # Forward and both backward products of the scanned block's 6 or more matmuls + LM head.
@@ -224,7 +224,7 @@ def _gradient_tokens(config):
 
 @functools.lru_cache(maxsize=None)
 def _float32_gradients(name):
-  config = models.get(name)
+  config = presets.get(name)
   _, grads = _loss_and_grads(config, _gradient_tokens(config))  # Same for every remat policy.
   return _flat(grads)
 
@@ -234,7 +234,7 @@ def _float32_gradients(name):
 def test_bfloat16_gradients_run_and_track_float32(name, remat):
   # Runs, not just traces, and under the train step's compiler options: XLA:CPU rejected
   # some bf16 batched dots at run time.
-  config = models.get(name, remat=remat, dtype="bfloat16")
+  config = presets.get(name, remat=remat, dtype="bfloat16")
   options = matmul.large_matmul_compiler_options(config.dtype, jax.default_backend())
   _, grads16 = _loss_and_grads(config, _gradient_tokens(config), options or None)
   flat32 = _float32_gradients(name)
@@ -245,7 +245,7 @@ def test_bfloat16_gradients_run_and_track_float32(name, remat):
 
 
 def test_dots_remat_recomputes_no_weight_matmul():
-  config = models.get("tiny-bloom")
+  config = presets.get("tiny-bloom")
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (2, 9)))
   count = {}
   for remat in ("none", "dots", "full"):

@@ -5,13 +5,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import models
-from teacherlm_jax import partitioning
+from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
+from teacherlm_jax.runtime import partitioning
 
 
 def _model_fn():
-  return transformer.DecoderLM(models.get("tiny-llama"), rngs=nnx.Rngs(0))
+  return transformer.DecoderLM(presets.get("tiny-llama"), rngs=nnx.Rngs(0))
 
 
 def test_sharded_init_creates_params_in_their_shards_with_the_same_values():

@@ -155,7 +155,7 @@ def test_annotated_tfds_builder(shared_data, vocabulary, tmp_path):
   # A prepared run loads like any TFDS data, and renders as a student task.
   loaded = tfds.load("teacherlm_annotated/creak", split="train", data_dir=str(tmp_path / "tfds"))
   assert sorted(ex["id"] for ex in tfds.as_numpy(loaded)) == sorted(ex["id"] for ex in train)
-  name = tasks.register_student_task_from_tfds("teacherlm_annotated/creak:1.0.0", "C", vocabulary,
+  name = annotated_tfds.register_student_task("teacherlm_annotated/creak:1.0.0", "C", vocabulary,
                                                data_dir=str(tmp_path / "tfds"))
   got = list(seqio.get_mixture_or_task(name).get_dataset(
       sequence_length=None, split="train", shuffle=False).as_numpy_iterator())

@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from teacherlm_jax import checkpointing
-from teacherlm_jax import metrics
-from teacherlm_jax import optimizer
-from teacherlm_jax import partitioning
-from teacherlm_jax import train
-from teacherlm_jax import train_data
+from teacherlm_jax.models import losses
+from teacherlm_jax.runtime import checkpointing
+from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.training import optimizer
+from teacherlm_jax.training import train
+from teacherlm_jax.training import train_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN, BATCH = 64, 8
@@ -169,8 +169,8 @@ def test_z_loss_adds_the_squared_log_partition():
   logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
   targets = rng.integers(0, 11, size=(2, 5))
   weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
-  plain, sums = metrics.loss_and_metrics(logits, targets, weights)
-  with_z, _ = metrics.loss_and_metrics(logits, targets, weights, z_loss=1e-2)
+  plain, sums = losses.loss_and_metrics(logits, targets, weights)
+  with_z, _ = losses.loss_and_metrics(logits, targets, weights, z_loss=1e-2)
   log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
   nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(plain, (nll * weights).sum() / weights.sum(), rtol=1e-5)

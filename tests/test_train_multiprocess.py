@@ -18,9 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from teacherlm_jax import checkpointing
-from teacherlm_jax import train
-from teacherlm_jax import train_data
+from teacherlm_jax.runtime import checkpointing
+from teacherlm_jax.training import train
+from teacherlm_jax.training import train_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 12

@@ -58,9 +58,9 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
   import torch
   import transformers
 
-  from teacherlm_jax import decoding
-  from teacherlm_jax import partitioning
+  from teacherlm_jax.annotation import decoding
   from teacherlm_jax.models import hf
+  from teacherlm_jax.runtime import partitioning
 
   suffix = timing.precision_suffix(precision)
   if quick:

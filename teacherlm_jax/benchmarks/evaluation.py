@@ -48,7 +48,7 @@ class PerOptionScorer:
     self._score = jax.jit(score)
 
   def score(self, examples) -> np.ndarray:
-    from teacherlm_jax.evaluate import _bucket
+    from teacherlm_jax.evaluation.evaluate import _bucket
     requests = _request_rows(examples)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     out = np.zeros(len(requests))
@@ -114,8 +114,8 @@ def benchmark_evaluation(device: bool = False, quick: bool = False, num_examples
   import torch
   import transformers
 
-  from teacherlm_jax import evaluate
   from teacherlm_jax.data import vocab
+  from teacherlm_jax.evaluation import evaluate
   from teacherlm_jax.models import hf
 
   if quick:

@@ -66,11 +66,11 @@ def benchmark_training(device: bool = False, quick: bool = False,
   import torch
   import transformers
 
-  from teacherlm_jax import metrics
-  from teacherlm_jax import partitioning
-  from teacherlm_jax import train as train_lib
   from teacherlm_jax.models import hf
   from teacherlm_jax.models import matmul
+  from teacherlm_jax.runtime import partitioning
+  from teacherlm_jax.training import metrics
+  from teacherlm_jax.training import train as train_lib
 
   the_hf_config = models.hf_config(family, "quick" if quick else "full")
   vocab = the_hf_config.vocab_size

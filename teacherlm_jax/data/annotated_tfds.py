@@ -8,13 +8,14 @@ Rows are the annotation engine's JSONL shards (`id` + annotation fields, optiona
 record's `question`/`options`/`answer`; otherwise joined by id with the dataset's original
 records, as `tasks.annotated_records` does). The config name is the dataset; the version is
 the builder's. A deterministic `validation_percent` of ids (by hash) forms a 'validation'
-split. `tasks.register_student_task_from_tfds` renders a prepared dataset in a student format.
+split. `register_student_task` renders a prepared dataset in a student format.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Optional, Sequence
 
+import seqio
 import tensorflow_datasets as tfds
 
 from teacherlm_jax.data import prompts
@@ -80,3 +81,23 @@ def prepare(dataset: str, shard_pattern: str, data_dir: str, *,
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
+
+
+def register_student_task(tfds_name: str, fmt: str, vocabulary: seqio.Vocabulary, *,
+                          data_dir: Optional[str] = None, name: Optional[str] = None,
+                          seed: int = 0) -> str:
+  """An annotated student task over a prepared TFDS dataset (`prepare`), e.g.
+  tfds_name='teacherlm_annotated/creak:1.0.0'; splits 'train' and 'validation'."""
+  kinds = prompts.annotation_order(fmt)
+  name = name or f"student_{tfds_name.split('/')[-1].split(':')[0]}_{fmt}"
+
+  def make(split):
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+      text = lambda value: value.decode("utf-8")
+      record = {"id": text(ex["id"]), "question": text(ex["question"]),
+                "options": [text(o) for o in ex["options"]], "answer": text(ex["answer"])}
+      yield tasks.student_example(record, {k: text(ex[k]) for k in kinds}, fmt, seed)
+
+  source = tasks.generator_source(make, ("train", "validation"), tasks.TRAIN_SIGNATURE)
+  return tasks.add_task(name, source, vocabulary, evaluation=False).name

@@ -438,28 +438,6 @@ def register_student_task(dataset: str, shard_pattern: str, fmt: str,
               evaluation=False).name
 
 
-def register_student_task_from_tfds(tfds_name: str, fmt: str, vocabulary: seqio.Vocabulary, *,
-                                    data_dir: Optional[str] = None, name: Optional[str] = None,
-                                    seed: int = 0) -> str:
-  """An annotated student task over a prepared TFDS dataset (`annotated_tfds.prepare`), e.g.
-  tfds_name='teacherlm_annotated/creak:1.0.0'; splits 'train' and 'validation'."""
-  kinds = prompts.annotation_order(fmt)
-  name = name or f"student_{tfds_name.split('/')[-1].split(':')[0]}_{fmt}"
-
-  def make(split):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from teacherlm_jax.data import annotated_tfds  # pylint: disable=g-import-not-at-top,unused-import
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
-    for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
-      text = lambda value: value.decode("utf-8")
-      record = {"id": text(ex["id"]), "question": text(ex["question"]),
-                "options": [text(o) for o in ex["options"]], "answer": text(ex["answer"])}
-      yield student_example(record, {k: text(ex[k]) for k in kinds}, fmt, seed)
-
-  return add_task(name, generator_source(make, ("train", "validation"), TRAIN_SIGNATURE),
-              vocabulary, evaluation=False).name
-
-
 @gin.configurable
 def register_tasks(vocabulary: seqio.Vocabulary = gin.REQUIRED) -> List[str]:
   """Registers every fixed task (evaluation, teacher SFT, original, records) for `vocabulary`."""

@@ -17,6 +17,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from teacherlm_jax.data import hf_tokenizers
+
 
 def sentencepiece_vocabulary(model_path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
   """A seqio SentencePiece vocabulary (the model file is read lazily, on first use)."""
@@ -46,8 +48,7 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
   @property
   def tokenizer(self):
     if self._tokenizer is None:
-      from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
-      self._tokenizer = hf.load_tokenizer(self._tokenizer_dir)
+      self._tokenizer = hf_tokenizers.load(self._tokenizer_dir)
     return self._tokenizer
 
   @property

@@ -99,7 +99,7 @@ def load_model(directory, *, dtype: Optional[str] = None, shardings=None) -> Dec
     config = config.replace(dtype=dtype)
   if (directory / "params").exists():
     return restore_params(config, directory, shardings=shardings)
-  from teacherlm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from teacherlm_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   abstract, params_state, target = _abstract_target(config, shardings)
   return _filled(abstract, params_state, checkpointing.restore_params(str(directory), target))
 

@@ -1,7 +1,7 @@
 """One `ModelConfig` for every decoder family we support (BLOOM, OPT, LLaMA-style).
 
 The config only describes shapes and numerics; presets with published sizes live in
-`configs/models.py`. Field names follow our modules, not HF; `models/hf.py` maps HF
+`configs/models/*.json` (read by `models/presets.py`). Field names follow our modules, not HF; `models/hf.py` maps HF
 `config.json` files onto this dataclass and back.
 """
 from __future__ import annotations

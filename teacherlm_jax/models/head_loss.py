@@ -1,6 +1,6 @@
 """The LM head and its cross entropy in sequence chunks, the logits never whole.
 
-`head_loss(x, head, targets, weights)` equals `metrics.loss_and_metrics(x @ head, ...)`'s sums
+`head_loss(x, head, targets, weights)` equals `losses.loss_and_metrics(x @ head, ...)`'s sums
 without the [batch, length, vocab] float32 logits: a `lax.scan` over chunks of the sequence
 computes each chunk's logits, its log-partition, target logit and argmax hit, and drops them.
 For BLOOM's 250,880-token vocabulary the whole logits of one 8 x 2048 batch take 16 GiB in
@@ -21,9 +21,9 @@ from typing import Dict, Tuple
 import jax
 import jax.numpy as jnp
 
-from teacherlm_jax import metrics
-from teacherlm_jax import partitioning
+from teacherlm_jax.models import losses
 from teacherlm_jax.models import matmul
+from teacherlm_jax.runtime import partitioning
 
 # A chunk is the longest run of positions (a divisor of the length) whose batch x positions x
 # vocab float32 logits fit `chunk_bytes` on one device (the logits are split over the mesh's
@@ -74,7 +74,7 @@ def head_loss(x_BxLxD: jax.Array, head: jax.Array, targets_BxL: jax.Array,
     min_chunk_tokens: ...unless that is fewer tokens a device than this (see above).
 
   Returns:
-    (loss, sums) as `metrics.loss_and_metrics`: sums = {'loss_sum', 'z_loss_sum', 'correct',
+    (loss, sums) as `losses.loss_and_metrics`: sums = {'loss_sum', 'z_loss_sum', 'correct',
     'weight'}. Only `loss` carries a gradient.
   """
   b, l, _ = x_BxLxD.shape
@@ -83,7 +83,7 @@ def head_loss(x_BxLxD: jax.Array, head: jax.Array, targets_BxL: jax.Array,
   weights = weights_BxL.astype(jnp.float32)
   chunk_sums = _chunked(vocab_major, float(z_loss), chunk, x_BxLxD, head,
                         targets_BxL.astype(jnp.int32), weights)
-  loss, sums = metrics.loss_from_sums(*chunk_sums, weights)
+  loss, sums = losses.loss_from_sums(*chunk_sums, weights)
   return loss, jax.tree.map(jax.lax.stop_gradient, sums)
 
 
@@ -98,7 +98,7 @@ def _chunk_sums(vocab_major, z_loss, x_BxCxD, head, targets_BxC, weights_BxC, gr
   spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
   logits = jnp.einsum(spec, x_BxCxD, head, preferred_element_type=jnp.float32)
   logits = partitioning.constrain(logits, _LOGITS_AXES)
-  terms = metrics.cross_entropy_terms(logits, targets_BxC, weights_BxC)
+  terms = losses.cross_entropy_terms(logits, targets_BxC, weights_BxC)
   sums = (terms["nll_sum"] + z_loss * terms["z_sum"], terms["nll_sum"], terms["z_sum"],
           terms["correct"])
   if not grads:

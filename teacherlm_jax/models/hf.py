@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.models.transformer import DecoderLM
 
@@ -420,17 +421,5 @@ def export_checkpoint(model: DecoderLM, directory, *, tokenizer_dir=None,
              "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
   if tokenizer_dir is not None:
-    load_tokenizer(tokenizer_dir).save_pretrained(str(directory))
+    hf_tokenizers.load(tokenizer_dir).save_pretrained(str(directory))
   return directory
-
-
-def load_tokenizer(directory):
-  """The HF tokenizer saved in a local directory (no hub access)."""
-  from transformers import AutoTokenizer
-  directory = pathlib.Path(directory)
-  if not directory.is_dir():
-    raise CheckpointError(f"{directory}: tokenizer directory does not exist")
-  try:
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{directory}: cannot load a tokenizer ({e})") from e

@@ -28,10 +28,10 @@ from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 from flax import nnx
 
-from teacherlm_jax import partitioning
 from teacherlm_jax.models import attention
 from teacherlm_jax.models import matmul
 from teacherlm_jax.models.config import ModelConfig
+from teacherlm_jax.runtime import partitioning
 
 Cache = Dict[str, Any]
 

@@ -32,16 +32,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from configs import models
-from teacherlm_jax import checkpointing
-from teacherlm_jax import metrics as metrics_lib
-from teacherlm_jax import optimizer as optimizer_lib
-from teacherlm_jax import partitioning
 from teacherlm_jax.models import checkpoint_io
 from teacherlm_jax.models import head_loss
 from teacherlm_jax.models import matmul
+from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
+from teacherlm_jax.runtime import checkpointing
+from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.training import metrics as metrics_lib
+from teacherlm_jax.training import optimizer as optimizer_lib
 
 # A callable giving the batches numbered start, start+1, ... (this process's rows, numpy).
 BatchesFn = Callable[[int], Iterator[Dict[str, np.ndarray]]]
@@ -54,7 +54,7 @@ TRAIN_CONFIG_FILE = "train_config.json"
 class TrainConfig:
   """Everything a training run needs (bind fields in gin as `TrainConfig.field = value`).
 
-  Model: `model` is a preset of configs/models.py; `compute_dtype` 'bfloat16' computes in bf16
+  Model: `model` is a preset name or JSON path (configs/models/); `compute_dtype` 'bfloat16' computes in bf16
   with float32 master weights. Data: a seqio task or mixture; `batch_size` is global per
   microbatch; `loss_on` 'targets' (prompt tokens masked) or 'all' (every token). Mesh: sizes
   of ('data', 'fsdp', 'tensor'), one may be -1 (fill the remaining devices).
@@ -165,7 +165,7 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
     with open(os.path.join(config.init_hf_checkpoint, "config.json")) as f:
       return hf.config_from_hf(json.load(f), source=config.init_hf_checkpoint).replace(**numerics)
-  return models.get(config.model, **{**dict(config.model_overrides), **numerics})
+  return presets.get(config.model, **{**dict(config.model_overrides), **numerics})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
 
 
 def _loss_and_metrics(model, batch, z_loss: float, chunk_tokens: int):
-  """`metrics.loss_and_metrics` of the model on the batch, the head and loss in sequence
+  """`losses.loss_and_metrics` of the model on the batch, the head and loss in sequence
   chunks of at least `chunk_tokens` tokens a device (models/head_loss.py: no whole
   [batch, length, vocab] logits)."""
   hidden, _ = model(batch["tokens"], segment_ids_BxL=batch["segment_ids"],
@@ -246,7 +246,7 @@ def data_dir_for(config: TrainConfig) -> str:
 
 def seqio_batches(config: TrainConfig, mesh, task: str, split: str, *, train: bool) -> BatchesFn:
   import seqio  # Imports TensorFlow; only needed for seqio inputs.
-  from teacherlm_jax import train_data
+  from teacherlm_jax.training import train_data
   if task == train_data.FLAN_COT_BYTES_TASK:
     train_data.register_flan_cot_bytes_task(data_dir_for(config))
   elif task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():

@@ -36,9 +36,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from teacherlm_jax import partitioning
 from teacherlm_jax.models import matmul
 from teacherlm_jax.models import transformer
+from teacherlm_jax.runtime import partitioning
 
 DecodeState = Dict[str, jax.Array]
 

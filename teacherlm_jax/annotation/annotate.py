@@ -34,9 +34,13 @@ import jax
 import tqdm
 from absl import logging
 
-from teacherlm_jax import annotation_io, annotation_quality, decoding, partitioning
+from teacherlm_jax.annotation import decoding
+from teacherlm_jax.annotation import io as annotation_io
+from teacherlm_jax.annotation import quality as annotation_quality
+from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.data import prompts
 from teacherlm_jax.models import checkpoint_io
+from teacherlm_jax.runtime import partitioning
 
 ANNOTATION_KINDS = prompts.ANNOTATION_KINDS
 
@@ -51,8 +55,7 @@ class HFTokenizer:
   """
 
   def __init__(self, directory, add_special_tokens: bool = True):
-    from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
-    self.tokenizer = hf.load_tokenizer(directory)
+    self.tokenizer = hf_tokenizers.load(directory)
     self.add_special_tokens = add_special_tokens
     self.name = f"hf:{directory}"
 

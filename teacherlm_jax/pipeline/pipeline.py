@@ -30,13 +30,13 @@ import gin
 import jax
 from absl import logging
 
-from teacherlm_jax import annotate as annotate_lib
-from teacherlm_jax import annotation_io
-from teacherlm_jax import evaluate as evaluate_lib
-from teacherlm_jax import report as report_lib
-from teacherlm_jax import train as train_lib
+from teacherlm_jax.annotation import annotate as annotate_lib
+from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.data import mixtures, prompts, record_tasks, synthetic, tasks, vocab
+from teacherlm_jax.evaluation import evaluate as evaluate_lib
 from teacherlm_jax.models import checkpoint_io, hf
+from teacherlm_jax.pipeline import report as report_lib
+from teacherlm_jax.training import train as train_lib
 
 DONE = "DONE.json"
 VARIANTS = ("original", "annotated")

@@ -41,10 +41,10 @@ import seqio
 import tensorflow as tf
 import tqdm
 
-from teacherlm_jax import partitioning
 from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import tasks as tasks_lib
 from teacherlm_jax.models import transformer
+from teacherlm_jax.runtime import partitioning
 
 NORMALIZATIONS = ("sum", "mean")
 

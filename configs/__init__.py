@@ -1,1 +1,0 @@
-"""Model and mesh presets (see configs/models.py)."""
