@@ -7,12 +7,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPU is where we test; TPU programs are compiled for TPU topologies, never run.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: ahead-of-time compiles of paper-scale configs (CI runs them; "
+      "skip locally with -m 'not slow')")
 
 
 def data_dir() -> pathlib.Path:
