@@ -11,13 +11,18 @@ r"""Benchmarks ours against PyTorch `transformers` on the same machine, in one r
   python scripts/benchmark.py --cpu_devices=1       # no CPU mesh rows (default: one device
                                                     # per core, up to 8)
 
-Prints one table (benchmark, metric, ours, pytorch, ratio, notes) and writes it as JSON.
+Prints one table (benchmark, metric, ours, pytorch, ratio, notes) and writes it, with the date,
+commit, machine and versions, to benchmarks/results/ (`python scripts/benchmark_table.py` then
+regenerates docs/benchmarks.md).
 """
+import datetime
 import functools
 import json
 import os
 import pathlib
 import platform
+import subprocess
+import sys
 import time
 
 from absl import app, flags, logging
@@ -27,7 +32,8 @@ from teacherlm_jax.benchmarks import models
 
 _ONLY = flags.DEFINE_list("only", ["training", "decoding", "evaluation", "head_loss"],
                           "Which benchmarks to run.")
-_OUTPUT = flags.DEFINE_string("output", "benchmark_results.json", "JSON file to write.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "JSON file to write (default: benchmarks/results/DATE_PLATFORM_BENCHMARKS.json).")
 _DEVICE = flags.DEFINE_bool("device", False, "Run on the accelerator (JAX GPU vs torch CUDA) "
                             "when one is present; default CPU for both.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smaller sizes and fewer repeats (smoke runs).")
@@ -82,6 +88,24 @@ def print_table(rows):
     print(line(r))
 
 
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def _cpu_name() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def main(argv):
   del argv
   if not _DEVICE.value:
@@ -123,17 +147,26 @@ def main(argv):
   import jax
   import torch
   from teacherlm_jax.models import matmul
-  record = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "jax_devices": [str(d) for d in jax.devices()],
-                        "torch": torch.__version__, "jax": jax.__version__,
+  today = datetime.date.today().isoformat()
+  platform_name = jax.devices()[0].platform
+  record = {"title": f"{', '.join(_ONLY.value)} on {platform_name}: ours vs PyTorch transformers",
+            "date": today, "commit": _commit(),
+            "command": " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]),
+            "machine": {"platform": platform.platform(), "cpu": _cpu_name(),
+                        "cpus": os.cpu_count(), "jax_devices": len(jax.devices()),
+                        "device_kind": jax.devices()[0].device_kind,
                         # Train steps on CPU use oneDNN dots only where True.
                         "onednn_dots": matmul.onednn_dots_supported(),
-                        # glibc malloc settings (e.g. glibc.malloc.hugetlb=1) move both
-                        # sides' CPU steps by 15-40%: see the README's training notes.
+                        # glibc malloc settings move both sides' CPU steps alike.
                         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
+            "versions": {"jax": jax.__version__, "torch": torch.__version__},
             "rows": rows}
-  pathlib.Path(_OUTPUT.value).write_text(json.dumps(record, indent=2, default=str))
-  print(f"wrote {_OUTPUT.value}")
+  output = pathlib.Path(_OUTPUT.value or (
+      pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+      f"{today}_{platform_name}_{'-'.join(_ONLY.value)}.json"))
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(record, indent=2, default=str) + "\n")
+  print(f"wrote {output}")
 
 
 if __name__ == "__main__":
