@@ -35,8 +35,7 @@ def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
   """Bytes/s at which jitted code reads `nbytes` once (a float32 sum over that many bytes).
 
   Sized like a decode step's reads, so that caches help the bound as much as they could help
-  a step. (A numpy copy's read+write rate, 20 GB/s against 25 GB/s read here, put batch-1
-  decoding at 1.12x its "bound".)
+  a step; a copy's read+write rate would understate the bound.
   """
   import jax
   import jax.numpy as jnp
