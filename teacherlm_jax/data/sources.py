@@ -2,7 +2,9 @@
 
 Each reader yields plain dicts and refuses bad input with `path:line: field ...` errors. With
 `skips=SkipLog()` a bad row is counted (per file and reason) and skipped instead; the caller
-logs `skips.summary()` and puts the counts in its report. Nothing is dropped silently.
+logs `skips.summary()` and puts the counts in its report. Nothing is dropped silently. Text
+files are decoded line by line (`open_text`), so a stray byte that is not UTF-8 is one bad row,
+not the end of the file.
 
 The data directory comes from `set_data_dir` (scripts' `--data_dir` flag), else the environment
 variable TEACHERLM_DATA_DIR, else `../shared/data` next to the repository. It is resolved when a
@@ -48,10 +50,13 @@ def data_path(*parts: str) -> pathlib.Path:
 
 
 class BadRow(ValueError):
-  """A row that cannot be read: carries file, line and field."""
+  """A row that cannot be read: carries file, line, field and a short `category` (e.g.
+  'not_json', 'missing_field') that reject counts are keyed by."""
 
-  def __init__(self, path, line: int, field: Optional[str], reason: str):
+  def __init__(self, path, line: int, field: Optional[str], reason: str,
+               category: str = "bad_row"):
     self.path, self.line, self.field, self.reason = str(path), line, field, reason
+    self.category = category
     where = f"{path}:{line}: "
     super().__init__(where + (f"field {field!r} {reason}" if field else reason))
 
@@ -99,29 +104,84 @@ def require(row: Dict[str, Any], fields: Sequence[str], path, line: int) -> None
   for field in fields:
     value = row.get(field)
     if value is None or (isinstance(value, str) and not value.strip()):
-      raise BadRow(path, line, field, "is missing" if value is None else "is empty")
+      raise BadRow(path, line, field, "is missing" if value is None else "is empty",
+                   "missing_field" if value is None else "empty_field")
+
+
+def open_text(path):
+  """A text file whose bytes that are not UTF-8 survive as lone surrogates, one line at a
+  time, so `check_utf8` can reject the line that holds them and reading goes on."""
+  return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def check_utf8(text: str, path, line: int) -> None:
+  """Raises BadRow naming the first byte of `text` (read by `open_text`) that is not UTF-8."""
+  for column, char in enumerate(text, start=1):
+    if "\udc80" <= char <= "\udcff":
+      raise BadRow(path, line, None, f"is not valid UTF-8 (byte 0x{ord(char) - 0xdc00:02x} at "
+                   f"column {column}); re-encode the file as UTF-8", "not_utf8")
+
+
+def parse_json_object(text: str, path, line: int) -> Dict[str, Any]:
+  """One JSONL line (from `open_text`) as a dict, or BadRow saying where it breaks."""
+  check_utf8(text, path, line)
+  text = text.rstrip("\r\n")
+  try:
+    row = json.loads(text)
+  except json.JSONDecodeError as e:
+    # The column of the line itself; at the end of the line the record was cut short.
+    where = "at the end of the line" if e.pos >= len(text.rstrip()) else f"at column {e.pos + 1}"
+    raise BadRow(path, line, None, f"is not JSON ({e.msg} {where}: "
+                 f"{text[max(0, e.pos - 20):e.pos + 20]!r})", "not_json") from None
+  if not isinstance(row, dict):
+    raise BadRow(path, line, None, f"is a JSON {type(row).__name__}, not an object", "not_json")
+  return row
+
+
+def check_answer_fits_options(row: Dict[str, Any], path, line: int, answer_field: str = "answer",
+                              options_field: str = "options") -> None:
+  """A letter answer ('B' or '(B)') must name one of the row's options when it has an options
+  field; a row without one may carry its options in the question text (CREAK, ECQA)."""
+  if options_field not in row or row[options_field] is None:
+    return
+  options = row[options_field]
+  if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+    raise BadRow(path, line, options_field, f"is {options!r}, not a list of strings",
+                 "bad_options")
+  answer = str(row.get(answer_field, "")).strip()
+  letter = answer[1:-1] if len(answer) == 3 and answer[0] + answer[2] == "()" else answer
+  if len(letter) != 1 or not letter.isalpha() or not letter.isupper():
+    return  # An open answer (text, a number): nothing to match against the options.
+  if not options:
+    raise BadRow(path, line, answer_field, f"is the letter {answer!r} but field "
+                 f"{options_field!r} is empty", "answer_outside_options")
+  index = ord(letter) - ord("A")
+  if index >= len(options):
+    last = chr(ord("A") + len(options) - 1)
+    raise BadRow(path, line, answer_field, f"is {answer!r} but there are only {len(options)} "
+                 f"options (A-{last})", "answer_outside_options")
 
 
 def read_jsonl(path, required: Sequence[str] = (), skips: Optional[SkipLog] = None
                ) -> Iterator[Dict[str, Any]]:
   """One JSON object per line; each dict gets `_line` (1-based) for later error messages."""
-  with open(path, encoding="utf-8") as f:
+  with open_text(path) as f:
     for line_no, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise BadRow(path, line_no, None, f"is not JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(row, dict):
-          raise BadRow(path, line_no, None, f"is a JSON {type(row).__name__}, not an object")
+        row = parse_json_object(line, path, line_no)
         require(row, required, path, line_no)
       except BadRow as e:
         _handle(e, skips)
         continue
       row["_line"] = line_no
       yield row
+
+
+def _looks_like_answer(value: str) -> bool:
+  value = value.strip()
+  return value.isdigit() or (len(value) == 1 and value in "ABCDEFGH")
 
 
 def _mmlu_answer(value: str, path, line: int) -> int:
@@ -131,10 +191,25 @@ def _mmlu_answer(value: str, path, line: int) -> int:
   elif len(value) == 1 and value in "ABCDEFGH":
     answer = "ABCDEFGH".index(value)
   else:
-    raise BadRow(path, line, "answer", f"is {value!r}, not an option index 0-3 or letter A-D")
+    raise BadRow(path, line, "answer", f"is {value!r}, not an option index 0-3 or letter A-D",
+                 "bad_answer")
   if not 0 <= answer < MMLU_NUM_OPTIONS:
-    raise BadRow(path, line, "answer", f"is {value!r}, outside the {MMLU_NUM_OPTIONS} options")
+    raise BadRow(path, line, "answer", f"is {value!r}, outside the {MMLU_NUM_OPTIONS} options",
+                 "answer_outside_options")
   return answer
+
+
+def _mmlu_short_row(values: Sequence[str], fields: Sequence[str], path, line: int) -> BadRow:
+  """The field a row with too few columns lacks: an option when its last value is an answer
+  (a question with 3 options), else the first column past its end."""
+  num_options = len(values) - 2
+  if num_options >= 1 and _looks_like_answer(values[-1]):
+    return BadRow(path, line, f"choice{num_options}",
+                  f"is missing: the row has {num_options} options before its answer "
+                  f"{values[-1].strip()!r}, expected {MMLU_NUM_OPTIONS}", "missing_field")
+  missing = fields[len(values)] if values else "question"
+  return BadRow(path, line, missing, f"is missing ({len(values)} of {len(fields)} columns)",
+                "missing_field")
 
 
 def read_mmlu_csv(path, skips: Optional[SkipLog] = None) -> Iterator[Dict[str, Any]]:
@@ -146,7 +221,7 @@ def read_mmlu_csv(path, skips: Optional[SkipLog] = None) -> Iterator[Dict[str, A
   path = pathlib.Path(path)
   subject = path.stem.rsplit("_", 1)[0]
   fields = ["question"] + [f"choice{i}" for i in range(MMLU_NUM_OPTIONS)] + ["answer"]
-  with open(path, encoding="utf-8", newline="") as f:
+  with open_text(path) as f:
     reader = csv.reader(f)
     first = True
     for values in reader:
@@ -156,11 +231,12 @@ def read_mmlu_csv(path, skips: Optional[SkipLog] = None) -> Iterator[Dict[str, A
         if [v.strip() for v in values] == fields:
           continue
       try:
+        check_utf8(",".join(values), path, line)
         if len(values) < len(fields):
-          missing = fields[len(values)] if values else "question"
-          raise BadRow(path, line, missing, f"is missing ({len(values)} of {len(fields)} columns)")
+          raise _mmlu_short_row(values, fields, path, line)
         if len(values) > len(fields):
-          raise BadRow(path, line, None, f"has {len(values)} columns, expected {len(fields)}")
+          raise BadRow(path, line, None, f"has {len(values)} columns, expected {len(fields)}",
+                       "bad_columns")
         question, options = values[0], values[1:1 + MMLU_NUM_OPTIONS]
         if not question.strip():
           raise BadRow(path, line, "question", "is empty")
@@ -180,12 +256,13 @@ def read_flan_tsv(path, skips: Optional[SkipLog] = None) -> Iterator[Dict[str, A
 
   Yields {'question', 'answer', 'rationale', '_line'}.
   """
-  with open(path, encoding="utf-8") as f:
+  with open_text(path) as f:
     for line_no, line in enumerate(f, start=1):
-      line = line.rstrip("\n")
+      line = line.rstrip("\r\n")
       if not line:
         continue
       try:
+        check_utf8(line, path, line_no)
         values = line.split("\t")
         names = ("question", "answer", "rationale")
         if len(values) != 3:
