@@ -17,13 +17,14 @@ from teacherlm_jax.annotation import annotate
 from teacherlm_jax.annotation import decoding
 from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.annotation import quality as annotation_quality
-from teacherlm_jax.data import hf_tokenizers, prompts, vocab
+from teacherlm_jax.data import hf_tokenizers, prompts, sources, vocab
 from teacherlm_jax.models import checkpoint_io, hf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_RECORDS = 16
 # Settings shared by in-process runs and the scripts/annotate.py subprocesses.
-SETTINGS = dict(max_new_tokens=6, num_slots=4, chunk_size=2, id_field="ex_id")
+MAX_NEW_TOKENS = 6
+SETTINGS = dict(num_slots=4, chunk_size=2, id_field="ex_id")
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +53,12 @@ def workdir(tmp_path_factory, creak_rows):
   return root, teacher, records
 
 
-def _run(workdir, output, **overrides):
+def _run(workdir, output, temperature=0.0, **overrides):
   _, teacher, records = workdir
+  sampling = decoding.SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=temperature)
   return annotate.annotate(records, output,
-                           **{"teachers": str(teacher), **SETTINGS, "progress": False,
-                              **overrides})
+                           **{"teachers": str(teacher), **SETTINGS, "sampling": sampling,
+                              "progress": False, **overrides})
 
 
 def _merged(output):
@@ -74,7 +76,8 @@ def reference(workdir):
 
 def _script(workdir, output, *extra):
   _, teacher, records = workdir
-  bindings = [f"--gin.annotate.teachers='{teacher}'"] + [
+  bindings = [f"--gin.annotate.teachers='{teacher}'",
+              f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}"] + [
       f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen(
@@ -214,8 +217,9 @@ def test_bad_input_names_file_and_line_or_is_rejected_and_counted(workdir, creak
                              json.dumps(too_long), json.dumps(creak_rows[20])]) + "\n")
   run = lambda output, **kw: annotate.annotate(
       path, root / output, teachers=str(teacher), progress=False,
+      sampling=decoding.SamplingConfig(max_new_tokens=MAX_NEW_TOKENS),
       **{**SETTINGS, "kinds": ("fundamentals",), **kw})
-  with pytest.raises(annotation_io.InputError, match=rf"{path}:2: field 'answer' is missing"):
+  with pytest.raises(sources.BadRow, match=rf"{path}:2: field 'answer' is missing"):
     run("strict")
   summary = run("lenient", reject_bad_input=True)
   assert summary["rejected"] == {"missing_field": 1, "not_json": 1, "too_long": 1,
@@ -286,7 +290,8 @@ def test_annotates_a_seqio_task_like_the_jsonl_of_its_records(workdir, shared_da
   shutil.copytree(teacher, mistakes_teacher)
   teachers = {"fundamentals": str(teacher), "common_mistakes": str(mistakes_teacher)}
   settings = dict(teachers=teachers, kinds=("fundamentals", "common_mistakes"),
-                  max_new_tokens=2, limit=4, progress=False, process_index=0, process_count=1)
+                  sampling=decoding.SamplingConfig(max_new_tokens=2), limit=4, progress=False,
+                  process_index=0, process_count=1)
   summary = annotate.annotate("seqio:records_creak", root / "records", **settings)
   assert summary["annotated"] == 4
   out = _merged(root / "records")

@@ -18,7 +18,7 @@ SHRUNKEN = [
     "--gin.TrainConfig.checkpoint_every=10",
     "--gin.TrainConfig.batch_size=8",
     "--gin.TrainConfig.seq_len=128",
-    "--gin.annotate.max_new_tokens=24",
+    "--gin.SamplingConfig.max_new_tokens=24",
 ]
 
 

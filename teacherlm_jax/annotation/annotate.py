@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 import time
@@ -39,6 +40,8 @@ from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.annotation import quality as annotation_quality
 from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.data import prompts
+from teacherlm_jax.data import sources
+from teacherlm_jax.data import vocab
 from teacherlm_jax.models import checkpoint_io
 from teacherlm_jax.runtime import partitioning
 
@@ -62,6 +65,10 @@ class HFTokenizer:
   def encode(self, text: str) -> List[int]:
     return list(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens))
 
+  @property
+  def size(self) -> int:
+    return len(self.tokenizer)  # Added tokens included: the ids a text can get.
+
   def decode(self, ids: Sequence[int]) -> str:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -82,6 +89,10 @@ class SeqioTokenizer:
 
   def encode(self, text: str) -> List[int]:
     return list(self.vocabulary.encode(text))
+
+  @property
+  def size(self) -> int:
+    return self.vocabulary.vocab_size
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.vocabulary.decode([int(i) for i in ids])
@@ -135,6 +146,23 @@ class _Task:
   prompts: Dict[str, List[int]]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fields:
+  """Which record fields hold the id, question, answer and options."""
+  id: Optional[str]
+  question: str
+  answer: str
+  options: Optional[str]
+
+
+@dataclasses.dataclass
+class _Teachers:
+  """The loaded teachers: checkpoint per kind, its id in the output, a Decoder per checkpoint."""
+  path_of: Dict[str, str]
+  id_of: Dict[str, str]
+  decoders: Dict[str, decoding.Decoder]
+
+
 def _teacher_paths(teachers: Union[str, Mapping[str, str]], kinds: Sequence[str]
                    ) -> Dict[str, str]:
   if isinstance(teachers, str):
@@ -163,8 +191,86 @@ class Progress:
     self.bar.update(records)
 
   def close(self):
-    self.bar.close()
-    return time.time() - self.start
+    return self.bar.close() or time.time() - self.start
+
+
+def _check_settings(kinds: Sequence[str], num_samples: int, num_slots: int, chunk_size: int,
+                    sync_every: int, mesh) -> None:
+  """Refuses settings that would crash late or never finish, naming the gin binding."""
+  unknown = [k for k in kinds if k not in ANNOTATION_KINDS]
+  if unknown or not kinds:
+    raise ValueError(f"annotate.kinds={list(kinds)}: expected a non-empty subset of "
+                     f"{ANNOTATION_KINDS}")
+  for name, value in (("num_samples", num_samples), ("num_slots", num_slots),
+                      ("chunk_size", chunk_size), ("sync_every", sync_every)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"annotate.{name}={value!r}: must be an integer >= 1")
+  dp = int(mesh.shape["data"] * mesh.shape["fsdp"]) if mesh is not None else 1
+  if num_slots % dp:
+    raise ValueError(f"annotate.num_slots={num_slots}: must be a multiple of the mesh's data "
+                     f"parallelism {dp} (annotate.mesh_shape)")
+
+
+def _model_source(path: str) -> str:
+  """The file that sets a teacher's vocab_size (for error messages)."""
+  ours = pathlib.Path(path) / checkpoint_io.MODEL_CONFIG_FILE
+  return str(ours if ours.exists() else pathlib.Path(path) / "config.json")
+
+
+def _check_tokenizer_fits(tok, teacher_of: Dict[str, str]) -> None:
+  """Every teacher's vocab_size (read from its config, no weights loaded) covers the tokenizer."""
+  for path in sorted(set(teacher_of.values())):
+    source = _model_source(path)
+    try:
+      vocab_size = int(json.loads(pathlib.Path(source).read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError):
+      continue  # An unreadable config is reported with its own message when the model loads.
+    vocab.check_fits_model(tok.size, tok.name, vocab_size, source,
+                           {"eos": tok.eos_id, "pad": tok.pad_id})
+
+
+def _load_teachers(teacher_of: Dict[str, str], tok, mesh, dtype: str) -> _Teachers:
+  """One Decoder per distinct checkpoint."""
+  decoders = {}
+  for path in sorted(set(teacher_of.values())):
+    # An HF directory, or a trainer model_dir / params directory of ours (no export needed).
+    model = checkpoint_io.load_any(path, dtype=dtype)
+    eos_id = tok.eos_id if tok.eos_id is not None else model.config.eos_token_id
+    pad_id = tok.pad_id if tok.pad_id is not None else model.config.pad_token_id
+    decoders[path] = decoding.Decoder(model, mesh=mesh, eos_id=eos_id, pad_id=pad_id)
+  return _Teachers(teacher_of, {k: str(pathlib.Path(p).resolve()) for k, p in teacher_of.items()},
+                   decoders)
+
+
+def _prompt_tasks(records: Sequence[annotation_io.InputRecord], kinds: Sequence[str], tok,
+                  teachers: _Teachers, fields: _Fields, sampling: decoding.SamplingConfig,
+                  input_path, rejects: Optional[List[annotation_io.Reject]]) -> List[_Task]:
+  """Every record's prompt per kind, tokenised; records whose prompt does not fit are rejected
+  (or raise `path:line: ...`)."""
+  tasks = []
+  for record in records:
+    try:
+      token_ids = {}
+      for kind in kinds:
+        text = teacher_prompt(record.fields, kind, question_field=fields.question,
+                              answer_field=fields.answer, options_field=fields.options)
+        token_ids[kind] = tok.encode(text)
+        decoder = teachers.decoders[teachers.path_of[kind]]
+        vocab.check_ids_fit_model(token_ids[kind], decoder.config.vocab_size,
+                                  f"{input_path}:{record.line}", tok.name,
+                                  _model_source(teachers.path_of[kind]))
+        try:
+          decoder.check_length(len(token_ids[kind]), sampling.max_new_tokens)
+        except ValueError as e:
+          raise sources.BadRow(input_path, record.line, None, f"{kind} {e}", "too_long") from None
+    except sources.BadRow as e:
+      if rejects is None:
+        raise
+      rejects.append(annotation_io.Reject.of(
+          e, json.dumps(record.fields, ensure_ascii=False)))
+      continue
+    tasks.append(_Task(record, token_ids))
+  return tasks
 
 
 @gin.configurable(denylist=["input_path", "output_dir", "resume", "process_index",
@@ -174,12 +280,9 @@ def annotate(input_path, output_dir, *,
              kinds: Sequence[str] = ANNOTATION_KINDS,
              tokenizer: Optional[str] = None,
              add_special_tokens: bool = True,
-             max_new_tokens: int = 128,
-             temperature: float = 0.0,
-             top_k: int = 0,
-             top_p: float = 1.0,
-             seed: int = 0,
+             sampling: Optional[decoding.SamplingConfig] = None,
              num_samples: int = 1,
+             seed: int = 0,
              num_slots: int = 16,
              chunk_size: int = 64,
              sync_every: int = 16,
@@ -190,6 +293,7 @@ def annotate(input_path, output_dir, *,
              answer_field: str = "answer",
              options_field: Optional[str] = "options",
              reject_bad_input: bool = False,
+             allow_empty_input: bool = False,
              limit: Optional[int] = None,
              quality: Optional[annotation_quality.QualityConfig] = None,
              resume: bool = False,
@@ -208,8 +312,10 @@ def annotate(input_path, output_dir, *,
     kinds: annotation kinds to produce.
     tokenizer: 'hf:<dir>' or 'spm:<model>'; default the first teacher's directory.
     add_special_tokens: HF tokenizers only: add the tokenizer's special tokens (e.g. OPT BOS).
-    max_new_tokens, temperature, top_k, top_p, seed: decoding settings (temperature 0 = greedy).
+    sampling: max_new_tokens, temperature (0 = greedy), top_k, top_p; default
+      `SamplingConfig()`, i.e. the gin bindings `SamplingConfig.*`.
     num_samples: samples per prompt; the most confident one passing QC is kept.
+    seed: sampling seed.
     num_slots: rows of the slot engine's cache (continuous batching).
     chunk_size: records per atomically committed chunk.
     sync_every: decode steps between host checks for finished rows.
@@ -218,7 +324,8 @@ def annotate(input_path, output_dir, *,
     id_field: unique id field (None = line number).
     question_field, answer_field, options_field: record fields the prompt is built from.
     reject_bad_input: write bad records to the shard's rejects.jsonl (counted) instead of
-      raising an error that names file and line.
+      raising an error that names file, line and field.
+    allow_empty_input: an input without records is an error unless this is set.
     limit: annotate only the first `limit` input records (quick runs).
     quality: QC thresholds (default QualityConfig()).
     resume: continue a killed run: ids in committed chunks are skipped.
@@ -228,19 +335,16 @@ def annotate(input_path, output_dir, *,
   Returns:
     The summary dict (also stored in the shard's manifest).
   """
-  if num_samples < 1:
-    raise ValueError(f"num_samples={num_samples}: must be >= 1")
-  unknown = [k for k in kinds if k not in ANNOTATION_KINDS]
-  if unknown or not kinds:
-    raise ValueError(f"kinds={list(kinds)}: expected a non-empty subset of {ANNOTATION_KINDS}")
+  sampling = sampling or decoding.SamplingConfig()
+  mesh = (partitioning.make_mesh(*mesh_shape, devices=jax.local_devices())
+          if mesh_shape else None)
+  _check_settings(kinds, num_samples, num_slots, chunk_size, sync_every, mesh)
   kinds = tuple(kinds)
+  fields = _Fields(id_field, question_field, answer_field, options_field)
   quality = quality or annotation_quality.QualityConfig()
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  sampling = decoding.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p)
   teacher_of = _teacher_paths(teachers, kinds)
-  teacher_ids = {kind: str(pathlib.Path(path).resolve()) for kind, path in teacher_of.items()}
   if not tokenizer:
     first = teacher_of[kinds[0]]
     if not checkpoint_io.is_hf_directory(first):
@@ -248,54 +352,22 @@ def annotate(input_path, output_dir, *,
                        "one from; set tokenizer='hf:<dir>' or 'spm:<model>'")
     tokenizer = f"hf:{first}"
   tok = load_tokenizer(tokenizer, add_special_tokens)
+  _check_tokenizer_fits(tok, teacher_of)
 
-  # Input: this process's slice, bad records rejected (or raised) with file and line.
+  # Reading: this process's slice, bad records rejected (or raised) with file, line and field.
   rejects: Optional[List[annotation_io.Reject]] = [] if reject_bad_input else None
-  required = [question_field, answer_field]
   records = annotation_io.read_records(
-      input_path, id_field=id_field, required_fields=required, process_index=process_index,
-      process_count=process_count, limit=limit, rejects=rejects)
+      input_path, id_field=id_field, required_fields=[question_field, answer_field],
+      answer_field=answer_field, options_field=options_field, process_index=process_index,
+      process_count=process_count, limit=limit, rejects=rejects, allow_empty=allow_empty_input)
+  loaded = _load_teachers(teacher_of, tok, mesh, dtype)
+  tasks = _prompt_tasks(records, kinds, tok, loaded, fields, sampling, input_path, rejects)
 
-  # Teachers: one Decoder per distinct checkpoint, on this process's devices.
-  mesh = (partitioning.make_mesh(*mesh_shape, devices=jax.local_devices())
-          if mesh_shape else None)
-  decoders = {}
-  for path in sorted(set(teacher_of.values())):
-    # An HF directory, or a trainer model_dir / params directory of ours (no export needed).
-    model = checkpoint_io.load_any(path, dtype=dtype)
-    config = model.config
-    eos_id = tok.eos_id if tok.eos_id is not None else config.eos_token_id
-    pad_id = tok.pad_id if tok.pad_id is not None else config.pad_token_id
-    decoders[path] = decoding.Decoder(model, mesh=mesh, eos_id=eos_id, pad_id=pad_id)
-
-  # Prompts, with records whose prompt does not fit the context rejected.
-  tasks = []
-  for record in records:
-    try:
-      token_ids = {}
-      for kind in kinds:
-        text = teacher_prompt(record.fields, kind, question_field=question_field,
-                              answer_field=answer_field, options_field=options_field)
-        token_ids[kind] = tok.encode(text)
-        try:
-          decoders[teacher_of[kind]].check_length(len(token_ids[kind]), max_new_tokens)
-        except ValueError as e:
-          raise annotation_io.InputError(f"{input_path}:{record.line}: {kind} {e}",
-                                         "too_long") from None
-    except annotation_io.InputError as e:
-      if rejects is None:
-        raise
-      rejects.append(annotation_io.Reject(str(input_path), record.line, e.reason, str(e),
-                                          json.dumps(record.fields, ensure_ascii=False)))
-      continue
-    tasks.append(_Task(record, token_ids))
-
-  decoding_settings = {"max_new_tokens": max_new_tokens, "temperature": temperature,
-                       "top_k": top_k, "top_p": top_p, "num_samples": num_samples}
+  decoding_settings = {**dataclasses.asdict(sampling), "num_samples": num_samples}
   source = (str(input_path) if annotation_io.is_task_source(input_path)
             else str(pathlib.Path(input_path).resolve()))
   run_settings = {"input": source, "limit": limit, "kinds": list(kinds),
-                  "teachers": teacher_ids, "tokenizer": tok.name, "decoding": decoding_settings,
+                  "teachers": loaded.id_of, "tokenizer": tok.name, "decoding": decoding_settings,
                   "seed": seed, "quality": dataclasses.asdict(quality),
                   "fields": [id_field, question_field, answer_field, options_field]}
   writer = annotation_io.ShardWriter(output_dir, process_index, process_count, run_settings,
@@ -304,26 +376,17 @@ def annotate(input_path, output_dir, *,
     writer.write_rejects(rejects)
   todo = [t for t in tasks if t.record.id not in writer.committed_ids]
 
-  engines = {}
-  for path, decoder in decoders.items():
-    lengths = [len(t.prompts[k]) for t in todo for k in kinds if teacher_of[k] == path]
-    if lengths:
-      engines[path] = decoding.SlotEngine(decoder, sampling, num_slots=num_slots,
-                                          max_prompt_length=max(lengths),
-                                          sync_every=sync_every)
-
+  # Decoding and writing, one committed chunk at a time.
+  engines = _engines(todo, kinds, loaded, sampling, num_slots, sync_every)
   counts = collections.Counter()
   qc_counts = {kind: collections.Counter() for kind in kinds}
   bar = Progress(len(todo), progress and process_index == 0)
   for start in range(0, len(todo), chunk_size):
     chunk = todo[start:start + chunk_size]
-    generations = _decode_chunk(chunk, kinds, teacher_of, engines, num_samples, seed)
-    out = []
-    for position, task in enumerate(chunk):
-      record = _output_record(task, position, generations, kinds, tok, quality, teacher_ids,
-                              decoding_settings, seed, num_samples, answer_field, qc_counts,
-                              counts)
-      out.append(record)
+    generations = _decode_chunk(chunk, kinds, loaded.path_of, engines, num_samples, seed)
+    out = [_output_record(task, generations, kinds, tok, quality, loaded.id_of,
+                          decoding_settings, seed, num_samples, answer_field, qc_counts, counts)
+           for task in chunk]
     writer.commit(out)
     bar.update(len(chunk), sum(sum(r["generated_tokens"].values()) for r in out))
   seconds = bar.close()
@@ -349,6 +412,19 @@ def annotate(input_path, output_dir, *,
   return summary
 
 
+def _engines(todo: Sequence[_Task], kinds, teachers: _Teachers, sampling, num_slots: int,
+             sync_every: int) -> Dict[str, decoding.SlotEngine]:
+  """A slot engine per teacher that has prompts to decode, sized for its longest prompt."""
+  engines = {}
+  for path, decoder in teachers.decoders.items():
+    lengths = [len(t.prompts[k]) for t in todo for k in kinds if teachers.path_of[k] == path]
+    if lengths:
+      engines[path] = decoding.SlotEngine(decoder, sampling, num_slots=num_slots,
+                                          max_prompt_length=max(lengths),
+                                          sync_every=sync_every)
+  return engines
+
+
 def _uid(record: annotation_io.InputRecord, kind: str, sample: int, num_samples: int) -> int:
   return (record.index * len(ANNOTATION_KINDS) + ANNOTATION_KINDS.index(kind)) * num_samples + sample
 
@@ -366,9 +442,13 @@ def _decode_chunk(chunk: Sequence[_Task], kinds, teacher_of, engines, num_sample
   return generations
 
 
-def _output_record(task: _Task, position: int, generations, kinds, tok, quality, teacher_ids,
+def _finite_or_none(value: float) -> Optional[float]:
+  """JSON has no NaN or Inf: a non-finite value is written as null (and QC-flagged)."""
+  return round(value, 6) if math.isfinite(value) else None
+
+
+def _output_record(task: _Task, generations, kinds, tok, quality, teacher_ids,
                    decoding_settings, seed, num_samples, answer_field, qc_counts, counts) -> dict:
-  del position
   record = task.record
   gold = gold_letter(record.fields[answer_field])
   out = {**record.fields, "id": record.id, "input_index": record.index}
@@ -381,7 +461,8 @@ def _output_record(task: _Task, position: int, generations, kinds, tok, quality,
       ids = g.tokens[:-1] if g.stopped_at_eos else g.tokens
       texts.append(tok.decode(ids).strip())
       flags.append(annotation_quality.check(texts[-1], kind=kind, stopped_at_eos=g.stopped_at_eos,
-                                            gold_letter=gold, config=quality))
+                                            gold_letter=gold, config=quality,
+                                            mean_logprob=g.mean_logprob))
     best = annotation_quality.pick_sample(flags, [g.mean_logprob for g in samples])
     g = samples[best]
     kept_ids = g.tokens[:-1] if g.stopped_at_eos else g.tokens
@@ -390,7 +471,7 @@ def _output_record(task: _Task, position: int, generations, kinds, tok, quality,
     out["all"][kind] = tok.decode(list(task.prompts[kind]) + list(kept_ids))
     out["generated_tokens"][kind] = g.num_tokens
     out["stopped_at_eos"][kind] = g.stopped_at_eos
-    out["mean_logprob"][kind] = round(g.mean_logprob, 6)
+    out["mean_logprob"][kind] = _finite_or_none(g.mean_logprob)
     out["qc"][kind] = flags[best]
     out["teacher"][kind] = teacher_ids[kind]
     qc_counts[kind].update(flags[best])

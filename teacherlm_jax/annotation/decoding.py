@@ -28,8 +28,10 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,9 +45,11 @@ from teacherlm_jax.runtime import partitioning
 DecodeState = Dict[str, jax.Array]
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """How tokens are chosen (static under jit; the seed is passed separately).
+  """How tokens are chosen (static under jit; the seed is passed separately). Gin binds its
+  fields as `SamplingConfig.temperature = ...` (the annotation job takes it whole).
 
   Attributes:
     max_new_tokens: generated tokens per row at most (EOS included).
@@ -61,8 +65,9 @@ class SamplingConfig:
   def __post_init__(self):
     if self.max_new_tokens < 1:
       raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens}: must be >= 1")
-    if self.temperature < 0:
-      raise ValueError(f"SamplingConfig.temperature={self.temperature}: must be >= 0")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"SamplingConfig.temperature={self.temperature}: must be a finite "
+                       "number >= 0 (0 = greedy)")
     if self.top_k < 0:
       raise ValueError(f"SamplingConfig.top_k={self.top_k}: must be >= 0")
     if not 0.0 < self.top_p <= 1.0:
@@ -505,8 +510,11 @@ class SlotEngine:
   def __init__(self, decoder: Decoder, sampling: SamplingConfig, *, num_slots: int,
                max_prompt_length: int, sync_every: int = 16, refill_fraction: float = 0.25):
     dp = decoder.data_parallelism
-    if num_slots % dp:
-      raise ValueError(f"num_slots={num_slots} must be a multiple of the data parallelism {dp}")
+    if num_slots < 1 or num_slots % dp:
+      raise ValueError(f"num_slots={num_slots} must be a positive multiple of the data "
+                       f"parallelism {dp}")
+    if sync_every < 1:  # No step between host checks would never finish a row.
+      raise ValueError(f"sync_every={sync_every} must be >= 1")
     self.decoder, self.sampling = decoder, sampling
     self.num_slots = num_slots
     self.prompt_width = bucket_length(max_prompt_length)

@@ -15,10 +15,13 @@ found in the committed chunks, which makes a killed-and-resumed run hold each id
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+from teacherlm_jax.data import sources
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
@@ -26,9 +29,10 @@ CHUNK_GLOB = "chunk-*.jsonl"
 
 
 class InputError(ValueError):
-  """A bad input record; the message names file and line, `reason` is a short category."""
+  """An input that cannot be read at all (no file, an unknown task, nothing in it); a bad
+  record is a `sources.BadRow`, whose `category` its reject is counted under."""
 
-  def __init__(self, message: str, reason: str = "bad_record"):
+  def __init__(self, message: str, reason: str = "bad_source"):
     super().__init__(message)
     self.reason = reason
 
@@ -53,6 +57,13 @@ class Reject:
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
+
+  @classmethod
+  def of(cls, error: sources.BadRow, raw: str) -> "Reject":
+    # Bytes that are not UTF-8 (lone surrogates from `sources.open_text`) kept as \xNN text.
+    raw = raw.rstrip("\r\n").encode("utf-8", "surrogateescape").decode("utf-8",
+                                                                       "backslashreplace")
+    return cls(error.path, error.line, error.category, str(error), raw)
 
 
 def process_slice(num_items: int, process_index: int, process_count: int) -> range:
@@ -87,8 +98,10 @@ def _task_rows(source: str) -> List[tuple]:
 
 
 def read_records(source, *, id_field: Optional[str], required_fields: Sequence[str],
+                 answer_field: str = "answer", options_field: Optional[str] = "options",
                  process_index: int = 0, process_count: int = 1, limit: Optional[int] = None,
-                 rejects: Optional[List[Reject]] = None) -> List[InputRecord]:
+                 rejects: Optional[List[Reject]] = None,
+                 allow_empty: bool = False) -> List[InputRecord]:
   """Reads this process's slice of the input (its non-blank lines split contiguously).
 
   Args:
@@ -98,12 +111,15 @@ def read_records(source, *, id_field: Optional[str], required_fields: Sequence[s
       the part of line numbers in errors and rejects.
     id_field: field holding a unique record id; None = the 1-based line number.
     required_fields: fields the prompts need.
+    answer_field, options_field: a letter answer must name one of the options.
     process_index, process_count: which contiguous slice to read.
     limit: only the first `limit` records of the input (before slicing).
     rejects: when given, bad records are appended here with their reason instead of raising.
+    allow_empty: an input without a single non-blank line is an error unless this is set.
 
   Raises:
-    InputError naming file, line and field, when `rejects` is None.
+    sources.BadRow naming file, line and field, when `rejects` is None; InputError when the
+    input is missing or empty.
   """
   source = str(source)
   if is_task_source(source):
@@ -112,22 +128,28 @@ def read_records(source, *, id_field: Optional[str], required_fields: Sequence[s
     path = pathlib.Path(source)
     if not path.is_file():
       raise InputError(f"{path}: input file does not exist")
-    with path.open(encoding="utf-8") as f:
+    # Each line decoded on its own: a byte that is not UTF-8 spoils its line only.
+    with sources.open_text(path) as f:
       lines = [(number, text) for number, text in enumerate(f, start=1) if text.strip()]
+  if not lines and not allow_empty:
+    raise InputError(f"{source}: the input holds no records; check the path, or set "
+                     "annotate.allow_empty_input=True if an empty input is expected", "empty")
   if limit is not None:
     lines = lines[:limit]
   records, seen = [], {}
   for index in process_slice(len(lines), process_index, process_count):
     number, text = lines[index]
     try:
-      record = parse_record(text, source, number, id_field, required_fields)
+      record = parse_record(text, source, number, id_field, required_fields,
+                            answer_field=answer_field, options_field=options_field)
       if record.id in seen:
-        raise InputError(f"{source}:{number}: id {record.id!r} (field {id_field!r}) repeats "
-                         f"the id of line {seen[record.id]}", "duplicate_id")
-    except InputError as e:
+        raise sources.BadRow(source, number, id_field or "id",
+                             f"repeats the id {record.id!r} of line {seen[record.id]}",
+                             "duplicate_id")
+    except sources.BadRow as e:
       if rejects is None:
         raise
-      rejects.append(Reject(source, number, e.reason, str(e), text.rstrip("\n")))
+      rejects.append(Reject.of(e, text))
       continue
     seen[record.id] = number
     record.index = index
@@ -136,23 +158,19 @@ def read_records(source, *, id_field: Optional[str], required_fields: Sequence[s
 
 
 def parse_record(text: str, path, line: int, id_field: Optional[str],
-                 required_fields: Sequence[str]) -> InputRecord:
-  try:
-    fields = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise InputError(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})",
-                     "not_json") from None
-  if not isinstance(fields, dict):
-    raise InputError(f"{path}:{line}: expected a JSON object, got {type(fields).__name__}",
-                     "not_json")
+                 required_fields: Sequence[str], *, answer_field: str = "answer",
+                 options_field: Optional[str] = "options") -> InputRecord:
+  """One input line as a record; `sources.BadRow` (file, line, field) when it is not one."""
+  fields = sources.parse_json_object(text, path, line)
   for name in required_fields:
     if name not in fields or fields[name] is None:
-      raise InputError(f"{path}:{line}: field {name!r} is missing", "missing_field")
+      raise sources.BadRow(path, line, name, "is missing", "missing_field")
+  if options_field:
+    sources.check_answer_fits_options(fields, path, line, answer_field, options_field)
   if id_field is None:
     record_id = str(line)
   elif id_field not in fields:
-    raise InputError(f"{path}:{line}: field {id_field!r} (the record id) is missing",
-                     "missing_field")
+    raise sources.BadRow(path, line, id_field, "(the record id) is missing", "missing_field")
   else:
     record_id = str(fields[id_field])
   return InputRecord(index=-1, line=line, id=record_id, fields=fields)
@@ -171,21 +189,50 @@ def _fsync_dir(directory: pathlib.Path):
 def write_atomic(path: pathlib.Path, text: str):
   """temp file, fsync, rename, fsync the directory: `path` is old or new, never partial."""
   tmp = path.with_name(path.name + ".tmp")
-  with tmp.open("w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with tmp.open("w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)  # A partial temp file would hold the disk space it lacked.
+    raise
   _fsync_dir(path.parent)
 
 
+def to_json(value) -> str:
+  """Strict JSON: a NaN or Inf raises here instead of writing a bare `NaN` no parser reads."""
+  return json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
+
+
 def _jsonl(records: Sequence[dict]) -> str:
-  return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+  return "".join(to_json(r) + "\n" for r in records)
 
 
 def read_jsonl(path: pathlib.Path) -> List[dict]:
   with path.open(encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def read_chunk(chunk: pathlib.Path) -> List[dict]:
+  """A committed chunk's records; a damaged one is an error that says how to recover."""
+  records = []
+  with chunk.open(encoding="utf-8", errors="surrogateescape") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        sources.check_utf8(line, chunk, number)
+        record = sources.parse_json_object(line, chunk, number)
+        sources.require(record, ("id", "input_index"), chunk, number)
+      except sources.BadRow as e:
+        raise ValueError(
+            f"{e}. Chunks are renamed into place whole, so this committed chunk was damaged "
+            f"after it was written: delete {chunk} and rerun with --resume to annotate its "
+            "records again") from None
+      records.append(record)
+  return records
 
 
 # ---- shards ------------------------------------------------------------------------------
@@ -214,7 +261,11 @@ class ShardWriter:
           "to continue that run, or choose a new output directory")
     manifest_path = self.directory / MANIFEST
     if resume and manifest_path.exists():
-      previous = json.loads(manifest_path.read_text())["run"]
+      try:
+        previous = json.loads(manifest_path.read_text())["run"]
+      except (ValueError, KeyError) as e:
+        raise ValueError(f"{manifest_path}: damaged ({e}); the manifest is rebuilt from the "
+                         "chunks, so delete it and rerun with --resume") from None
       changed = {k: (previous.get(k), v) for k, v in run_settings.items()
                  if previous.get(k) != v}
       if changed:
@@ -223,7 +274,7 @@ class ShardWriter:
     self.committed_ids = set()
     self.chunk_info = []
     for chunk in self.chunks:
-      records = read_jsonl(chunk)
+      records = read_chunk(chunk)
       self.committed_ids.update(r["id"] for r in records)
       self.chunk_info.append(self._info(chunk, records))
     self.resumed_records = len(self.committed_ids)
@@ -244,14 +295,25 @@ class ShardWriter:
       raise ValueError(f"{self.directory}: ids already committed: {duplicates[:5]}")
     number = int(self.chunks[-1].stem.split("-")[1]) + 1 if self.chunks else 0
     chunk = self.directory / f"chunk-{number:06d}.jsonl"
-    write_atomic(chunk, _jsonl(records))
+    self._write(chunk, _jsonl(records))
     self.chunks.append(chunk)
     self.committed_ids.update(r["id"] for r in records)
     self.chunk_info.append(self._info(chunk, records))
     self._write_manifest(complete=False, summary=None)
 
+  def _write(self, path: pathlib.Path, text: str):
+    try:
+      write_atomic(path, text)
+    except OSError as e:
+      full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+      raise OSError(e.errno, f"{path}: cannot write ({e.strerror})"
+                    + (": the disk is full" if full else "")
+                    + f". The {len(self.chunks)} chunks committed in {self.directory} are whole; "
+                    "free space or fix the directory, then rerun with --resume to continue"
+                    ) from e
+
   def write_rejects(self, rejects: Sequence[Reject]):
-    write_atomic(self.directory / REJECTS, _jsonl([r.to_json() for r in rejects]))
+    self._write(self.directory / REJECTS, _jsonl([r.to_json() for r in rejects]))
 
   def finish(self, summary: dict):
     self._write_manifest(complete=True, summary=summary)
@@ -261,12 +323,13 @@ class ShardWriter:
                 "run": self.run_settings, "complete": complete,
                 "num_records": len(self.committed_ids), "chunks": self.chunk_info,
                 "summary": summary}
-    write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    self._write(self.directory / MANIFEST,
+                json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
 
 
 def iter_shard_records(directory: pathlib.Path) -> Iterator[dict]:
   for chunk in sorted(directory.glob(CHUNK_GLOB)):
-    yield from read_jsonl(chunk)
+    yield from read_chunk(chunk)
 
 
 def merge(output_dir, merged_path, *, allow_incomplete: bool = False) -> int:

@@ -4,7 +4,8 @@ Each annotation gets a list of flags:
   empty         no text after the trigger;
   hit_limit     stopped at max_new_tokens instead of EOS (likely cut mid-sentence);
   looping       some word n-gram repeats more than `max_ngram_repeats` times;
-  wrong_answer  says "the answer is (X)" with X different from the gold letter.
+  wrong_answer  says "the answer is (X)" with X different from the gold letter;
+  non_finite    the teacher's token log-probs hold NaN or Inf (a broken model), written as null.
 `action='flag'` keeps flagged annotations (the flags are written next to them);
 `action='drop'` replaces their text by null. With several samples per prompt the most
 confident (highest mean token log-prob) sample without flags is kept, else the most confident.
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 from typing import List, Optional, Sequence, Tuple
 
 import gin
 
-FLAGS = ("empty", "hit_limit", "looping", "wrong_answer")
+FLAGS = ("empty", "hit_limit", "looping", "wrong_answer", "non_finite")
 
 _ANSWER_RE = re.compile(r"answer is\s*:?\s*\(?\s*([A-J])\s*\)", re.IGNORECASE)
 
@@ -62,7 +64,7 @@ def stated_answers(text: str) -> List[str]:
 
 
 def check(text: str, *, kind: str, stopped_at_eos: bool, gold_letter: Optional[str],
-          config: QualityConfig) -> List[str]:
+          config: QualityConfig, mean_logprob: float = 0.0) -> List[str]:
   """The flags (subset of FLAGS, in that order) of one annotation."""
   flags = []
   if not text.strip():
@@ -74,6 +76,8 @@ def check(text: str, *, kind: str, stopped_at_eos: bool, gold_letter: Optional[s
   if (gold_letter and kind in config.answer_check_kinds
       and any(letter != gold_letter for letter in stated_answers(text))):
     flags.append("wrong_answer")
+  if not math.isfinite(mean_logprob):
+    flags.append("non_finite")
   return flags
 
 
@@ -82,4 +86,6 @@ def pick_sample(flags_per_sample: Sequence[Sequence[str]],
   """Index of the most confident sample among those without flags (else among all)."""
   clean = [i for i, flags in enumerate(flags_per_sample) if not flags]
   candidates = clean or list(range(len(flags_per_sample)))
-  return max(candidates, key=lambda i: mean_logprobs[i])
+  # NaN compares false both ways, which would make the choice depend on sample order.
+  confidence = [p if math.isfinite(p) else -math.inf for p in mean_logprobs]
+  return max(candidates, key=lambda i: confidence[i])

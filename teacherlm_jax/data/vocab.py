@@ -10,7 +10,7 @@ and the TF path calls the same tokenizer through `tf.numpy_function`.
 from __future__ import annotations
 
 import pathlib
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import gin
 import numpy as np
@@ -176,3 +176,44 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
       model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
       character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **trainer_options)
   return f"{model_prefix}.model"
+
+
+class VocabularyMismatch(ValueError):
+  """A tokenizer whose ids do not all index the model's embedding; names both files."""
+
+
+def vocabulary_source(vocabulary) -> str:
+  """The file or directory a vocabulary was read from (for error messages)."""
+  for attribute in ("tokenizer_dir", "sentencepiece_model_file"):
+    source = getattr(vocabulary, attribute, None)
+    if source:
+      return str(source)
+  return repr(vocabulary)
+
+
+def check_fits_model(tokenizer_size: int, tokenizer_source: str, model_vocab_size: int,
+                     model_source: str, special_ids: Mapping[str, Optional[int]] = None) -> None:
+  """Raises VocabularyMismatch unless every id of the tokenizer (its size, and its special
+  tokens) is below the model's vocab_size: a larger id reads past the embedding table, which
+  on an accelerator yields garbage rather than an error."""
+  fix = ("use the tokenizer saved with that model, or a model whose vocab_size covers this "
+         "tokenizer")
+  if tokenizer_size > model_vocab_size:
+    raise VocabularyMismatch(
+        f"tokenizer {tokenizer_source} has {tokenizer_size} tokens but model {model_source} has "
+        f"vocab_size={model_vocab_size}: ids {model_vocab_size}..{tokenizer_size - 1} have no "
+        f"embedding; {fix}")
+  for name, token_id in (special_ids or {}).items():
+    if token_id is not None and not 0 <= token_id < model_vocab_size:
+      raise VocabularyMismatch(
+          f"tokenizer {tokenizer_source}: {name} id {token_id} is outside model {model_source}'s "
+          f"vocab_size={model_vocab_size}; {fix}")
+
+
+def check_ids_fit_model(ids: Sequence[int], model_vocab_size: int, where: str,
+                        tokenizer_source: str, model_source: str) -> None:
+  """Raises VocabularyMismatch when a tokenised text holds an id >= the model's vocab_size."""
+  if len(ids) and max(ids) >= model_vocab_size:
+    raise VocabularyMismatch(
+        f"{where}: tokenizer {tokenizer_source} gave id {max(ids)}, outside model "
+        f"{model_source}'s vocab_size={model_vocab_size}")
