@@ -270,8 +270,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(flan_batches, 
   poisoned = [dict(b) for b in flan_batches[:6]]
   poisoned[2]["loss_weights"] = np.full_like(poisoned[2]["loss_weights"], np.nan)
   config = _config(num_steps=6, checkpoint_every=1, keep_checkpoints=1, log_every=10, **MESH)
-  with pytest.raises(FloatingPointError, match=r"NaN/Inf in step 3 .*last good checkpoint "
-                                               r"is step 2"):
+  with pytest.raises(FloatingPointError, match=r"NaN/Inf at step 3 .*newest checkpoint is "
+                                               r"step 2 .*saved from finite values"):
     _run(config, tmp_path, poisoned)
   assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == [2]  # keep-N pruned step 1.
 

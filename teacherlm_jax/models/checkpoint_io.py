@@ -1,9 +1,11 @@
-"""Standalone parameter checkpoints: orbax params + `model_config.json`, one directory.
+"""Standalone parameter checkpoints: orbax params + their checksums + `model_config.json`.
 
 This is the hand-off format between stages (an imported HF teacher, a finished teacher stage,
 a student to evaluate). Training checkpoints with optimizer state and data position are the
 trainer's (`checkpointing.py`); `load_model` reads either layout, so every consumer (annotation,
-evaluation, export) takes "a model directory" without caring which stage wrote it.
+evaluation, export) takes "a model directory" without caring which stage wrote it. Both
+layouts are verified against the checksums saved with the params, so a damaged model is refused
+(`checkpointing.CorruptCheckpointError`, naming the directory) before anything uses it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from flax import nnx
 
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.models.transformer import DecoderLM
+from teacherlm_jax.runtime import checkpointing
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -50,6 +53,7 @@ def save_params(model: DecoderLM, directory) -> pathlib.Path:
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / "params", params, force=True)
   checkpointer.wait_until_finished()
+  checkpointing.save_checksums(params, directory / checkpointing.CHECKSUMS_ITEM)
   if jax.process_index() == 0:
     write_model_config(model.config, directory / MODEL_CONFIG_FILE)
   return directory
@@ -86,7 +90,9 @@ def restore_params(config: Optional[ModelConfig], directory, *, shardings=None) 
   if not (directory / "params").exists():
     raise ValueError(f"{directory}: no params/ checkpoint (expected the output of save_params)")
   abstract, params_state, target = _abstract_target(config, shardings)
-  restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+  saved = checkpointing.read_checksums(str(directory / checkpointing.CHECKSUMS_ITEM))
+  restored = checkpointing.restore_params_dir(directory / "params", target)
+  checkpointing.verify(restored, saved and saved.get("params"), str(directory), "params")
   return _filled(abstract, params_state, restored)
 
 
@@ -99,7 +105,6 @@ def load_model(directory, *, dtype: Optional[str] = None, shardings=None) -> Dec
     config = config.replace(dtype=dtype)
   if (directory / "params").exists():
     return restore_params(config, directory, shardings=shardings)
-  from teacherlm_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   abstract, params_state, target = _abstract_target(config, shardings)
   return _filled(abstract, params_state, checkpointing.restore_params(str(directory), target))
 

@@ -168,6 +168,17 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
   return presets.get(config.model, **{**dict(config.model_overrides), **numerics})
 
 
+def model_source(config: TrainConfig, model_dir: str) -> str:
+  """Where `model_config_for` takes the architecture from (for error messages)."""
+  for directory in (model_dir, config.init_checkpoint):
+    path = os.path.join(directory or "", checkpoint_io.MODEL_CONFIG_FILE)
+    if directory and os.path.exists(path):
+      return path
+  if config.init_hf_checkpoint:
+    return os.path.join(config.init_hf_checkpoint, "config.json")
+  return f"preset {config.model!r} (TrainConfig.model, with model_overrides)"
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps.
 
@@ -396,21 +407,44 @@ def _first_non_finite(finite_flags: List[jax.Array], first_step: int) -> Optiona
   return None if bad.size == 0 else first_step + int(bad[0])
 
 
-def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer):
-  """(state, start step): the latest checkpoint of this run, else a fresh state initialised
-  from a previous stage, an HF checkpoint, or random (directly in its shards)."""
+def _restore_newest_good(config: TrainConfig, program: _Program, checkpointer, writer):
+  """(state, step) of the newest checkpoint that restores and passes verification, or None
+  when there is none. Newer steps that fail are reported, then moved to damaged_checkpoints/
+  (so the run can save those step numbers again) once an older step proved good."""
   k = config.grad_accum_steps
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state = checkpointer.restore(latest, _with_shardings(program.abstract_state,
-                                                         program.state_sh))
-    if int(state["step"]) != latest * k:
+  abstract = _with_shardings(program.abstract_state, program.state_sh)
+  failed = []
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      state = checkpointer.restore(step, abstract)
+    except checkpointing.CheckpointError as e:  # Damaged bytes or an unreadable step dir.
+      writer.message(f"skipping checkpoint step {step}: {e}")
+      failed.append((step, e))
+      continue
+    if int(state["step"]) != step * k:
       raise checkpointing.CheckpointError(
-          f"{checkpointer.directory}/{latest}: holds microbatch {int(state['step'])}, expected "
-          f"{latest * k} for grad_accum_steps={k}; resume with the grad_accum_steps it was "
+          f"{checkpointer.step_dir(step)}: holds microbatch {int(state['step'])}, expected "
+          f"{step * k} for grad_accum_steps={k}; resume with the grad_accum_steps it was "
           "written with")
-    writer.message(f"resuming from {checkpointer.directory}/{latest}")
-    return state, latest
+    for bad_step, error in failed:
+      moved = checkpointer.set_aside(bad_step)
+      writer.message(f"moved damaged step {bad_step} to {moved} ({type(error).__name__})")
+    skipped = (f", skipping damaged step(s) {[s for s, _ in failed]}" if failed else "")
+    verified = ("verified" if step in checkpointer.verified_steps
+                else "not verified: saved without checksums")
+    writer.message(f"resuming from {checkpointer.step_dir(step)} ({verified}){skipped}")
+    return state, step
+  if failed:  # Every step failed: likely this run's settings, not damage; nothing is moved.
+    raise failed[0][1]
+  return None
+
+
+def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer):
+  """(state, start step): the newest good checkpoint of this run, else a fresh state
+  initialised from a previous stage, an HF checkpoint, or random (directly in its shards)."""
+  restored = _restore_newest_good(config, program, checkpointer, writer)
+  if restored is not None:
+    return restored
   if config.init_checkpoint:
     params = checkpointing.restore_params(
         config.init_checkpoint, _with_shardings(program.abstract_state["params"],
@@ -462,21 +496,40 @@ class _Evaluator:
 
 class _FiniteGuard:
   """Collects the per-microbatch `finite` flags on device and fetches them only before a log
-  or a save, so a NaN/Inf stops the run before anything non-finite is written."""
+  or a save, so a NaN/Inf stops the run before anything non-finite is written.
 
-  def __init__(self, first_microbatch: int, last_saved: Optional[int], k: int, directory: str):
+  `last_saved` is the newest checkpoint and `verified` whether its checksums were checked on
+  restore; a step this run saves is checked when it is next restored, and the message says so
+  rather than calling an unchecked step good.
+  """
+
+  def __init__(self, first_microbatch: int, last_saved: Optional[int], k: int, directory: str,
+               verified: bool = False):
     self.flags: List[jax.Array] = []
     self.first = first_microbatch
     self.last_saved, self.k, self.directory = last_saved, k, directory
+    self.verified = verified
+
+  def saved(self, step: int):
+    self.last_saved, self.verified = step, False
+
+  def _checkpoint_note(self) -> str:
+    if self.last_saved is None:
+      return "This run has no checkpoint yet."
+    where = f"step {self.last_saved} in {self.directory}"
+    if self.verified:
+      return f"The newest checkpoint, {where}, passed checksum verification when it was restored."
+    return (f"The newest checkpoint is {where}, saved from finite values; it is verified "
+            "against its checksums when it is restored.")
 
   def check(self):
     bad = _first_non_finite(self.flags, self.first)
     if bad is not None:
       raise FloatingPointError(
-          f"loss or gradient became NaN/Inf in step {bad // self.k + 1} (microbatch {bad}, "
-          f"counted from 0); stopped without saving it. The last good checkpoint is step "
-          f"{self.last_saved} in {self.directory}. Lower TrainConfig.learning_rate, set "
-          "clip_norm, use compute_dtype='float32', or inspect that batch")
+          f"loss or gradient became NaN/Inf at step {bad // self.k + 1} (microbatch {bad}, "
+          f"counted from 0); training stopped there without saving it. "
+          f"{self._checkpoint_note()} Lower TrainConfig.learning_rate, set clip_norm, use "
+          "compute_dtype='float32', or inspect that batch")
     self.first += len(self.flags)
     self.flags = []
 
@@ -517,6 +570,9 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
   if train_batches is None:
     train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,
                                   train=True)
+    from teacherlm_jax.training import train_data
+    train_data.check_vocabulary(config.train_task, model_config.vocab_size,
+                                model_source(config, model_dir))
   eval_task = config.eval_task or config.train_task
   if eval_batches is None and eval_task and config.eval_batches:
     eval_batches = seqio_batches(config, mesh, eval_task, config.eval_split, train=False)
@@ -543,8 +599,9 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
                    f"process(es), steps {start}->{config.num_steps}, peak {peak:.3f} "
                    "TFLOP/s/device")
 
-    guard = _FiniteGuard(start * k, start if checkpointer.latest_step() is not None else None,
-                         k, checkpointer.directory)
+    resumed = start if checkpointer.latest_step() is not None else None
+    guard = _FiniteGuard(start * k, resumed, k, checkpointer.directory,
+                         verified=start in checkpointer.verified_steps)
     preemption = _Preemption()
     losses: List[jax.Array] = []
     window: List[dict] = []
@@ -554,7 +611,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     def save(at: int):
       guard.check()
       checkpointer.save(at, state)
-      guard.last_saved = at
+      guard.saved(at)
 
     def next_batch(number: int) -> dict:
       try:
