@@ -47,7 +47,7 @@ def main(argv, gin_bindings=()):
   mixtures.register_all(vocabulary)
   logging.info("loading %s", _CHECKPOINT.value)
   model = checkpoint_io.load_any(_CHECKPOINT.value, dtype=_DTYPE.value)
-  report = evaluate.evaluate(model, vocabulary)
+  report = evaluate.evaluate(model, vocabulary, model_source=_CHECKPOINT.value)
   report["checkpoint"] = _CHECKPOINT.value
   json_path, md_path = evaluate.write_report(report, _OUTPUT_DIR.value)
   print(evaluate.markdown_table(report))

@@ -43,6 +43,7 @@ import tqdm
 
 from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import tasks as tasks_lib
+from teacherlm_jax.data import vocab as vocab_lib
 from teacherlm_jax.models import transformer
 from teacherlm_jax.runtime import partitioning
 
@@ -273,18 +274,26 @@ def macro_averages(per_task: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
 def evaluate(model: transformer.DecoderLM, vocabulary, task_names: Sequence[str] = ("teacherlm_eval",),
              *, split: str = "test", batch_size: int = 8, normalize: str = "mean",
              max_length: Optional[int] = None, max_examples: Optional[int] = None,
-             mesh_shape: Optional[Sequence[int]] = None, progress: bool = True
-             ) -> Dict[str, Any]:
+             mesh_shape: Optional[Sequence[int]] = None, progress: bool = True,
+             model_source: str = "the model") -> Dict[str, Any]:
   """Evaluates `model` on tasks or mixtures (expanded to their tasks); returns the report dict.
 
   mesh_shape: (data, fsdp, tensor) to shard the scorer over this process's devices.
+  model_source: the checkpoint `model` came from, named in errors.
   """
+  vocab_lib.check_fits_model(vocabulary.vocab_size, vocab_lib.vocabulary_source(vocabulary),
+                             model.config.vocab_size, model_source,
+                             {"eos": vocabulary.eos_id, "pad": vocabulary.pad_id})
   names = [t for name in task_names for t in mixtures.leaf_tasks(name)]
   mesh = partitioning.make_mesh(*mesh_shape) if mesh_shape else None
   scorer = RankScorer(model, batch_size=batch_size, max_length=max_length, mesh=mesh)
   per_task, total_examples, total_seconds = {}, 0, 0.0
   for i, name in enumerate(names):
     examples = task_examples(name, vocabulary, split=split, max_examples=max_examples)
+    for ex in examples:  # Before any scoring: an id past the embedding scores garbage.
+      vocab_lib.check_ids_fit_model([*ex.prompt, *(t for o in ex.options for t in o)],
+                                    model.config.vocab_size, f"task {name} example {ex.id!r}",
+                                    vocab_lib.vocabulary_source(vocabulary), model_source)
     start = time.perf_counter()
     scores = scorer.score(examples, normalize=normalize,
                           progress=f"[{i + 1}/{len(names)}] {name}" if progress else None)
@@ -318,12 +327,24 @@ def markdown_table(report: Dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _finite_or_null(value):
+  """The report with NaN/Inf (e.g. an average over no examples) as null: valid JSON."""
+  if isinstance(value, dict):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v) for v in value]
+  if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+    return None
+  return value
+
+
 def write_report(report: Dict[str, Any], output_dir) -> Tuple[pathlib.Path, pathlib.Path]:
   """Writes eval_results.json and eval_results.md into `output_dir` (process 0 only)."""
   output_dir = pathlib.Path(output_dir)
   json_path, md_path = output_dir / "eval_results.json", output_dir / "eval_results.md"
   if jax.process_index() == 0:
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    json_path.write_text(json.dumps(_finite_or_null(report), indent=2, sort_keys=True,
+                                    allow_nan=False) + "\n")
     md_path.write_text(markdown_table(report))
   return json_path, md_path

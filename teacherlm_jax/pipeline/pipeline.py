@@ -232,7 +232,8 @@ class Pipeline:
   def evaluation(self, model_dir: str, eval_tasks: Sequence[str], spm: str) -> dict:
     model = checkpoint_io.load_model(model_dir)
     result = evaluate_lib.evaluate(model, vocab.get_vocabulary(f"spm:{spm}"), eval_tasks,
-                                   max_examples=self.config.eval_max_examples, progress=False)
+                                   max_examples=self.config.eval_max_examples, progress=False,
+                                   model_source=str(model_dir))
     return result
 
   # ---- the whole run -------------------------------------------------------------------

@@ -64,6 +64,17 @@ def get_task(name: str):
                      "that registers it (e.g. teacherlm_jax.data.tasks) or fix the name") from e
 
 
+def check_vocabulary(name: str, model_vocab_size: int, model_source: str) -> None:
+  """Raises `vocab.VocabularyMismatch` (naming both files) when the task's vocabulary has ids
+  the model has no embedding for; called before anything is trained."""
+  from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
+  for feature in get_task(name).output_features.values():
+    vocabulary = feature.vocabulary
+    vocab.check_fits_model(vocabulary.vocab_size, vocab.vocabulary_source(vocabulary),
+                           model_vocab_size, model_source,
+                           {"eos": vocabulary.eos_id, "pad": vocabulary.pad_id})
+
+
 class SeqioBatches:
   """Packed global batches of a seqio task/mixture, addressable by batch number."""
 
