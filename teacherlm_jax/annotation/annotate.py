@@ -191,7 +191,8 @@ class Progress:
     self.bar.update(records)
 
   def close(self):
-    return self.bar.close() or time.time() - self.start
+    self.bar.close()
+    return time.time() - self.start
 
 
 def _check_settings(kinds: Sequence[str], num_samples: int, num_slots: int, chunk_size: int,
@@ -376,21 +377,11 @@ def annotate(input_path, output_dir, *,
     writer.write_rejects(rejects)
   todo = [t for t in tasks if t.record.id not in writer.committed_ids]
 
-  # Decoding and writing, one committed chunk at a time.
-  engines = _engines(todo, kinds, loaded, sampling, num_slots, sync_every)
-  counts = collections.Counter()
-  qc_counts = {kind: collections.Counter() for kind in kinds}
-  bar = Progress(len(todo), progress and process_index == 0)
-  for start in range(0, len(todo), chunk_size):
-    chunk = todo[start:start + chunk_size]
-    generations = _decode_chunk(chunk, kinds, loaded.path_of, engines, num_samples, seed)
-    out = [_output_record(task, generations, kinds, tok, quality, loaded.id_of,
-                          decoding_settings, seed, num_samples, answer_field, qc_counts, counts)
-           for task in chunk]
-    writer.commit(out)
-    bar.update(len(chunk), sum(sum(r["generated_tokens"].values()) for r in out))
-  seconds = bar.close()
-
+  counts, qc_counts, bar, seconds = _decode_and_commit(
+      todo, kinds, tok, loaded, quality, writer, sampling=sampling,
+      decoding_settings=decoding_settings, num_samples=num_samples, seed=seed,
+      num_slots=num_slots, sync_every=sync_every, chunk_size=chunk_size,
+      answer_field=answer_field, progress=progress and process_index == 0)
   summary = {
       "process_index": process_index, "process_count": process_count,
       "records_in_slice": len(records) + sum(1 for r in rejects or () if r.reason != "too_long"),
@@ -410,6 +401,27 @@ def annotate(input_path, output_dir, *,
   writer.finish(summary)
   logging.info("annotation summary: %s", json.dumps(summary, sort_keys=True))
   return summary
+
+
+def _decode_and_commit(todo: Sequence[_Task], kinds, tok, teachers: _Teachers, quality, writer,
+                       *, sampling, decoding_settings, num_samples: int, seed: int,
+                       num_slots: int, sync_every: int, chunk_size: int, answer_field: str,
+                       progress: bool):
+  """Decodes `todo` a chunk at a time and commits each chunk's records; returns the counts
+  (EOS, dropped), the QC flag counts per kind, the progress totals and the seconds taken."""
+  engines = _engines(todo, kinds, teachers, sampling, num_slots, sync_every)
+  counts = collections.Counter()
+  qc_counts = {kind: collections.Counter() for kind in kinds}
+  bar = Progress(len(todo), progress)
+  for start in range(0, len(todo), chunk_size):
+    chunk = todo[start:start + chunk_size]
+    generations = _decode_chunk(chunk, kinds, teachers.path_of, engines, num_samples, seed)
+    out = [_output_record(task, generations, kinds, tok, quality, teachers.id_of,
+                          decoding_settings, seed, num_samples, answer_field, qc_counts, counts)
+           for task in chunk]
+    writer.commit(out)
+    bar.update(len(chunk), sum(sum(r["generated_tokens"].values()) for r in out))
+  return counts, qc_counts, bar, bar.close()
 
 
 def _engines(todo: Sequence[_Task], kinds, teachers: _Teachers, sampling, num_slots: int,

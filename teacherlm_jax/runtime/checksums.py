@@ -18,16 +18,26 @@ _GOLDEN = np.uint32(0x9E3779B9)
 
 
 def _words(x: jax.Array) -> jax.Array:
-  """The array's bits as one flat uint32 vector (narrower types widened, wider ones split)."""
+  """The array's bits as uint32 of its shape (narrower types widened; 8-byte ones split along
+  a last axis of 2). No reshape: a flattened sharded array would be gathered first."""
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
   bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+
+
+def _positions(shape) -> jax.Array:
+  """Row-major element numbers (mod 2**32) of an array of `shape`, built from iotas."""
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+    stride = stride * shape[axis] % 2**32
+  return index
 
 
 def _array_sums(x: jax.Array):
   words = _words(x)
-  index = jnp.arange(words.shape[0], dtype=jnp.uint32)
+  index = _positions(words.shape)
   weighted = jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
   rotated = (words << 13) | (words >> 19)
   mixed = jnp.sum(rotated ^ (index * _GOLDEN), dtype=jnp.uint32)
