@@ -13,6 +13,9 @@ import jax.numpy as jnp
 
 FAMILIES = ("bloom", "opt", "llama")
 REMAT_POLICIES = ("none", "full", "dots")
+# 'xla': the einsum reference (models/attention.py), every platform; 'pallas': the TPU flash
+# kernel (models/kernels/flash_attention.py); 'cudnn': cuDNN's fused attention on NVIDIA GPUs.
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,10 @@ class ModelConfig:
     param_dtype: storage dtype of parameters.
     remat: 'none', 'full' (recompute each block), 'dots' (save the projections' and
       attention's outputs, recompute the rest: norms, activations, attention scores).
+    attention_impl: one of ATTENTION_IMPLS, chosen for the platform at launch
+      (`runtime.kernels.attention_options`); the model never reads the backend.
+    attention_block_q, attention_block_kv: the 'pallas' kernel's tile: query rows and keys
+      per grid step (each clipped to its sequence's length), per TPU generation at launch.
   """
   family: str
   vocab_size: int
@@ -60,6 +67,9 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  attention_impl: str = "xla"
+  attention_block_q: int = 512
+  attention_block_kv: int = 512
   pad_token_id: int = 0
   bos_token_id: int = 1
   eos_token_id: int = 2
@@ -69,6 +79,12 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.family={self.family!r}: expected one of {FAMILIES}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: expected one of "
+                       f"{ATTENTION_IMPLS}")
+    if self.attention_block_kv % 128 or self.attention_block_q % 8:
+      raise ValueError(f"attention blocks ({self.attention_block_q}, {self.attention_block_kv}):"
+                       " query rows a multiple of 8, keys a multiple of 128 (the TPU tile)")
     if self.num_heads <= 0 or self.kv_heads <= 0 or self.num_heads % self.kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a positive multiple of num_kv_heads={self.kv_heads}")

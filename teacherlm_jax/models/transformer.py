@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from teacherlm_jax.models import attention
+from teacherlm_jax.models import attention_impl
 from teacherlm_jax.models import matmul
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.runtime import partitioning
@@ -189,13 +190,12 @@ class Attention(nnx.Module):
     kv_heads, groups = cfg.kv_heads, h // cfg.kv_heads
     # (B, K, G, L, D): each key/value head's query groups, folded into rows by attention.py.
     q = q.astype(k.dtype).reshape(b, l, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
-    alibi = cfg.family == "bloom"
+    # By cfg.attention_impl: the 'xla' reference, or the platform's kernel.
     if layer_cache is not None:
-      attended = attention.attend(q, k, v, segment_ids_BxL, positions_BxL, key_segment_ids_BxS,
-                                  key_positions_BxS, alibi)
-    else:  # A cache-free forward: causal, in blocks of query rows.
-      attended = attention.causal_attention(q, k, v, segment_ids_BxL, positions_BxL, alibi,
-                                            jnp.dtype(cfg.compute_dtype))
+      attended = attention_impl.cached(cfg, q, k, v, segment_ids_BxL, positions_BxL,
+                                       key_segment_ids_BxS, key_positions_BxS)
+    else:  # A cache-free forward: causal.
+      attended = attention_impl.cache_free(cfg, q, k, v, segment_ids_BxL, positions_BxL)
     attended = attended.transpose(0, 3, 1, 2, 4).astype(cfg.compute_dtype).reshape(b, l, h, hd)
     return self.out(attended), new_cache
 

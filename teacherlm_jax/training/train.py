@@ -39,6 +39,7 @@ from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.runtime import checkpointing
+from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import optimizer as optimizer_lib
@@ -66,6 +67,9 @@ class TrainConfig:
   # 'dots' keeps matmul outputs and recomputes the rest in the backward pass: less memory and,
   # measured on CPU (BLOOM-42M, scanned blocks), faster than keeping everything ('none').
   remat: str = "dots"
+  # 'xla', 'pallas' (TPU) or 'cudnn' (GPU); '' = the platform's default, set at launch
+  # (runtime/kernels.py), with the kernel tiles of the chip.
+  attention_impl: str = ""
   # Data.
   train_task: str = ""
   eval_task: str = ""  # Default: train_task.
@@ -134,10 +138,13 @@ class TrainConfig:
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
 
-  def model_numerics(self) -> dict:
+  def model_numerics(self, device=None) -> dict:
     """ModelConfig fields this run sets on any architecture: compute dtype, float32 master
-    weights, remat."""
-    return dict(dtype=self.compute_dtype, param_dtype="float32", remat=self.remat)
+    weights, remat, and attention for `device` (default: this process's first device; a
+    TPU topology's device for an ahead-of-time compile)."""
+    device = device if device is not None else jax.devices()[0]
+    return dict(dtype=self.compute_dtype, param_dtype="float32", remat=self.remat,
+                **kernels.attention_options(self.attention_impl, device))
 
   def replace(self, **changes) -> "TrainConfig":
     return dataclasses.replace(self, **changes)

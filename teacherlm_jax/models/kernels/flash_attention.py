@@ -26,7 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.pallas import tpu as pltpu
+
+from teacherlm_jax.models import attention
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -301,6 +304,10 @@ def _flash_fwd(q, k, v, q_ids, q_pos, kv_ids, kv_pos, slopes, causal, block_q, b
                interpret):
   rows_and_cols = _row_layouts(q_ids, q_pos, kv_ids, kv_pos)
   out, lse = _forward(q, k, v, rows_and_cols, slopes, causal, block_q, block_kv, interpret)
+  # Named as the 'xla' path's residuals, so that remat='dots' saves them and its backward pass
+  # does not rerun the forward kernel.
+  out = checkpoint_name(out, attention.ATTENTION_OUTPUT)
+  lse = checkpoint_name(lse, attention.ATTENTION_ROW_STATS)
   return out, (q, k, v, q_ids, q_pos, kv_ids, kv_pos, out, lse)
 
 

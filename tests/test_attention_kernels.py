@@ -1,0 +1,153 @@
+"""The 'pallas' attention kernel (TPU flash attention, run here in interpret mode) equals the
+'xla' reference: outputs and q/k/v gradients for BLOOM (ALiBi, 5 heads), LLaMA (6 query heads
+on 2 key/value heads) and OPT, on packed and left-padded batches and against a partly filled
+cache; and the same kernels compile for TPU with the real compiler (Mosaic)."""
+import functools
+import os
+
+# Several engineers' test runs may load libtpu at once; it only compiles here, never runs.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from teacherlm_jax.models import attention_impl
+from teacherlm_jax.models import transformer
+from teacherlm_jax.models.config import ModelConfig
+from teacherlm_jax.models.kernels import flash_attention
+
+LENGTH = 256
+HEAD_DIM = 32
+# (family, query heads, key/value heads).
+FAMILIES = {"bloom": ("bloom", 5, 5), "llama": ("llama", 6, 2), "opt": ("opt", 4, 4)}
+
+
+def _config(name: str, impl: str, **changes) -> ModelConfig:
+  family, heads, kv_heads = FAMILIES[name]
+  fields = dict(family=family, vocab_size=64, hidden_size=heads * HEAD_DIM, num_layers=1,
+                num_heads=heads, num_kv_heads=kv_heads, mlp_dim=64, use_bias=family != "llama",
+                attention_impl=impl, attention_block_q=128, attention_block_kv=128)
+  return ModelConfig(**{**fields, **changes})
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch, request):
+  """The kernel on CPU: Pallas's interpreter runs the same kernel body on XLA:CPU."""
+  if "compile_for_tpu" in request.node.name:
+    return
+  monkeypatch.setattr(attention_impl.flash_attention, "flash_attention",
+                      functools.partial(flash_attention.flash_attention, interpret=True))
+
+
+def _segment_ids() -> jax.Array:
+  """Row 0 packs three texts whose boundaries fall inside the 128-row blocks, then padding;
+  row 1 is left-padded past a whole block and a half."""
+  segment_ids = np.ones((2, LENGTH), np.int32)
+  segment_ids[0, 30:131], segment_ids[0, 131:250], segment_ids[0, 250:] = 2, 3, 0
+  segment_ids[1, :190] = 0
+  return jnp.asarray(segment_ids)
+
+
+def _qkv(config: ModelConfig, rows: int, keys: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  kv_heads, groups = config.kv_heads, config.num_heads // config.kv_heads
+  q = rng.normal(size=(2, kv_heads, groups, rows, HEAD_DIM))
+  k, v = (rng.normal(size=(2, kv_heads, keys, HEAD_DIM)) for _ in range(2))
+  return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_cache_free_pallas_matches_xla_outputs_and_gradients(name):
+  segment_ids = _segment_ids()
+  positions = transformer.positions_from_segments(segment_ids)
+  q, k, v = _qkv(_config(name, "xla"), LENGTH, LENGTH)
+  results = {}
+  for impl in ("xla", "pallas"):
+    config = _config(name, impl)
+    out, vjp = jax.vjp(lambda q, k, v: attention_impl.cache_free(config, q, k, v, segment_ids,
+                                                                 positions), q, k, v)
+    # Pad queries see no key: their outputs are never used and get no gradient.
+    text = np.asarray(segment_ids != 0)[:, None, None, :, None]
+    d_out = jnp.where(text, jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape),
+                      0.0)
+    results[impl] = (np.where(text, out, 0.0), *vjp(d_out))
+  for what, got, want in zip(("output", "dq", "dk", "dv"), results["pallas"], results["xla"]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=what)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_cached_pallas_matches_xla_on_a_partly_filled_cache(name, rows):
+  """Decoding (one new row) and a prefill chunk (8 rows) against a 256-slot cache: row 0 holds a
+  left-padded prompt in its first 100 slots, row 1 two packed texts in 200; the other slots
+  hold stale values, marked as padding."""
+  slots = 256
+  held = np.array([100, 200])
+  key_segment_ids = np.zeros((2, slots), np.int32)
+  key_segment_ids[0, 12:held[0] + rows] = 1
+  key_segment_ids[1, :80], key_segment_ids[1, 80:held[1] + rows] = 1, 2
+  key_segment_ids = jnp.asarray(key_segment_ids)
+  key_positions = transformer.positions_from_segments(key_segment_ids)
+  index = np.arange(rows)[None, :] + held[:, None]
+  segment_ids = jnp.take_along_axis(key_segment_ids, index, axis=1)
+  positions = jnp.take_along_axis(key_positions, index, axis=1)
+  q, k, v = _qkv(_config(name, "xla"), rows, slots, seed=1)
+  outputs = {impl: attention_impl.cached(_config(name, impl), q, k, v, segment_ids, positions,
+                                         key_segment_ids, key_positions)
+             for impl in ("xla", "pallas")}
+  np.testing.assert_allclose(outputs["pallas"], outputs["xla"], rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_pallas_attention_matches_xla_forward_and_decode_step():
+  """The whole BLOOM decoder dispatches on attention_impl: logits of a packed forward, and of a
+  decode step after a prefill into the cache."""
+  configs = {impl: _config("bloom", impl) for impl in ("xla", "pallas")}
+  model_xla = transformer.DecoderLM(configs["xla"], rngs=transformer.nnx.Rngs(0))
+  model_pallas = transformer.DecoderLM(configs["pallas"], rngs=transformer.nnx.Rngs(0))
+  segment_ids = _segment_ids()
+  tokens = jnp.asarray(np.random.default_rng(2).integers(3, 64, size=(2, LENGTH)))
+  text = np.asarray(segment_ids != 0)[..., None]
+  logits = {}
+  for impl, model in (("xla", model_xla), ("pallas", model_pallas)):
+    full, _ = model(tokens, segment_ids_BxL=segment_ids)
+    cache = transformer.init_cache(configs[impl], 2, 256)
+    prompt = jnp.asarray(np.ones((2, 16), np.int32)).at[0, :5].set(0)
+    _, cache = model(tokens[:, :16], segment_ids_BxL=prompt, cache=cache)
+    step, _ = model(tokens[:, 16:17], segment_ids_BxL=jnp.ones((2, 1), jnp.int32), cache=cache)
+    logits[impl] = (np.where(text, full, 0.0), step)
+  for got, want in zip(logits["pallas"], logits["xla"]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _tpu_device(topology: str):
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v4:2x2x1"])
+def test_kernels_compile_for_tpu(topology):
+  """Mosaic compiles the training kernels (forward and backward: BLOOM's ALiBi, LLaMA's GQA) and
+  the decode kernel (LLaMA's grouped rows, BLOOM's per-head slopes), bf16 at head_dim 128."""
+  device = _tpu_device(topology)
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  batch, length, slots = 2, 1024, 512
+  for name in ("bloom", "llama"):
+    config = _config(name, "pallas", hidden_size=FAMILIES[name][1] * 128, dtype="bfloat16",
+                     attention_block_q=512, attention_block_kv=512)
+    kv_heads, groups = config.kv_heads, config.num_heads // config.kv_heads
+
+    def loss(q, k, v, segment_ids, positions):
+      out = attention_impl.cache_free(config, q, k, v, segment_ids, positions)
+      return jnp.sum(out.astype(jnp.float32))
+
+    ids = spec((batch, length), jnp.int32)
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        spec((batch, kv_heads, groups, length, 128)), spec((batch, kv_heads, length, 128)),
+        spec((batch, kv_heads, length, 128)), ids, ids).compile()
+    step = jax.jit(functools.partial(attention_impl.cached, config))
+    rows, keys = spec((batch, 1), jnp.int32), spec((batch, slots), jnp.int32)
+    step.lower(spec((batch, kv_heads, groups, 1, 128)), spec((batch, kv_heads, slots, 128)),
+               spec((batch, kv_heads, slots, 128)), rows, rows, keys, keys).compile()
