@@ -24,6 +24,8 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "where to write the report
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "datasets root (default $TEACHERLM_DATA_DIR)")
 _SKIP_BAD_ROWS = flags.DEFINE_bool("skip_bad_rows", False, "count and skip unreadable rows")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "", ["", "xla", "pallas", "cudnn"],
+                                    "attention kernel ('' = this platform's default)")
 
 
 def main(argv, gin_bindings=()):
@@ -31,7 +33,10 @@ def main(argv, gin_bindings=()):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from teacherlm_jax.data import mixtures, sources, tasks, vocab
   from teacherlm_jax.evaluation import evaluate
+  import jax
   from teacherlm_jax.models import checkpoint_io
+  from teacherlm_jax.models import reconfigure
+  from teacherlm_jax.runtime import kernels
 
   cli.parse_flags_and_gin(gin_bindings)
   if _DATA_DIR.value:
@@ -47,6 +52,8 @@ def main(argv, gin_bindings=()):
   mixtures.register_all(vocabulary)
   logging.info("loading %s", _CHECKPOINT.value)
   model = checkpoint_io.load_any(_CHECKPOINT.value, dtype=_DTYPE.value)
+  model = reconfigure.with_config_fields(
+      model, **kernels.attention_options(_ATTENTION_IMPL.value, jax.local_devices()[0]))
   report = evaluate.evaluate(model, vocabulary, model_source=_CHECKPOINT.value)
   report["checkpoint"] = _CHECKPOINT.value
   json_path, md_path = evaluate.write_report(report, _OUTPUT_DIR.value)

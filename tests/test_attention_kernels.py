@@ -151,3 +151,41 @@ def test_kernels_compile_for_tpu(topology):
     rows, keys = spec((batch, 1), jnp.int32), spec((batch, slots), jnp.int32)
     step.lower(spec((batch, kv_heads, groups, 1, 128)), spec((batch, kv_heads, slots, 128)),
                spec((batch, kv_heads, slots, 128)), rows, rows, keys, keys).compile()
+
+
+class _Device:
+  def __init__(self, platform, device_kind):
+    self.platform, self.device_kind = platform, device_kind
+
+
+@pytest.mark.parametrize("requested,device,expected", [
+    ("", _Device("tpu", "TPU v5 lite"), ("pallas", 512, 512)),
+    ("", _Device("tpu", "TPU v6 lite"), ("pallas", 512, 1024)),
+    ("", _Device("gpu", "NVIDIA H100 80GB HBM3"), ("cudnn", 512, 512)),
+    ("", _Device("cpu", "cpu"), ("xla", 512, 512)),
+    ("xla", _Device("tpu", "TPU v4"), ("xla", 512, 512)),
+])
+def test_launch_chooses_attention_per_platform_unless_told(requested, device, expected):
+  from teacherlm_jax.runtime import kernels
+  options = kernels.attention_options(requested, device)
+  got = (options["attention_impl"], options["attention_block_q"], options["attention_block_kv"])
+  assert got == expected
+  assert _config("opt", "xla").replace(**options).attention_impl == expected[0]
+
+
+def test_unknown_attention_impl_and_untiled_blocks_are_refused():
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    _config("opt", "flash")
+  with pytest.raises(ValueError, match="multiple of 128"):
+    _config("opt", "pallas", attention_block_kv=200)
+
+
+def test_a_loaded_model_takes_the_launch_choice_with_its_parameters():
+  from teacherlm_jax.models import reconfigure
+  model = transformer.DecoderLM(_config("opt", "xla"), rngs=transformer.nnx.Rngs(0))
+  served = reconfigure.with_config_fields(model, attention_impl="pallas")
+  assert served.config.attention_impl == "pallas"
+  assert served.layers[0].attention.config.attention_impl == "pallas"
+  for got, want in zip(jax.tree.leaves(transformer.nnx.state(served)),
+                       jax.tree.leaves(transformer.nnx.state(model))):
+    assert got is want

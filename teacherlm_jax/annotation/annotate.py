@@ -43,6 +43,8 @@ from teacherlm_jax.data import prompts
 from teacherlm_jax.data import sources
 from teacherlm_jax.data import vocab
 from teacherlm_jax.models import checkpoint_io
+from teacherlm_jax.models import reconfigure
+from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
 
 ANNOTATION_KINDS = prompts.ANNOTATION_KINDS
@@ -230,12 +232,16 @@ def _check_tokenizer_fits(tok, teacher_of: Dict[str, str]) -> None:
                            {"eos": tok.eos_id, "pad": tok.pad_id})
 
 
-def _load_teachers(teacher_of: Dict[str, str], tok, mesh, dtype: str) -> _Teachers:
-  """One Decoder per distinct checkpoint."""
+def _load_teachers(teacher_of: Dict[str, str], tok, mesh, dtype: str,
+                   attention_impl: str = "") -> _Teachers:
+  """One Decoder per distinct checkpoint, attending with this platform's choice (not the one
+  the checkpoint was trained with)."""
   decoders = {}
+  attention = kernels.attention_options(attention_impl, jax.local_devices()[0])
   for path in sorted(set(teacher_of.values())):
     # An HF directory, or a trainer model_dir / params directory of ours (no export needed).
-    model = checkpoint_io.load_any(path, dtype=dtype)
+    model = reconfigure.with_config_fields(checkpoint_io.load_any(path, dtype=dtype),
+                                           **attention)
     eos_id = tok.eos_id if tok.eos_id is not None else model.config.eos_token_id
     pad_id = tok.pad_id if tok.pad_id is not None else model.config.pad_token_id
     decoders[path] = decoding.Decoder(model, mesh=mesh, eos_id=eos_id, pad_id=pad_id)
@@ -289,6 +295,7 @@ def annotate(input_path, output_dir, *,
              sync_every: int = 16,
              mesh_shape: Optional[Tuple[int, int, int]] = None,
              dtype: str = "float32",
+             attention_impl: str = "",
              id_field: Optional[str] = "id",
              question_field: str = "question",
              answer_field: str = "answer",
@@ -322,6 +329,8 @@ def annotate(input_path, output_dir, *,
     sync_every: decode steps between host checks for finished rows.
     mesh_shape: (data, fsdp, tensor) over this process's devices; None = one device.
     dtype: compute dtype of the teachers.
+    attention_impl: 'xla', 'pallas' (TPU) or 'cudnn' (GPU) for prefill and decoding; '' = this
+      platform's default (runtime/kernels.py), whatever the checkpoint was trained with.
     id_field: unique id field (None = line number).
     question_field, answer_field, options_field: record fields the prompt is built from.
     reject_bad_input: write bad records to the shard's rejects.jsonl (counted) instead of
@@ -361,7 +370,7 @@ def annotate(input_path, output_dir, *,
       input_path, id_field=id_field, required_fields=[question_field, answer_field],
       answer_field=answer_field, options_field=options_field, process_index=process_index,
       process_count=process_count, limit=limit, rejects=rejects, allow_empty=allow_empty_input)
-  loaded = _load_teachers(teacher_of, tok, mesh, dtype)
+  loaded = _load_teachers(teacher_of, tok, mesh, dtype, attention_impl)
   tasks = _prompt_tasks(records, kinds, tok, loaded, fields, sampling, input_path, rejects)
 
   decoding_settings = {**dataclasses.asdict(sampling), "num_samples": num_samples}

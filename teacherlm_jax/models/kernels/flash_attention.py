@@ -203,6 +203,29 @@ def _row_stat_spec(block_q, q_index):
   return pl.BlockSpec((None, None, block_q, NUM_LANES), lambda b, h, x, y: (b, h, q_index(x, y), 0))
 
 
+def _visited(l, s, block_q, block_kv, causal) -> float:
+  """The fraction of (query block, key block) pairs a kernel runs (the rest are skipped)."""
+  if not causal:
+    return 1.0
+  pairs = sum(min(s // block_kv, ((i + 1) * block_q - 1) // block_kv + 1)
+              for i in range(l // block_q))
+  return pairs / ((l // block_q) * (s // block_kv))
+
+
+def _cost(q, k, *, visited, matmuls, once, per_q_block, per_kv_block, block_q, block_kv):
+  """What XLA's cost analysis and scheduler see of a kernel: `matmuls` [L, S, D] products,
+  one exp per score, the bytes of the arrays read or written once (`once`), and of those
+  re-read once per visited query block (`per_q_block`) or key block (`per_kv_block`)."""
+  b, h, l, d = q.shape
+  s = k.shape[2]
+  size = lambda xs: sum(x.size * x.dtype.itemsize for x in xs)
+  scores = b * h * l * s * visited
+  bytes_accessed = (size(once) + size(per_q_block) * (l // block_q) * visited
+                    + size(per_kv_block) * (s // block_kv) * visited)
+  return pl.CostEstimate(flops=int(2 * matmuls * scores * d), transcendentals=int(scores),
+                         bytes_accessed=int(bytes_accessed))
+
+
 def _params(*semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
@@ -230,6 +253,9 @@ def _forward(q, k, v, rows_and_cols, slopes, causal, block_q, block_kv, interpre
                       pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
                       pltpu.VMEM((block_q, d), jnp.float32)],
       compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+      cost_estimate=_cost(q, k, visited=_visited(l, s, block_q, block_kv, causal), matmuls=2,
+                          once=(q, q, *rows_and_cols[:2]), per_q_block=(k, v, *rows_and_cols[2:]),
+                          per_kv_block=(), block_q=block_q, block_kv=block_kv),
       interpret=interpret,
       name="alibi_flash_attention_fwd",
   )(_slopes_array(slopes, h), q, k, v, *rows_and_cols)
@@ -245,6 +271,8 @@ def _backward(q, k, v, rows_and_cols, slopes, causal, block_q, block_kv, interpr
   lanes = lambda x: jax.lax.broadcast_in_dim(x, (b, h, l, NUM_LANES), (0, 1, 2))
   operands = (_slopes_array(slopes, h), q, k, v, *rows_and_cols, lanes(lse), lanes(di), d_out)
   common = dict(causal=causal, alibi=slopes is not None, sm_scale=1.0 / float(np.sqrt(d)))
+  visited = _visited(l, s, block_q, block_kv, causal)
+  stats = operands[-3:-1]
   # Per query head; summed over each key/value head's group below (in float32 when G > 1).
   grad_dtype = k.dtype if groups == 1 else jnp.float32
 
@@ -263,6 +291,9 @@ def _backward(q, k, v, rows_and_cols, slopes, causal, block_q, block_kv, interpr
       out_shape=[jax.ShapeDtypeStruct((b, h, s, d), grad_dtype)] * 2,
       scratch_shapes=[pltpu.VMEM((block_kv, d), jnp.float32)] * 2,
       compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+      cost_estimate=_cost(q, k, visited=visited, matmuls=4, once=(k, v, k, v),
+                          per_kv_block=(q, d_out, *stats, *rows_and_cols[:2]), per_q_block=(),
+                          block_q=block_q, block_kv=block_kv),
       interpret=interpret,
       name="alibi_flash_attention_dkv",
   )(*operands)
@@ -283,6 +314,9 @@ def _backward(q, k, v, rows_and_cols, slopes, causal, block_q, block_kv, interpr
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)],
       compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+      cost_estimate=_cost(q, k, visited=visited, matmuls=3, once=(q, d_out, q, *stats),
+                          per_q_block=(k, v, *rows_and_cols[2:]), per_kv_block=(),
+                          block_q=block_q, block_kv=block_kv),
       interpret=interpret,
       name="alibi_flash_attention_dq",
   )(*operands)
