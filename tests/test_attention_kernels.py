@@ -100,6 +100,27 @@ def test_cached_pallas_matches_xla_on_a_partly_filled_cache(name, rows):
   np.testing.assert_allclose(outputs["pallas"], outputs["xla"], rtol=1e-5, atol=1e-5)
 
 
+def test_pallas_pads_lengths_that_are_not_whole_tiles():
+  """A 72-token forward and a 200-slot cache (the slot engine sizes caches as prompt bucket +
+  new tokens) are padded to the kernel's 128-key tiles with invisible keys."""
+  segment_ids = _segment_ids()[:, 178:]
+  positions = transformer.positions_from_segments(segment_ids)
+  q, k, v = _qkv(_config("llama", "xla"), 78, 78)
+  outputs = {impl: attention_impl.cache_free(_config("llama", impl), q, k, v, segment_ids,
+                                             positions) for impl in ("xla", "pallas")}
+  text = np.asarray(segment_ids != 0)[:, None, None, :, None]
+  np.testing.assert_allclose(np.where(text, outputs["pallas"], 0),
+                             np.where(text, outputs["xla"], 0), rtol=1e-5, atol=1e-5)
+  key_segment_ids = jnp.asarray(np.repeat([[1] * 150 + [0] * 50], 2, axis=0))
+  key_positions = transformer.positions_from_segments(key_segment_ids)
+  q, k, v = _qkv(_config("bloom", "xla"), 1, 200)
+  rows = jnp.ones((2, 1), jnp.int32)
+  outputs = {impl: attention_impl.cached(_config("bloom", impl), q, k, v, rows, 149 * rows,
+                                         key_segment_ids, key_positions)
+             for impl in ("xla", "pallas")}
+  np.testing.assert_allclose(outputs["pallas"], outputs["xla"], rtol=1e-5, atol=1e-5)
+
+
 def test_model_with_pallas_attention_matches_xla_forward_and_decode_step():
   """The whole BLOOM decoder dispatches on attention_impl: logits of a packed forward, and of a
   decode step after a prefill into the cache."""

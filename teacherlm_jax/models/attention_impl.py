@@ -24,6 +24,42 @@ def _slopes(config: ModelConfig) -> Optional[Tuple[float, ...]]:
   return tuple(float(x) for x in attention.alibi_slopes(config.num_heads))
 
 
+def _padded(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  """`x` with zeros appended along `axis` up to a multiple of `multiple` (segment id 0 marks
+  the added keys as padding, never visible; the added query rows are cut off afterwards)."""
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def _kernel_lengths(config: ModelConfig, rows: int, keys: int) -> Tuple[int, int]:
+  """What the kernel's tiles need: query rows a multiple of block_q when longer than it, keys
+  a multiple of 128 and of block_kv when longer than it."""
+  row_multiple = config.attention_block_q if rows > config.attention_block_q else 1
+  key_multiple = (config.attention_block_kv if keys > config.attention_block_kv
+                  else flash_attention.NUM_LANES)
+  return row_multiple, key_multiple
+
+
+def _flash(config: ModelConfig, q_BxHxLxD, k_BxKxSxD, v_BxKxSxD, q_segment_ids_BxL,
+           q_positions_BxL, kv_segment_ids_BxS, kv_positions_BxS, causal: bool) -> jax.Array:
+  """The Pallas kernel on any lengths: padded to its tiles, the padding cut off after."""
+  rows, keys = q_BxHxLxD.shape[2], k_BxKxSxD.shape[2]
+  row_multiple, key_multiple = _kernel_lengths(config, rows, keys)
+  if causal:  # Queries and keys are one sequence.
+    row_multiple = key_multiple = max(row_multiple, key_multiple)
+  out = flash_attention.flash_attention(
+      _padded(q_BxHxLxD, 2, row_multiple), _padded(k_BxKxSxD, 2, key_multiple),
+      _padded(v_BxKxSxD, 2, key_multiple), _padded(q_segment_ids_BxL, 1, row_multiple),
+      _padded(q_positions_BxL, 1, row_multiple), _padded(kv_segment_ids_BxS, 1, key_multiple),
+      _padded(kv_positions_BxS, 1, key_multiple), alibi_slopes=_slopes(config), causal=causal,
+      block_q=config.attention_block_q, block_kv=config.attention_block_kv)
+  return out[:, :, :rows]
+
+
 def cache_free(config: ModelConfig, q_BxKxGxLxD: jax.Array, k_BxKxLxD: jax.Array,
                v_BxKxLxD: jax.Array, segment_ids_BxL: jax.Array,
                positions_BxL: jax.Array) -> jax.Array:
@@ -38,10 +74,9 @@ def cache_free(config: ModelConfig, q_BxKxGxLxD: jax.Array, k_BxKxLxD: jax.Array
         positions_BxL, alibi_slopes=_slopes(config), causal=True)
     return checkpoint_name(out, attention.ATTENTION_OUTPUT)
   b, kv_heads, groups, l, d = q_BxKxGxLxD.shape
-  out_BxHxLxD = flash_attention.flash_attention(
-      q_BxKxGxLxD.reshape(b, kv_heads * groups, l, d), k_BxKxLxD, v_BxKxLxD, segment_ids_BxL,
-      positions_BxL, segment_ids_BxL, positions_BxL, alibi_slopes=_slopes(config), causal=True,
-      block_q=config.attention_block_q, block_kv=config.attention_block_kv)
+  out_BxHxLxD = _flash(config, q_BxKxGxLxD.reshape(b, kv_heads * groups, l, d), k_BxKxLxD,
+                       v_BxKxLxD, segment_ids_BxL, positions_BxL, segment_ids_BxL,
+                       positions_BxL, causal=True)
   return out_BxHxLxD.reshape(b, kv_heads, groups, l, d)
 
 
@@ -67,8 +102,8 @@ def cached(config: ModelConfig, q_BxKxGxLxD: jax.Array, k_BxKxSxD: jax.Array,
     q_rows = q_BxKxGxLxD.reshape(b, kv_heads, groups * l, d)
     row_segment_ids = jnp.tile(segment_ids_BxL, (1, groups))
     row_positions = jnp.tile(positions_BxL, (1, groups))
-  out = flash_attention.flash_attention(
-      q_rows, k_BxKxSxD, v_BxKxSxD, row_segment_ids, row_positions, key_segment_ids_BxS,
-      key_positions_BxS, alibi_slopes=_slopes(config), causal=False,
-      block_q=config.attention_block_q, block_kv=config.attention_block_kv)
+  # A cache whose length is not a multiple of 128 is copied padded at every step: decoders
+  # should size their caches in whole tiles.
+  out = _flash(config, q_rows, k_BxKxSxD, v_BxKxSxD, row_segment_ids, row_positions,
+               key_segment_ids_BxS, key_positions_BxS, causal=False)
   return out.reshape(b, kv_heads, groups, l, d)
