@@ -38,7 +38,7 @@ def write_docs_table(docs: pathlib.Path) -> None:
   from teacherlm_jax.benchmarks import attention_aot
   results = []
   for path in sorted((ROOT / "benchmarks" / "results").glob("attention_aot_*.json")):
-    results += json.loads(path.read_text())
+    results += json.loads(path.read_text())["rows"]
   text = docs.read_text()
   table = f"{BEGIN}\n{attention_aot.docs_table(results)}\n{END}"
   docs.write_text(re.sub(re.escape(BEGIN) + ".*" + re.escape(END), lambda _: table, text,
@@ -62,7 +62,16 @@ def main(argv):
           results.append(result)
     output = ROOT / _OUTPUT.value
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    command = "JAX_PLATFORMS=cpu python scripts/attention_aot.py " + " ".join(
+        f"--{flag.name}={flag.value}" if not isinstance(flag.value, list)
+        else f"--{flag.name}={','.join(flag.value)}"
+        for flag in (_TOPOLOGY, _MODELS, _IMPLS, _LAYERS, _BATCH, _LENGTH))
+    output.write_text(json.dumps({
+        "title": f"Attention implementations: ahead-of-time compiles for {_TOPOLOGY.value}",
+        "estimate": True, "command": command,
+        "provenance": ("XLA's memory and cost analyses of compiles for one chip, Pallas "
+                       "kernels counted by their cost estimates; see docs/attention.md"),
+        "rows": results}, indent=2) + "\n")
   write_docs_table(ROOT / _DOCS.value)
 
 
