@@ -112,10 +112,11 @@ def docs_table(results: List[Dict[str, object]]) -> str:
   """A Markdown table of `compile_train_step` results, 'xla' rows as the baseline."""
   base = {(r["model"], r["topology"], r["layers"], r["batch"], r["length"]): r
           for r in results if r["attention_impl"] == "xla"}
-  what = lambda r: f"{r['model']} ({r['layers']} layers)" if r["layers"] else \
-      f"{r['model']} attention alone"
+  what = lambda r: (f"{r['model']} train step, {r['layers']} layer" if r["layers"] == 1
+                    else f"{r['model']} train step, {r['layers']} layers" if r["layers"]
+                    else f"{r['model']} attention alone")
   lines = ["| what | topology | batch x length | attention | HBM per chip (GiB) | "
-           "temp (GiB) | bytes accessed (GB) | vs xla |",
+           "temp (MiB) | bytes accessed (GB) | vs xla |",
            "|---|---|---|---|---|---|---|---|"]
   for r in results:
     ref = base.get((r["model"], r["topology"], r["layers"], r["batch"], r["length"]))
@@ -124,6 +125,6 @@ def docs_table(results: List[Dict[str, object]]) -> str:
              if ref and ref is not r else "")
     lines.append(
         f"| {what(r)} | {r['topology']} | {r['batch']} x {r['length']} | "
-        f"{r['attention_impl']} | {r['hbm_bytes'] / GiB:.2f} | {r['temp_bytes'] / GiB:.2f} | "
+        f"{r['attention_impl']} | {r['hbm_bytes'] / GiB:.2f} | {r['temp_bytes'] / 2**20:.1f} | "
         f"{r['bytes_accessed'] / 1e9:.1f} | {ratio} |")
   return "\n".join(lines)
