@@ -1,5 +1,6 @@
 r"""Ahead-of-time compiles for a TPU topology, once per attention implementation: HBM per chip
-and the bytes XLA's cost analysis counts, written as JSON and as the table in docs/attention.md.
+and the bytes XLA's cost analysis counts, written as JSON and as the tables in
+docs/attention.md and docs/benchmarks.md.
 
   JAX_PLATFORMS=cpu python scripts/attention_aot.py                  # v5e, BLOOM-7b1, 2,048
   JAX_PLATFORMS=cpu python scripts/attention_aot.py --topology=v4:2x2x1 \
@@ -34,8 +35,12 @@ BEGIN, END = "<!-- attention_aot table: begin -->", "<!-- attention_aot table: e
 
 
 def write_docs_table(docs: pathlib.Path) -> None:
-  """Replaces the table between BEGIN and END in `docs` with every results file's rows."""
+  """Replaces the table between BEGIN and END in `docs` with every results file's rows, and
+  regenerates docs/benchmarks.md (every results file) to match."""
   from teacherlm_jax.benchmarks import attention_aot
+  from teacherlm_jax.benchmarks import results_table
+  (ROOT / "docs" / "benchmarks.md").write_text(results_table.render(ROOT / "benchmarks" /
+                                                                    "results"))
   results = []
   for path in sorted((ROOT / "benchmarks" / "results").glob("attention_aot_*.json")):
     results += json.loads(path.read_text())["rows"]
