@@ -210,3 +210,22 @@ def test_a_loaded_model_takes_the_launch_choice_with_its_parameters():
   for got, want in zip(jax.tree.leaves(transformer.nnx.state(served)),
                        jax.tree.leaves(transformer.nnx.state(model))):
     assert got is want
+
+
+@pytest.mark.parametrize("name", ["bloom", "llama"])
+def test_cudnn_path_layouts_mask_and_bias_equal_xla(name):
+  """The 'cudnn' path's glue (layouts, GQA, visibility mask, ALiBi bias), through
+  jax.nn.dot_product_attention's XLA implementation: no GPU here to run cuDNN itself."""
+  from teacherlm_jax.models.kernels import cudnn_attention
+  config = _config(name, "xla")
+  segment_ids = _segment_ids()
+  positions = transformer.positions_from_segments(segment_ids)
+  q, k, v = _qkv(config, LENGTH, LENGTH, seed=3)
+  slopes = attention_impl._slopes(config)
+  got = cudnn_attention.dot_product_attention(
+      q, k, v, segment_ids, positions, segment_ids, positions, alibi_slopes=slopes,
+      causal=True, implementation="xla")
+  want = attention_impl.cache_free(config, q, k, v, segment_ids, positions)
+  text = np.asarray(segment_ids != 0)[:, None, None, :, None]
+  np.testing.assert_allclose(np.where(text, got, 0), np.where(text, want, 0), rtol=1e-5,
+                             atol=1e-5)
