@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from teacherlm_jax.models import matmul
 from teacherlm_jax.models import transformer
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import shapes
 
 DecodeState = Dict[str, jax.Array]
 
@@ -100,11 +101,6 @@ class Request:
   uid: int
   prompt_tokens: Sequence[int]
   max_new_tokens: Optional[int] = None
-
-
-def bucket_length(length: int, minimum: int = 8) -> int:
-  """The smallest power of two >= length (and >= minimum): prompt widths we compile for."""
-  return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +428,7 @@ class Decoder:
       self.check_length(len(prompt), limit)
     dp = self.data_parallelism
     batch = -(-n // dp) * dp
-    width = bucket_length(max(len(p) for p in prompts))
+    width = shapes.bucket_length(max(len(p) for p in prompts))
     packed = self._pack(list(prompts) + [[self.pad_id]] * (batch - n), width)
     pad_rows = batch - n
     uid_B = np.asarray(uids + [0] * pad_rows, np.int32)
@@ -517,7 +513,7 @@ class SlotEngine:
       raise ValueError(f"sync_every={sync_every} must be >= 1")
     self.decoder, self.sampling = decoder, sampling
     self.num_slots = num_slots
-    self.prompt_width = bucket_length(max_prompt_length)
+    self.prompt_width = shapes.bucket_length(max_prompt_length)
     self.length = self.prompt_width + sampling.max_new_tokens
     self.sync_every = sync_every
     self.refill_threshold = max(1, int(num_slots * refill_fraction))
@@ -566,10 +562,10 @@ class SlotEngine:
   def _insert(self, cache, dstate, group: List[Request], slots: np.ndarray, seed):
     d = self.decoder
     dp = d.data_parallelism
-    size = min(self.num_slots, bucket_length(len(group), minimum=1))
+    size = min(self.num_slots, shapes.bucket_length(len(group), minimum=1))
     size = -(-size // dp) * dp
     pad = size - len(group)
-    width = bucket_length(max(len(r.prompt_tokens) for r in group))
+    width = shapes.bucket_length(max(len(r.prompt_tokens) for r in group))
     packed = d._pack([r.prompt_tokens for r in group] + [[d.pad_id]] * pad, width)
     uid_G = np.asarray([r.uid for r in group] + [0] * pad, np.int32)
     max_new_G = np.asarray([min(r.max_new_tokens or self.sampling.max_new_tokens,

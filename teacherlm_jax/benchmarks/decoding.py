@@ -60,6 +60,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
   from teacherlm_jax.annotation import decoding
   from teacherlm_jax.models import hf
   from teacherlm_jax.runtime import partitioning
+  from teacherlm_jax.runtime import shapes
 
   suffix = timing.precision_suffix(precision)
   if quick:
@@ -117,7 +118,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
     theirs()  # Warm up.
     *ours_times, theirs_s = timing.best_times(ours_fns + [theirs], repeats)
     generated = batch * max_new_tokens
-    cache_length = decoding.bucket_length(width) + max_new_tokens
+    cache_length = shapes.bucket_length(width) + max_new_tokens
     kv_bytes = (2 * config.num_layers * batch * cache_length * config.hidden_size
                 * decoder.cache_dtype.itemsize)
     bandwidth = None if device else read_bandwidth(param_bytes + kv_bytes)

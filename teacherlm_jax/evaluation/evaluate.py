@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -46,16 +45,11 @@ from teacherlm_jax.data import tasks as tasks_lib
 from teacherlm_jax.data import vocab as vocab_lib
 from teacherlm_jax.models import transformer
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import shapes
 
 NORMALIZATIONS = ("sum", "mean")
-
-
-def _bucket(n: int, minimum: int = 8, step: int = 256) -> int:
-  """Powers of two up to `step`, then multiples of `step`: bounds the compiled shapes while
-  wasting at most `step` positions on long prompts (attention cost is quadratic in them)."""
-  if n > step:
-    return -(-n // step) * step
-  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+# Prompts past this many tokens pad to its multiples, not to the next power of two.
+BUCKET_STEP = 256
 
 
 @dataclasses.dataclass
@@ -131,9 +125,9 @@ class RankScorer:
   def _batch_arrays(self, batch: Sequence[Example], num_options: int):
     prompts = [self._truncate(ex) for ex in batch]
     rows = self.batch_size
-    p = _bucket(max(len(x) for x in prompts))
+    p = shapes.bucket_length(max(len(x) for x in prompts), step=BUCKET_STEP)
     tail = max(len(o) - 1 for ex in batch for o in ex.options)
-    t = _bucket(tail, minimum=4) if tail else 0
+    t = shapes.bucket_length(tail, minimum=4, step=BUCKET_STEP) if tail else 0
     prompt = np.zeros((rows, p), np.int32)
     segments = np.zeros((rows, p), np.int32)
     last = np.zeros((rows,), np.int32)
