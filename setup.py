@@ -21,8 +21,7 @@ setuptools.setup(
         "gin-config",
         "numpy",
         "pyarrow",
-        "tqdm",
-        "tensorboardX",
+        "clu",
         "matplotlib",
     ],
     extras_require={

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from teacherlm_jax.models import checkpoint_io
@@ -42,6 +43,7 @@ from teacherlm_jax.runtime import checkpointing
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.training import metrics as metrics_lib
+from teacherlm_jax.training import mfu
 from teacherlm_jax.training import optimizer as optimizer_lib
 
 # A callable giving the batches numbered start, start+1, ... (this process's rows, numpy).
@@ -119,9 +121,10 @@ class TrainConfig:
   # Initialisation of a new run (ignored when model_dir already holds a checkpoint).
   init_checkpoint: str = ""  # A previous stage's model_dir (or a checkpoint step dir).
   init_hf_checkpoint: str = ""  # A local HF checkpoint directory.
-  # Metrics.
-  peak_tflops_per_device: float = 0.0  # 0: measure a matmul peak at start-up.
-  tensorboard: bool = True
+  # Metrics. MFU is against the chip's vendor bf16 peak (runtime/chips.py), on CPU against a
+  # matmul timed at start-up; above 0 this overrides both.
+  peak_tflops_per_device: float = 0.0
+  tensorboard: bool = True  # Event files in <model_dir>/tensorboard; False: the log only.
 
   def __post_init__(self):
     if self.batch_size <= 0 or self.seq_len <= 0 or self.num_steps <= 0:
@@ -334,7 +337,7 @@ class _Preemption:
 # The loop.
 
 
-class _Program(NamedTuple):
+class Program(NamedTuple):
   """Everything compiled for one (model, optimizer, mesh): built once per process."""
   tx: optax.GradientTransformation
   schedule: Callable
@@ -367,9 +370,16 @@ def _optimizer_args(config: TrainConfig) -> tuple:
           config.adam_eps, config.clip_norm, config.grad_accum_steps)
 
 
+def program_for(config: TrainConfig, model_config: ModelConfig, mesh) -> Program:
+  """What `train` compiles for `config`'s run of `model_config` on `mesh` (its steps,
+  shardings and initialisers); runs with the same settings in one process share it."""
+  return _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh,
+                  config.loss_chunk_tokens)
+
+
 @functools.lru_cache(maxsize=8)
 def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, seed: int,
-             mesh, chunk_tokens: int) -> _Program:
+             mesh, chunk_tokens: int) -> Program:
   tx, schedule = optimizer_lib.make_optimizer(*optimizer_args)
   model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(seed))
   graphdef, abstract_params, param_axes = partitioning.abstract_params(model_fn)
@@ -394,7 +404,7 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
                                 chunk_tokens=chunk_tokens, compiler_options=compiler_options)
   stacked_batch_sh = {key: partitioning.batch_sharding(mesh, 3, stacked=True)
                       for key in BATCH_KEYS}
-  return _Program(
+  return Program(
       tx=tx, schedule=schedule, param_sh=param_sh, opt_sh=opt_sh, state_sh=state_sh,
       abstract_state=abstract_state, init_params=init_params,
       init_opt_state=jax.jit(tx.init, out_shardings=opt_sh),
@@ -414,7 +424,7 @@ def _first_non_finite(finite_flags: List[jax.Array], first_step: int) -> Optiona
   return None if bad.size == 0 else first_step + int(bad[0])
 
 
-def _restore_newest_good(config: TrainConfig, program: _Program, checkpointer, writer):
+def _restore_newest_good(config: TrainConfig, program: Program, checkpointer):
   """(state, step) of the newest checkpoint that restores and passes verification, or None
   when there is none. Newer steps that fail are reported, then moved to damaged_checkpoints/
   (so the run can save those step numbers again) once an older step proved good."""
@@ -425,7 +435,7 @@ def _restore_newest_good(config: TrainConfig, program: _Program, checkpointer, w
     try:
       state = checkpointer.restore(step, abstract)
     except checkpointing.CheckpointError as e:  # Damaged bytes or an unreadable step dir.
-      writer.message(f"skipping checkpoint step {step}: {e}")
+      logging.warning("skipping checkpoint step %d: %s", step, e)
       failed.append((step, e))
       continue
     if int(state["step"]) != step * k:
@@ -435,34 +445,35 @@ def _restore_newest_good(config: TrainConfig, program: _Program, checkpointer, w
           "written with")
     for bad_step, error in failed:
       moved = checkpointer.set_aside(bad_step)
-      writer.message(f"moved damaged step {bad_step} to {moved} ({type(error).__name__})")
+      logging.warning("moved damaged step %d to %s (%s)", bad_step, moved,
+                      type(error).__name__)
     skipped = (f", skipping damaged step(s) {[s for s, _ in failed]}" if failed else "")
     verified = ("verified" if step in checkpointer.verified_steps
                 else "not verified: saved without checksums")
-    writer.message(f"resuming from {checkpointer.step_dir(step)} ({verified}){skipped}")
+    logging.info("resuming from %s (%s)%s", checkpointer.step_dir(step), verified, skipped)
     return state, step
   if failed:  # Every step failed: likely this run's settings, not damage; nothing is moved.
     raise failed[0][1]
   return None
 
 
-def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer):
+def _initial_state(config: TrainConfig, program: Program, checkpointer):
   """(state, start step): the newest good checkpoint of this run, else a fresh state
   initialised from a previous stage, an HF checkpoint, or random (directly in its shards)."""
-  restored = _restore_newest_good(config, program, checkpointer, writer)
+  restored = _restore_newest_good(config, program, checkpointer)
   if restored is not None:
     return restored
   if config.init_checkpoint:
     params = checkpointing.restore_params(
         config.init_checkpoint, _with_shardings(program.abstract_state["params"],
                                                 program.param_sh))
-    writer.message(f"initialised params from {config.init_checkpoint}")
+    logging.info("initialised params from %s", config.init_checkpoint)
   elif config.init_hf_checkpoint:
     from teacherlm_jax.models import hf
     _, hf_model = hf.import_checkpoint(config.init_hf_checkpoint, dtype=config.compute_dtype,
                                        param_dtype="float32")
     params = jax.device_put(nnx.to_pure_dict(nnx.state(hf_model, nnx.Param)), program.param_sh)
-    writer.message(f"initialised params from HF checkpoint {config.init_hf_checkpoint}")
+    logging.info("initialised params from HF checkpoint %s", config.init_hf_checkpoint)
   else:
     params = program.init_params()
   return program.fresh_state(params), 0
@@ -495,9 +506,7 @@ class _Evaluator:
     sums = [self.eval_step(params, batch) for batch in self._cached]
     total = jax.tree.map(lambda *x: np.sum(x), *jax.device_get(sums))
     result = metrics_lib.mean_of(total, len(sums))
-    self.writer.write(step, result, prefix="eval")
-    self.writer.message(f"eval step {step}: loss {result['loss']:.4f} "
-                        f"acc {result['accuracy']:.3f}")
+    self.writer.write_scalars(step, {f"eval/{name}": value for name, value in result.items()})
     return result
 
 
@@ -556,7 +565,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
 
   Args:
     config: the run.
-    model_dir: checkpoints, metrics.jsonl, tensorboard/ and the saved configs.
+    model_dir: checkpoints, tensorboard/ (the metrics) and the saved configs.
     train_batches, eval_batches: override the seqio inputs of `config` (tests, benchmarks).
 
   Returns:
@@ -571,8 +580,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
   rows = partitioning.process_batch_rows(mesh, config.batch_size)
   model_config = model_config_for(config, model_dir)
   k = config.grad_accum_steps
-  program = _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh,
-                     config.loss_chunk_tokens)
+  program = program_for(config, model_config, mesh)
 
   if train_batches is None:
     train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,
@@ -586,25 +594,34 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
 
   checkpointer = checkpointing.Checkpointer(model_dir, config.keep_checkpoints,
                                             config.async_checkpoints)
-  writer = metrics_lib.MetricsWriter(model_dir, config.num_steps, config.tensorboard)
+  writer = metrics_lib.create_writer(model_dir, config.tensorboard)
   preemption = None
   try:
-    state, start = _initial_state(config, program, checkpointer, writer)
+    state, start = _initial_state(config, program, checkpointer)
     if jax.process_index() == 0:  # Shared files: process 0 only.
       checkpoint_io.write_model_config(
           model_config, os.path.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
       with open(os.path.join(model_dir, TRAIN_CONFIG_FILE), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=1)
     evaluate = _Evaluator(config, eval_batches, program.eval_step, mesh, writer)
-    peak = config.peak_tflops_per_device or metrics_lib.measure_matmul_peak_tflops()
-    throughput = metrics_lib.Throughput(
-        tokens_per_step=config.batch_size * config.seq_len * k,
-        flops_per_token=metrics_lib.flops_per_token(model_config, config.seq_len),
-        num_devices=jax.device_count(), peak_tflops_per_device=peak)
-    writer.message(f"model {model_config.family} {model_config.num_params() / 1e6:.1f}M "
-                   f"params, mesh {partitioning.mesh_shape(mesh)}, {jax.process_count()} "
-                   f"process(es), steps {start}->{config.num_steps}, peak {peak:.3f} "
-                   "TFLOP/s/device")
+    device = mesh.devices.flat[0]
+    peak = mfu.peak_flops_per_device(device.device_kind, device.platform,
+                                     override_tflops=config.peak_tflops_per_device)
+    if peak is None:
+      logging.warning("no MFU: %r has no vendor peak in runtime/chips.py; set "
+                      "TrainConfig.peak_tflops_per_device", device.device_kind)
+    # Steps/s, tokens/s, TFLOP/s and MFU at each log step, timed from the first step's end.
+    report_progress = mfu.ReportThroughput(
+        num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every,
+        every_secs=None, tokens_per_step=config.batch_size * config.seq_len * k,
+        flops_per_token=mfu.flops_per_token(model_config, config.seq_len),
+        num_devices=mesh.devices.size, peak_flops_per_device=peak)
+    writer.write_hparams(metrics_lib.hparams(dataclasses.asdict(config)))
+    logging.info("model %s %.1fM params, mesh %s, %d process(es), steps %d->%d, peak %s "
+                 "TFLOP/s per device (%s)", model_config.family,
+                 model_config.num_params() / 1e6, partitioning.mesh_shape(mesh),
+                 jax.process_count(), start, config.num_steps,
+                 "?" if peak is None else f"{peak / 1e12:.3f}", device.device_kind)
 
     resumed = start if checkpointer.latest_step() is not None else None
     guard = _FiniteGuard(start * k, resumed, k, checkpointer.directory,
@@ -617,7 +634,8 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
 
     def save(at: int):
       guard.check()
-      checkpointer.save(at, state)
+      with report_progress.timed("checkpoint", wait_jax_async_dispatch=False):
+        checkpointer.save(at, state)
       guard.saved(at)
 
     def next_batch(number: int) -> dict:
@@ -648,29 +666,31 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
         losses.append(micro_metrics["loss"])
         guard.flags.append(micro_metrics["finite"])
         window.append(micro_metrics)
+      if step == start:  # Compilation ends here: the progress clock starts after it.
+        jax.block_until_ready(step_metrics)
       step += n
-      throughput.step_done(step_metrics, steps=n)
       # A collective in multi-process runs: every process calls it once per step, in order.
       preempted = any([preemption.reached(s) for s in range(step - n + 1, step + 1)])
       if step % config.log_every == 0 or step == config.num_steps or preempted:
         guard.check()
-        fetched = jax.device_get(window)
+        fetched = jax.device_get(window)  # Waits for the steps: the progress report's clock.
         total = jax.tree.map(lambda *x: np.sum(x), *fetched)
         scalars = metrics_lib.mean_of(total, len(fetched))
         scalars["grad_norm"] = float(np.mean([m["grad_norm"] for m in fetched]))
         scalars["learning_rate"] = float(program.schedule(step - 1))
-        scalars.update(throughput.window_rates())
-        writer.write(step, scalars)
-        writer.progress(step, scalars, throughput.elapsed_s, throughput.timed_steps)
+        writer.write_scalars(step, {f"train/{name}": value for name, value in scalars.items()})
         window = []
+      for done in range(step - n + 1, step + 1):  # clu's actions expect every step number.
+        report_progress(done)
       if preempted:  # Logged above, so the metrics hold every step the checkpoint has.
         save(step)
         checkpointer.wait()
-        writer.message(f"preempted (SIGTERM): saved checkpoint at step {step} in "
-                       f"{checkpointer.directory}")
+        logging.warning("preempted (SIGTERM): saved checkpoint at step %d in %s", step,
+                        checkpointer.directory)
         break
       if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-        eval_result = evaluate(state["params"], step)
+        with report_progress.timed("eval", wait_jax_async_dispatch=False):
+          eval_result = evaluate(state["params"], step)
       if step % config.checkpoint_every == 0 or step == config.num_steps:
         save(step)
     if not preempted:
