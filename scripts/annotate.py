@@ -12,11 +12,11 @@ Multi-process: run one process per host with --coordinator_address, --num_proces
 --process_id (or TEACHERLM_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID); each annotates its slice
 of the input into its own shard; then merge once.
 """
-import json
 import os
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from teacherlm_jax import cli
 
@@ -39,15 +39,14 @@ def main(argv, gin_bindings=()):
     from teacherlm_jax.annotation import io as annotation_io
     merged = _MERGED.value or os.path.join(_OUTPUT.value, "merged.jsonl")
     count = annotation_io.merge(_OUTPUT.value, merged)
-    print(f"merged {count} records into {merged}", flush=True)
+    logging.info("merged %d records into %s", count, merged)
     return
   if not _INPUT.value:
     raise app.UsageError("--input is required")
   cli.initialize_distributed()
   from teacherlm_jax.annotation import annotate
   cli.parse_flags_and_gin(gin_bindings)
-  summary = annotate.annotate(_INPUT.value, _OUTPUT.value, resume=_RESUME.value)
-  print("summary: " + json.dumps(summary, sort_keys=True), flush=True)
+  annotate.annotate(_INPUT.value, _OUTPUT.value, resume=_RESUME.value)  # Logs its summary.
 
 
 if __name__ == "__main__":

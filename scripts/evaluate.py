@@ -57,10 +57,10 @@ def main(argv, gin_bindings=()):
   report = evaluate.evaluate(model, vocabulary, model_source=_CHECKPOINT.value)
   report["checkpoint"] = _CHECKPOINT.value
   json_path, md_path = evaluate.write_report(report, _OUTPUT_DIR.value)
-  print(evaluate.markdown_table(report))
+  print(evaluate.markdown_table(report))  # The result, on stdout; progress is in the log.
   if tasks.SKIPS.total:
-    print(tasks.SKIPS.summary())
-  print(f"wrote {json_path} and {md_path}")
+    logging.warning("%s", tasks.SKIPS.summary())
+  logging.info("wrote %s and %s", json_path, md_path)
 
 
 if __name__ == "__main__":

@@ -19,26 +19,17 @@ from teacherlm_jax import cli
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "checkpoints, metrics and configs")
 
 
-def parse_gin(gin_files, bindings):
-  """Parses gin files and bindings; an unknown name lists the TrainConfig fields."""
-  from teacherlm_jax.training import train  # Registers TrainConfig.
-  known = ", ".join(f.name for f in train.dataclasses.fields(train.TrainConfig))
-  cli.parse(gin_files, bindings, hint=f"TrainConfig fields are: {known}")
-
-
 def main(argv, gin_bindings=()):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _MODEL_DIR.value:
     raise app.UsageError("--model_dir is required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
   cli.initialize_distributed()
-  from teacherlm_jax.training import train
-  parse_gin(cli.GIN_FILES.value, list(cli.GIN_BINDINGS.value) + list(gin_bindings))
+  from teacherlm_jax.training import train  # Registers TrainConfig before gin parses.
+  cli.parse_flags_and_gin(gin_bindings)
   result = train.train(train.TrainConfig(), _MODEL_DIR.value)
   status = "preempted" if result["preempted"] else "done"
-  print(f"{status}: step {result['step']} in {_MODEL_DIR.value}", flush=True)
+  logging.info("%s: step %d in %s", status, result["step"], _MODEL_DIR.value)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import json
 import math
 import pathlib
-import sys
 import time
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import gin
 import jax
-import tqdm
 from absl import logging
 
 from teacherlm_jax.annotation import decoding
@@ -176,11 +175,11 @@ def _teacher_paths(teachers: Union[str, Mapping[str, str]], kinds: Sequence[str]
 
 
 class Progress:
-  """A live line: records/s, generated tokens/s, ETA (tqdm), plus the totals."""
+  """Records done, records/s, generated tokens/s and ETA in the log (at most every
+  `every_secs`: a pod's log files take lines, not a redrawn bar), plus the totals."""
 
-  def __init__(self, total: int, enabled: bool):
-    self.bar = tqdm.tqdm(total=total, unit="rec", disable=not enabled, file=sys.stderr,
-                         dynamic_ncols=True, desc="annotate")
+  def __init__(self, total: int, enabled: bool, every_secs: float = 30.0):
+    self.total, self.enabled, self.every_secs = total, enabled, every_secs
     self.start = time.time()
     self.records = 0
     self.tokens = 0
@@ -188,12 +187,16 @@ class Progress:
   def update(self, records: int, tokens: int):
     self.records += records
     self.tokens += tokens
+    if not self.enabled:
+      return
     elapsed = max(time.time() - self.start, 1e-9)
-    self.bar.set_postfix_str(f"{self.tokens / elapsed:.1f} tok/s", refresh=False)
-    self.bar.update(records)
+    eta = (self.total - self.records) * elapsed / max(self.records, 1)
+    logging.log_every_n_seconds(
+        logging.INFO, "annotate: %d/%d records, %.2f records/s, %.1f generated tokens/s, "
+        "ETA %s", self.every_secs, self.records, self.total, self.records / elapsed,
+        self.tokens / elapsed, datetime.timedelta(seconds=round(eta)))
 
   def close(self):
-    self.bar.close()
     return time.time() - self.start
 
 
@@ -340,7 +343,7 @@ def annotate(input_path, output_dir, *,
     quality: QC thresholds (default QualityConfig()).
     resume: continue a killed run: ids in committed chunks are skipped.
     process_index, process_count: this process's slice (default jax.process_index/count).
-    progress: show the live progress line.
+    progress: log progress lines (process 0).
 
   Returns:
     The summary dict (also stored in the shard's manifest).
@@ -386,7 +389,7 @@ def annotate(input_path, output_dir, *,
     writer.write_rejects(rejects)
   todo = [t for t in tasks if t.record.id not in writer.committed_ids]
 
-  counts, qc_counts, bar, seconds = _decode_and_commit(
+  counts, qc_counts, progress_report, seconds = _decode_and_commit(
       todo, kinds, tok, loaded, quality, writer, sampling=sampling,
       decoding_settings=decoding_settings, num_samples=num_samples, seed=seed,
       num_slots=num_slots, sync_every=sync_every, chunk_size=chunk_size,
@@ -398,10 +401,10 @@ def annotate(input_path, output_dir, *,
       "skipped_already_committed": len(tasks) - len(todo),
       "annotated": len(todo),
       "committed_total": len(writer.committed_ids),
-      "generated_tokens": bar.tokens,
+      "generated_tokens": progress_report.tokens,
       "seconds": round(seconds, 3),
       "records_per_s": round(len(todo) / seconds, 3) if seconds else None,
-      "tokens_per_s": round(bar.tokens / seconds, 3) if seconds else None,
+      "tokens_per_s": round(progress_report.tokens / seconds, 3) if seconds else None,
       "stopped_at_eos": {k: counts[f"eos/{k}"] for k in kinds},
       "qc_flags": {k: dict(v) for k, v in qc_counts.items()},
       "qc_dropped": {k: counts[f"dropped/{k}"] for k in kinds},
@@ -421,7 +424,7 @@ def _decode_and_commit(todo: Sequence[_Task], kinds, tok, teachers: _Teachers, q
   engines = _engines(todo, kinds, teachers, sampling, num_slots, sync_every)
   counts = collections.Counter()
   qc_counts = {kind: collections.Counter() for kind in kinds}
-  bar = Progress(len(todo), progress)
+  progress_report = Progress(len(todo), progress)
   for start in range(0, len(todo), chunk_size):
     chunk = todo[start:start + chunk_size]
     generations = _decode_chunk(chunk, kinds, teachers.path_of, engines, num_samples, seed)
@@ -429,8 +432,8 @@ def _decode_and_commit(todo: Sequence[_Task], kinds, tok, teachers: _Teachers, q
                           decoding_settings, seed, num_samples, answer_field, qc_counts, counts)
            for task in chunk]
     writer.commit(out)
-    bar.update(len(chunk), sum(sum(r["generated_tokens"].values()) for r in out))
-  return counts, qc_counts, bar, bar.close()
+    progress_report.update(len(chunk), sum(sum(r["generated_tokens"].values()) for r in out))
+  return counts, qc_counts, progress_report, progress_report.close()
 
 
 def _engines(todo: Sequence[_Task], kinds, teachers: _Teachers, sampling, num_slots: int,

@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 import tensorflow as tf
-import tqdm
 
 from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import tasks as tasks_lib
@@ -162,9 +161,10 @@ class RankScorer:
     # Longest first, so batches hold similar lengths and the first batch shows the peak cost.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
     results: List[Optional[np.ndarray]] = [None] * len(examples)
-    bar = tqdm.tqdm(total=len(examples), desc=progress, unit="ex", disable=progress is None,
-                    dynamic_ncols=True)
     for start in range(0, len(order), self.batch_size):
+      if progress is not None:  # A line at most every 30 s: log files take lines, not bars.
+        logging.log_every_n_seconds(logging.INFO, "%s: %d/%d examples scored", 30, progress,
+                                    start, len(examples))
       index = order[start:start + self.batch_size]
       batch = [examples[i] for i in index]
       num_options = max(len(ex.options) for ex in batch)
@@ -175,8 +175,6 @@ class RankScorer:
         if normalize == "mean":
           option_scores = option_scores / np.array([len(o) for o in ex.options])
         results[i] = option_scores
-      bar.update(len(batch))
-    bar.close()
     return results  # type: ignore[return-value]
 
 
