@@ -12,13 +12,14 @@
 --cpu_devices and passes them to `main(argv, gin_bindings)`; `parse(files, bindings)` parses
 everything and turns gin's errors into a one-line `app.UsageError` that names the binding, where
 it is and the name it probably meant; `initialize_distributed()` starts JAX's multi-process
-runtime when the flags or environment ask for it. Logging is absl's: INFO by default, `-v 1`
-for more, `--verbosity=-1` for warnings only.
+runtime when the flags or environment ask for it. Logging is absl's: INFO by default (without
+orbax's per-file lines), `-v 1` for those and more, `--verbosity=-1` for warnings only.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 import pathlib
 import re
@@ -27,6 +28,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -187,6 +189,27 @@ def configure_cpu_devices() -> None:
   jax.config.update("jax_num_cpu_devices", CPU_DEVICES.value)
 
 
+# Libraries whose INFO lines are about their own machinery (orbax: every file of every
+# checkpoint); they show from `-v 1` on, so that the default log reads as the run's progress.
+CHATTY_AT_INFO = ("orbax",)
+
+
+class _ChattyLibraryFilter(logging.Filter):
+  """Drops INFO lines of CHATTY_AT_INFO libraries below verbosity 1; warnings always pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno != logging.INFO or absl_logging.get_verbosity() >= 1:
+      return True
+    parts = pathlib.PurePath(record.pathname).parts
+    return not any(library in parts for library in CHATTY_AT_INFO)
+
+
+def configure_logging() -> None:
+  """absl's handler at the level -v/--verbosity asks (absl's default: INFO), without the
+  chatty libraries' INFO lines below -v 1."""
+  absl_logging.get_absl_handler().addFilter(_ChattyLibraryFilter())
+
+
 def keep_accelerators_for_jax() -> None:
   """Hides GPUs from TensorFlow, which only reads data (tf.data, seqio) and writes TensorBoard
   summaries here: otherwise it reserves most of each GPU's memory that JAX needs."""
@@ -204,6 +227,7 @@ def run(main: Callable[..., None]) -> None:
   def start(remaining_argv):
     if flag_error is not None:
       raise flag_error
+    configure_logging()
     configure_cpu_devices()
     keep_accelerators_for_jax()
     main(remaining_argv, bindings)

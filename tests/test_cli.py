@@ -79,3 +79,25 @@ def test_gin_flag_without_a_value_is_a_usage_line_too(tmp_path):
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1] == (
       "--gin.TrainConfig.num_steps: expected --gin.NAME=VALUE")
+
+
+def test_orbax_info_lines_show_from_verbosity_1_and_warnings_always():
+  from absl import logging as absl_logging
+  import logging
+
+  def record(level, path):
+    return logging.LogRecord("absl", level, path, 1, "message", (), None)
+
+  orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  progress = "/venv/site-packages/clu/metric_writers/logging_writer.py"
+  chatty = cli._ChattyLibraryFilter()  # pylint: disable=protected-access
+  previous = absl_logging.get_verbosity()
+  try:
+    absl_logging.set_verbosity(0)  # The default: INFO.
+    assert not chatty.filter(record(logging.INFO, orbax))
+    assert chatty.filter(record(logging.WARNING, orbax))
+    assert chatty.filter(record(logging.INFO, progress))
+    absl_logging.set_verbosity(1)  # -v 1
+    assert chatty.filter(record(logging.INFO, orbax))
+  finally:
+    absl_logging.set_verbosity(previous)

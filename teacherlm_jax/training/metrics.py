@@ -45,7 +45,8 @@ def read_scalars(logdir: str) -> Dict[str, Dict[int, float]]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   events = []
   for path in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      event = tf.compat.v1.Event.FromString(record)
       for value in event.summary.value:
         if value.metadata.plugin_data.plugin_name == "scalars":
           events.append((event.wall_time, event.step, value.tag,
