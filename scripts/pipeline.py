@@ -28,15 +28,13 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Real datasets (default $TEACH
 def main(argv, gin_bindings):
   del argv
   cli.initialize_distributed()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX.
   from teacherlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   from teacherlm_jax.pipeline import pipeline  # pylint: disable=g-import-not-at-top
   if _DATA_DIR.value:
     sources.set_data_dir(_DATA_DIR.value)
   cli.parse_flags_and_gin(gin_bindings)
-  logging.set_verbosity(logging.WARNING)
-  pipeline.Pipeline(pipeline.PipelineConfig(), _EXPERIMENT_DIR.value).run()
+  report = pipeline.Pipeline(pipeline.PipelineConfig(), _EXPERIMENT_DIR.value).run()
+  logging.info("report: %s", report)
 
 
 if __name__ == "__main__":

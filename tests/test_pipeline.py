@@ -50,8 +50,8 @@ def test_tiny_pipeline_killed_then_resumed(tmp_path):
                           text=True, timeout=900)
   output = second.stdout + second.stderr
   assert second.returncode == 0, output[-4000:]
-  assert "[pipeline] teacher: already done, skipped" in output
-  assert "[pipeline] data: already done, skipped" in output
+  assert "stage teacher: already done, skipped" in output
+  assert "stage data: already done, skipped" in output
   assert teacher_done.stat().st_mtime == teacher_mtime
 
   report = json.loads((experiment / "report" / "report.json").read_text())
@@ -66,4 +66,7 @@ def test_tiny_pipeline_killed_then_resumed(tmp_path):
               (experiment / "data" / "student.jsonl").read_text().splitlines()]
   assert [r["id"] for r in annotated] == [r["id"] for r in students]  # Each once, in order.
   assert len(students) == 40
-  assert "| synthetic_eval |" in output  # The comparison table is printed.
+  assert "| synthetic_eval |" in output  # The comparison table is logged.
+  # TensorBoard is on in the main job: the report's loss curves come from the event files.
+  for model_dir in ("teacher", "students/original_seed0", "students/annotated_seed0"):
+    assert list((experiment / model_dir / "tensorboard").glob("events.out.tfevents.*")), model_dir

@@ -36,6 +36,7 @@ from teacherlm_jax.data import mixtures, prompts, record_tasks, synthetic, tasks
 from teacherlm_jax.evaluation import evaluate as evaluate_lib
 from teacherlm_jax.models import checkpoint_io, hf
 from teacherlm_jax.pipeline import report as report_lib
+from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import train as train_lib
 
 DONE = "DONE.json"
@@ -101,10 +102,9 @@ class Pipeline:
     """Runs `run()` unless {exp}/{name}/DONE.json exists; returns the stage's result."""
     done = self.dir / name / DONE
     if done.exists():
-      logging.info("stage %s: done already (%s), skipping", name, done)
-      print(f"[pipeline] {name}: already done, skipped", flush=True)
+      logging.info("stage %s: already done, skipped (%s)", name, done)
       return json.loads(done.read_text())
-    print(f"[pipeline] {name}: running", flush=True)
+    logging.info("stage %s: running", name)
     start = time.time()
     result = run()
     self.timings[name] = time.time() - start
@@ -113,7 +113,7 @@ class Pipeline:
       tmp = done.with_suffix(".tmp")
       tmp.write_text(json.dumps(result, indent=2, default=str))
       tmp.replace(done)
-    print(f"[pipeline] {name}: done in {self.timings[name]:.0f} s", flush=True)
+    logging.info("stage %s: done in %.0f s", name, self.timings[name])
     return result
 
   # ---- stages --------------------------------------------------------------------------
@@ -214,8 +214,8 @@ class Pipeline:
       raise RuntimeError(
           f"{merged}: none of the {count} annotations has non-empty {list(kinds)} text, so the "
           "annotated student would have no data; train the teacher longer "
-          "(teacher/TrainConfig.num_steps) or check its loss in "
-          f"{self.dir / 'teacher' / 'metrics.jsonl'}")
+          "(teacher/TrainConfig.num_steps) or check its loss in TensorBoard: "
+          f"{metrics_lib.tensorboard_dir(str(self.dir / 'teacher'))}")
     return {"summary": summary, "merged": str(merged), "records": count,
             "usable_for_student_format": usable}
 
@@ -261,11 +261,16 @@ class Pipeline:
           accuracy[variant].setdefault(task, []).append(metrics["accuracy"] / 100.0)
         for task, value in result.get("macro", {}).items():
           accuracy[variant].setdefault(task, []).append(value / 100.0)
-    path = self.write_report(accuracy, curves, annotation, teacher)
-    print(f"[pipeline] finished in {time.time() - start:.0f} s; report: {path}", flush=True)
+    path = report_lib.write_report(self.dir / "report", title="TeacherLM pipeline report",
+                                   accuracy=accuracy, loss_curves=curves,
+                                   **self.report_contents(annotation, teacher))
+    logging.info("accuracy (rank classification):\n%s", report_lib.comparison_table(accuracy))
+    logging.info("finished in %.0f s; report: %s", time.time() - start, path)
     return path
 
-  def write_report(self, accuracy, curves, annotation: dict, teacher: dict) -> pathlib.Path:
+  def report_contents(self, annotation: dict, teacher: dict) -> dict:
+    """The report's annotation summary, sample annotations and notes (report.write_report's
+    keyword arguments besides the accuracy and loss curves)."""
     summary = annotation["summary"]
     annotation_summary = {
         "records annotated": annotation["records"],
@@ -293,24 +298,14 @@ class Pipeline:
              f"original data at rates {self.config.original_rate}:{self.config.annotated_rate}.",
              "Accuracy: zero-shot rank classification over the option letters "
              "(mean ± std over seeds, n = seeds). Chance is 1 / number of options."]
-    path = report_lib.write_report(self.dir / "report", title="TeacherLM pipeline report",
-                                   accuracy=accuracy, loss_curves=curves,
-                                   annotation_summary=annotation_summary,
-                                   sample_annotations=samples, notes=notes)
-    print(report_lib.comparison_table(accuracy), flush=True)
-    return path
-
-
-def _metrics_rows(model_dir: pathlib.Path) -> List[dict]:
-  path = model_dir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {"annotation_summary": annotation_summary, "sample_annotations": samples,
+            "notes": notes}
 
 
 def _loss_curve(model_dir: pathlib.Path) -> List[List[float]]:
-  return [[row["step"], row["loss"]] for row in _metrics_rows(pathlib.Path(model_dir))
-          if row.get("split") == "train" and "loss" in row]
+  """[step, training loss] pairs from the trainer's TensorBoard event files."""
+  losses = metrics_lib.read_scalars(metrics_lib.tensorboard_dir(str(model_dir)))
+  return [[step, loss] for step, loss in sorted(losses.get("train/loss", {}).items())]
 
 
 def _last_loss(model_dir: pathlib.Path) -> Optional[float]:
