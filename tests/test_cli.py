@@ -91,7 +91,7 @@ def test_orbax_info_lines_show_from_verbosity_1_and_warnings_always():
   orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
   progress = "/venv/site-packages/clu/metric_writers/logging_writer.py"
   chatty = cli._ChattyLibraryFilter()  # pylint: disable=protected-access
-  previous = absl_logging.get_verbosity()
+  previous = logging.getLogger("absl").level  # set_verbosity sets it: other tests log INFO.
   try:
     absl_logging.set_verbosity(0)  # The default: INFO.
     assert not chatty.filter(record(logging.INFO, orbax))
@@ -100,4 +100,4 @@ def test_orbax_info_lines_show_from_verbosity_1_and_warnings_always():
     absl_logging.set_verbosity(1)  # -v 1
     assert chatty.filter(record(logging.INFO, orbax))
   finally:
-    absl_logging.set_verbosity(previous)
+    logging.getLogger("absl").setLevel(previous)

@@ -39,7 +39,7 @@ def test_training_writes_tensorboard_events_and_logs_progress(tmp_path, caplog):
                              learning_rate=3e-3, schedule="constant", num_steps=4, log_every=2,
                              eval_batches=1, checkpoint_every=1000, mesh_devices=1, mesh_fsdp=1)
   assert config.tensorboard  # On by default.
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):  # clu and the trainer log through absl.
     train.train(config, str(tmp_path), train_batches=_batches, eval_batches=_batches)
 
   events = _events(tmp_path / "tensorboard")
