@@ -250,7 +250,13 @@ class Decoder:
       cache_dtype = matmul.batched_operand_dtype(self.config.compute_dtype, platform)
     self.cache_dtype = jnp.dtype(cache_dtype)
     if mesh is not None:
-      state = jax.device_put(state, param_shardings(state, mesh, rules))
+      shardings = param_shardings(state, mesh, rules)
+      if _is_abstract(state):  # A model from nnx.eval_shape: shapes to lower with, no values.
+        nnx.replace_by_pure_dict(state, jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nnx.to_pure_dict(state), nnx.to_pure_dict(shardings)))
+      else:
+        state = jax.device_put(state, shardings)
     self.state = state
     self._cache_pool: Dict[Tuple[int, int], transformer.Cache] = {}
     self._generate_jit = jax.jit(self._generate, static_argnames=("sampling",),
@@ -292,6 +298,19 @@ class Decoder:
 
   def _constrain_state(self, dstate):
     return self._constrain_tree(dstate, {k: _STATE_AXES[k] for k in dstate})
+
+  def abstract_cache(self, batch: int, length: int) -> transformer.Cache:
+    """`new_cache`'s shapes and shardings, nothing allocated (ahead-of-time lowering)."""
+    abstract = jax.eval_shape(functools.partial(transformer.init_cache, self.config, batch,
+                                                length, self.cache_dtype))
+    return self._abstract_tree(abstract, transformer.cache_logical_axes(abstract))
+
+  def _abstract_tree(self, abstract, axes):
+    """ShapeDtypeStructs of `abstract` placed by `axes` (a tree of logical names, one tuple
+    per leaf of `abstract`)."""
+    return jax.tree.map(lambda a, names: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                              sharding=self._sharding(names)),
+                        abstract, axes)
 
   def new_cache(self, batch: int, length: int) -> transformer.Cache:
     """An empty cache placed by its logical axes (reused from a finished call when possible)."""
@@ -483,6 +502,10 @@ class Decoder:
       return cache, dstate, steps
 
 
+def _is_abstract(state) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+
+
 def _collect(host_state: Dict[str, np.ndarray], rows: Iterable[int]) -> List[Generation]:
   out = []
   for row in rows:
@@ -518,6 +541,29 @@ class SlotEngine:
     self.sync_every = sync_every
     self.refill_threshold = max(1, int(num_slots * refill_fraction))
     self.stats = collections.Counter()
+
+  def lower(self) -> Dict[str, jax.stages.Lowered]:
+    """The engine's two programs lowered for its mesh, abstract arguments only: 'prefill'
+    (`_insert` of a group as large as the slots, prompts of the full width, one per row: the
+    largest prefill `run` compiles) and 'decode' (`_steps`, the decode loop of a round)."""
+    d, slots = self.decoder, self.num_slots
+    rows = lambda dtype, *shape: jax.ShapeDtypeStruct(
+        (slots,) + shape, dtype, sharding=d._sharding(("batch", "length")[:1 + len(shape)]))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=d._sharding(()))
+    cache = d.abstract_cache(slots, self.length)
+    dstate = d._abstract_tree(
+        jax.eval_shape(functools.partial(_initial_state, slots, self.sampling.max_new_tokens),
+                       *(jax.ShapeDtypeStruct((slots,), dtype)
+                         for dtype in (jnp.int32, jnp.int32, bool, jnp.int32))),
+        _STATE_AXES)
+    packed = (rows(jnp.int32, self.prompt_width), rows(jnp.int32, self.prompt_width),
+              rows(jnp.int32), rows(jnp.int32), rows(jnp.int32))
+    prefill = d._insert_jit.lower(d.state, cache, dstate, packed, rows(jnp.int32),
+                                  rows(jnp.int32), rows(bool), rows(jnp.int32), rows(jnp.int32),
+                                  scalar, sampling=self.sampling)
+    decode = d._steps_jit.lower(d.state, cache, dstate, scalar, scalar, scalar,
+                                sampling=self.sampling)
+    return {"prefill": prefill, "decode": decode}
 
   def run(self, requests: Iterable[Request], seed: int = 0) -> Iterator[Generation]:
     d, sampling = self.decoder, self.sampling

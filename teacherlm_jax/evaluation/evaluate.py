@@ -76,9 +76,30 @@ class RankScorer:
     if mesh is not None:
       partitioning.check_batch_divides(batch_size, mesh, what="batch_size")
       shardings = partitioning.logical_shardings(partitioning.logical_axes_of(self._state), mesh)
-      params = jax.device_put(nnx.to_pure_dict(self._state), shardings)
+      params = nnx.to_pure_dict(self._state)
+      if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        # A model from nnx.eval_shape: shapes to lower with (`lower`), no values.
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              params, shardings)
+      else:
+        params = jax.device_put(params, shardings)
       nnx.replace_by_pure_dict(self._state, params)
     self._score = jax.jit(self._score_batch, static_argnames=("tail_length",))
+
+  def lower(self, prompt_length: int, num_options: int, option_length: int = 1
+            ) -> jax.stages.Lowered:
+    """The scoring step of a full batch lowered on the mesh, abstract arguments only: prompts
+    of up to `prompt_length` tokens, `num_options` options of up to `option_length` tokens,
+    bucketed as `score` buckets them."""
+    if self.mesh is None:
+      raise ValueError("RankScorer.lower needs a mesh (the devices to compile for)")
+    b, p = self.batch_size, _bucket(prompt_length)
+    tail = _bucket(option_length - 1, minimum=4) if option_length > 1 else 0
+    shapes = [(b, p), (b, p), (b,), (b, num_options)] + [(b * num_options, tail)] * 3
+    rows = partitioning.batch_sharding(self.mesh, 1)
+    arrays = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for shape in shapes]
+    with partitioning.activate(self.mesh):
+      return self._score.lower(self._state, *arrays, tail_length=tail)
 
   def _call(self, arrays, tail_length: int) -> np.ndarray:
     if self.mesh is None:

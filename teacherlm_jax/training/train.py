@@ -153,8 +153,9 @@ class TrainConfig:
     return dataclasses.replace(self, **changes)
 
 
-def make_mesh(config: TrainConfig):
-  devices = jax.devices()
+def make_mesh(config: TrainConfig, devices: Optional[List[jax.Device]] = None):
+  """The run's mesh over `devices` (default every device; a TPU topology's for AOT compiles)."""
+  devices = jax.devices() if devices is None else list(devices)
   if config.mesh_devices:
     if config.mesh_devices > len(devices):
       raise ValueError(f"TrainConfig.mesh_devices={config.mesh_devices} but only "
@@ -239,6 +240,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
   def run(state, batch):
     with partitioning.activate(mesh):  # constrain() applies while tracing.
       return jitted(state, batch)
+
+  def lower(state, batch):
+    """`jitted.lower` under the mesh: ahead-of-time compiles take abstract state and batch."""
+    with partitioning.activate(mesh):
+      return jitted.lower(state, batch)
+  run.lower = lower
   return run
 
 
@@ -252,6 +259,11 @@ def make_eval_step(graphdef, mesh, param_shardings, batch_sharding, chunk_tokens
   def run(params, batch):
     with partitioning.activate(mesh):
       return jitted(params, batch)
+
+  def lower(params, batch):
+    with partitioning.activate(mesh):
+      return jitted.lower(params, batch)
+  run.lower = lower
   return run
 
 
@@ -411,6 +423,25 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
       train_step=make_step(batch_sh),
       eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens),
       train_steps=make_step(stacked_batch_sh, stacked=True))
+
+
+def program_for(config: TrainConfig, model_config: ModelConfig, mesh) -> _Program:
+  """The train, eval and init programs of `config` for `model_config` on `mesh` (built once)."""
+  return _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh,
+                  config.loss_chunk_tokens)
+
+
+def abstract_batch(config: TrainConfig, mesh) -> Dict[str, jax.ShapeDtypeStruct]:
+  """One microbatch as the train step takes it, shapes and shardings only (AOT compiles)."""
+  sharding = partitioning.batch_sharding(mesh, 2)
+  dtype = lambda key: jnp.float32 if key == "loss_weights" else jnp.int32
+  return {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), dtype(key),
+                                    sharding=sharding) for key in BATCH_KEYS}
+
+
+def abstract_state(program: _Program) -> Dict[str, Any]:
+  """The train state as `program.train_step` takes it, shapes and shardings only."""
+  return _with_shardings(program.abstract_state, program.state_sh)
 
 
 def _with_shardings(abstract, shardings):
