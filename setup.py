@@ -1,6 +1,10 @@
 """teacherlm_jax: TeacherLM (He et al., 2023) on JAX/Flax, TPU-native."""
 import setuptools
 
+# The JAX release this project is tested with; the accelerator extras pin their jaxlib/libtpu
+# builds to it so that a TPU VM runs what CI compiled.
+JAX_VERSION = "0.10.2"
+
 setuptools.setup(
     name="teacherlm_jax",
     version="0.1.0",
@@ -29,5 +33,8 @@ setuptools.setup(
         # CPU build is used; the range here admits it without pulling anything newer.
         "hf": ["transformers>=4.40", "safetensors", "torch>=2.1"],
         "test": ["pytest", "pytest-timeout"],
+        # libtpu: TPU VMs run on it, and CPU hosts compile for TPU topologies with it.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
     },
 )

@@ -217,28 +217,36 @@ def eval_step(slice_name: str, aot: AotConfig, in_pipeline: bool) -> Step:
 
 
 def steps(slice_name: str, only: Optional[List[str]] = None) -> List[Step]:
-  """Every step of the parsed gin configuration, for `slice_name` (see the module doc)."""
-  aot = AotConfig()
+  """Every step of the parsed gin configuration, for `slice_name` (see the module doc);
+  `only`: just those steps (the others are not built)."""
+  aot_config = AotConfig()
   in_pipeline = _bound("PipelineConfig.dataset")
-  out: List[Step] = []
+  builders = {}  # step name -> builder of its Steps (annotation's two share one)
   if in_pipeline:
-    out.append(train_step("teacher_train", "teacher", slice_name, True))
-    out.append(train_step("student_train", "student", slice_name, True))
+    builders["teacher_train"] = lambda: [train_step("teacher_train", "teacher", slice_name,
+                                                    True)]
+    builders["student_train"] = lambda: [train_step("student_train", "student", slice_name,
+                                                    True)]
   elif _bound("TrainConfig.model"):
-    out.append(train_step("train", "", slice_name, False))
+    builders["train"] = lambda: [train_step("train", "", slice_name, False)]
   if in_pipeline or _bound("annotate.teachers"):
-    out.extend(annotation_steps(slice_name, aot, in_pipeline))
+    annotation = lambda: annotation_steps(slice_name, aot_config, in_pipeline)
+    builders["annotate_prefill"] = builders["annotate_decode"] = annotation
   if in_pipeline or _bound("evaluate.task_names"):
-    out.append(eval_step(slice_name, aot, in_pipeline))
-  if not out:
+    builders["eval_score"] = lambda: [eval_step(slice_name, aot_config, in_pipeline)]
+  if not builders:
     raise ValueError("the gin files configure no job: bind PipelineConfig, TrainConfig, "
                      "annotate or evaluate")
-  if only:
-    unknown = sorted(set(only) - {s.name for s in out})
-    if unknown:
-      raise ValueError(f"--steps={','.join(only)}: {unknown} are not steps of this config "
-                       f"({[s.name for s in out]})")
-    out = [s for s in out if s.name in only]
+  wanted = list(builders) if not only else list(only)
+  unknown = [name for name in wanted if name not in builders]
+  if unknown:
+    raise ValueError(f"--steps={','.join(only or ())}: {unknown} are not steps of this config "
+                     f"({list(builders)})")
+  out, built = [], set()
+  for name in builders:
+    if name in wanted and id(builders[name]) not in built:
+      built.add(id(builders[name]))
+      out.extend(s for s in builders[name]() if s.name in wanted)
   return out
 
 

@@ -4,7 +4,8 @@
 with the real TPU compiler and reads the per-device HBM the program needs from
 `memory_analysis()` (arguments + outputs + temporaries - aliased, i.e. donated, buffers) and
 its FLOPs from `cost_analysis()`. A program larger than HBM fails to compile with
-RESOURCE_EXHAUSTED; that is recorded as `fits: False` with the size the compiler reports.
+RESOURCE_EXHAUSTED; that is recorded as `fits: False` with the size the compiler reports
+(often its temporaries alone: at least that much).
 `estimate` turns a record into a roofline step time (FLOPs at peak, or HBM traffic at full
 bandwidth, whichever is slower; no communication) and the MFU that time implies.
 """
@@ -23,8 +24,12 @@ from teacherlm_jax.runtime import topologies
 
 GiB = chips.GiB
 
-# The TPU compiler's out-of-memory report, e.g. "Used 168.60G of 15.75G hbm."
-_USED_OF = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
+# The TPU compiler's out-of-memory reports: what it needed (temporaries alone in the first
+# form, so a lower bound of the program's HBM) and what the chip has.
+_OUT_OF_MEMORY = (
+    re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM"),
+    re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
+)
 _UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -58,11 +63,11 @@ def compile_step(step: str, lowered: jax.stages.Lowered, slice_name: str, mesh: 
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
-    match = _USED_OF.search(str(e))
-    if "RESOURCE_EXHAUSTED" not in str(e) or not match:
+    matches = [m for m in (p.search(str(e)) for p in _OUT_OF_MEMORY) if m]
+    if "RESOURCE_EXHAUSTED" not in str(e) or not matches:
       raise
-    used = float(match.group(1)) * _UNITS[match.group(2)]
-    record.update(hbm_bytes_per_device=int(used), fits=False, flops_per_device=None,
+    needed = float(matches[0].group(1)) * _UNITS[matches[0].group(2)]
+    record.update(hbm_bytes_per_device=int(needed), fits=False, flops_per_device=None,
                   bytes_accessed_per_device=None, model_flops_per_device=model_flops_per_device,
                   compile_s=round(time.perf_counter() - start, 2))
     return record
