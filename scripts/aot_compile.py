@@ -12,8 +12,11 @@ device from memory_analysis, FLOPs per device from cost_analysis, compile second
 table with a roofline estimate of step time and MFU, and exits non-zero naming each step that
 does not fit its chips' HBM and what to change.
 """
+import datetime
 import json
 import os
+import shlex
+import subprocess
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compiles for TPU; runs nothing anywhere.
@@ -30,6 +33,10 @@ _TOPOLOGY = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the per-step records")
 _STEPS = flags.DEFINE_list("steps", None, "compile only these steps (default: every step of "
                            "the config)")
+_RESULTS = flags.DEFINE_string(
+    "results", None, "also write the records as a benchmarks/results file (title, date, commit, "
+    "command; GiB and TFLOP rows) that scripts/benchmark_table.py renders into docs")
+_TITLE = flags.DEFINE_string("title", None, "title of the --results section")
 
 GiB = 1024**3
 
@@ -51,6 +58,32 @@ def table(records) -> str:
   return "\n".join(lines)
 
 
+def results_file(records, title: str) -> dict:
+  """The records as a benchmarks/results file: metadata plus one readable row per step."""
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+  rows = []
+  for r in records:
+    flops, mfu = r["flops_per_device"], r["estimated_mfu"]
+    rows.append({
+        "step": r["step"], "slice": r["topology"],
+        "mesh (data x fsdp x tensor)": "x".join(str(v) for v in r["mesh"].values()),
+        "HBM GiB/chip": round(r["hbm_bytes_per_device"] / GiB, 2),
+        "of GiB": round(r["hbm_capacity_bytes"] / GiB, 2), "fits": r["fits"],
+        "TFLOP/chip/step": None if flops is None else round(flops / 1e12, 3),
+        "est. step s": r["estimated_step_s"],
+        "est. MFU %": None if mfu is None else round(100 * mfu, 1),
+        "compile s": r["compile_s"]})
+  return {"title": title, "date": datetime.date.today().isoformat(),
+          "commit": commit.stdout.strip() or None, "estimate": True,
+          "command": "python scripts/aot_compile.py " + " ".join(
+              shlex.quote(a) for a in sys.argv[1:] if not a.startswith(("--results", "--title"))),
+          "provenance": "compiled by libtpu for the slice on a CPU host; HBM from "
+                        "memory_analysis, FLOPs per chip from cost_analysis (a decode step is "
+                        "one token), step time and MFU a roofline estimate",
+          "rows": rows}
+
+
 def main(argv, gin_bindings=()):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -64,6 +97,12 @@ def main(argv, gin_bindings=()):
     with open(_OUTPUT.value, "w") as f:
       json.dump(records, f, indent=1)
     print(f"wrote {_OUTPUT.value}", flush=True)
+  if _RESULTS.value:
+    title = _TITLE.value or f"AOT compile: {', '.join(cli.GIN_FILES.value)} on {_TOPOLOGY.value}"
+    with open(_RESULTS.value, "w") as f:
+      json.dump(results_file(records, title), f, indent=1)
+      f.write("\n")
+    print(f"wrote {_RESULTS.value}", flush=True)
   misfits = [r["message"] for r in records if not r["fits"]]
   if misfits:
     sys.exit("\n".join(misfits))

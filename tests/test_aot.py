@@ -6,6 +6,7 @@ scripts/aot_compile.py exit non-zero and say by how much and what to change.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,15 @@ def test_slice_names_map_to_topologies_with_one_device_per_chip():
   assert topologies.by_name("v6e-8").chip.peak_bf16_flops == chips.by_name("v6e").peak_bf16_flops
   with pytest.raises(ValueError, match="unknown TPU slice.*v5e-16"):
     topologies.by_name("v9x-8")
+
+
+def test_tpu_and_cuda_extras_pin_the_jax_this_project_runs():
+  setup = (REPO_ROOT / "setup.py").read_text()
+  [version] = re.findall(r'^JAX_VERSION = "([^"]+)"', setup, re.MULTILINE)
+  assert version == jax.__version__, "setup.py's JAX_VERSION is not the installed jax"
+  assert '"tpu": [f"jax[tpu]=={JAX_VERSION}"]' in setup
+  assert '"cuda": [f"jax[cuda12]=={JAX_VERSION}"]' in setup
+  assert '".[hf,test,tpu]"' in (REPO_ROOT / ".ci" / "run").read_text()
 
 
 def test_record_hbm_is_arguments_outputs_temporaries_less_aliased():
