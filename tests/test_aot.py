@@ -43,7 +43,10 @@ def test_slice_names_map_to_topologies_with_one_device_per_chip():
   assert len(topologies.devices("v5e-16")) == 16
   assert len(topologies.devices("v4-8")) == 4  # Megacore: 4 chips, 8 TensorCores.
   assert len(topologies.devices("v5p-8")) == 4
+  # A host's chips compile as a topology of their own (a v5e host is a 2x2 of the 4x4).
+  assert topologies.host_topology("v5e-16") == "v5e:2x2"
   assert len(topologies.host_devices("v5e-16")) == 4
+  assert topologies.host_topology("v5p-8") == "v5p:2x2x1"
   assert topologies.by_name("v6e-8").chip.peak_bf16_flops == chips.by_name("v6e").peak_bf16_flops
   with pytest.raises(ValueError, match="unknown TPU slice.*v5e-16"):
     topologies.by_name("v9x-8")

@@ -76,6 +76,21 @@ def devices(name: str) -> List[jax.Device]:
   return list(_devices(by_name(name).topology))
 
 
+def host_topology(name: str) -> str:
+  """The topology of one host of slice `name` (the chips process 0 drives): what a per-host
+  mesh (annotation, evaluation) compiles for. The compiler takes a program's devices to be a
+  whole topology, so a host's chips inside a larger slice are described as their own."""
+  entry = by_name(name)
+  generation, shape = entry.topology.split(":")
+  every = devices(name)
+  host = [d for d in every if d.process_index == 0]
+  if len(host) == len(every):
+    return entry.topology
+  extents = [max(d.coords[i] for d in host) - min(d.coords[i] for d in host) + 1
+             for i in range(3)]
+  return f"{generation}:" + "x".join(str(e) for e in extents[:len(shape.split("x"))])
+
+
 def host_devices(name: str) -> List[jax.Device]:
-  """The devices one process of slice `name` drives (process 0's: every host has as many)."""
-  return [d for d in devices(name) if d.process_index == 0]
+  """The devices of one host of slice `name` (every host has as many)."""
+  return list(_devices(host_topology(name)))
