@@ -141,6 +141,15 @@ def train_step(name: str, scope: str, slice_name: str, in_pipeline: bool) -> Ste
   return Step(name, mesh, lower, remedy, model_flops / mesh.devices.size)
 
 
+def _forward_flops(model_config: ModelConfig, context: int, tokens: int, head_rows: int
+                   ) -> float:
+  """Useful FLOPs of a forward pass: `tokens` through the blocks, each attending to `context`
+  keys (the full square, as XLA computes it), and `head_rows` of them through the LM head."""
+  head = 2.0 * model_config.embed_dim * model_config.vocab_size
+  per_token = metrics_lib.flops_per_token(model_config, context) / 3 - head
+  return per_token * tokens + head * head_rows
+
+
 def _abstract_model(model_config: ModelConfig) -> transformer.DecoderLM:
   return nnx.eval_shape(lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(0)))
 
@@ -171,13 +180,19 @@ def annotation_steps(slice_name: str, aot: AotConfig, in_pipeline: bool) -> List
   sampling = decoding.SamplingConfig(
       max_new_tokens=_argument(fn, "max_new_tokens"), temperature=_argument(fn, "temperature"),
       top_k=_argument(fn, "top_k"), top_p=_argument(fn, "top_p"))
+  num_slots = _argument(fn, "num_slots")
+  width = decoding.bucket_length(aot.prompt_tokens)
+  length = width + sampling.max_new_tokens
+  devices = mesh.devices.size
+  prefill_flops = _forward_flops(model_config, width, num_slots * width, num_slots) / devices
+  decode_flops = _forward_flops(model_config, length, num_slots, num_slots) / devices
   lowered = {}  # One engine lowering gives both steps.
 
   def lower(which: str):
     def run():
       if not lowered:
         decoder = decoding.Decoder(_abstract_model(model_config), mesh=mesh)
-        engine = decoding.SlotEngine(decoder, sampling, num_slots=_argument(fn, "num_slots"),
+        engine = decoding.SlotEngine(decoder, sampling, num_slots=num_slots,
                                      max_prompt_length=aot.prompt_tokens,
                                      sync_every=_argument(fn, "sync_every"))
         decoder.check_length(engine.prompt_width, sampling.max_new_tokens)
@@ -185,8 +200,8 @@ def annotation_steps(slice_name: str, aot: AotConfig, in_pipeline: bool) -> List
       return lowered.pop(which)
     return run
 
-  return [Step("annotate_prefill", mesh, lower("prefill"), _ANNOTATE_REMEDY),
-          Step("annotate_decode", mesh, lower("decode"), _ANNOTATE_REMEDY)]
+  return [Step("annotate_prefill", mesh, lower("prefill"), _ANNOTATE_REMEDY, prefill_flops),
+          Step("annotate_decode", mesh, lower("decode"), _ANNOTATE_REMEDY, decode_flops)]
 
 
 def eval_step(slice_name: str, aot: AotConfig, in_pipeline: bool) -> Step:
@@ -207,13 +222,17 @@ def eval_step(slice_name: str, aot: AotConfig, in_pipeline: bool) -> Step:
     raise ValueError("evaluate.max_length is None: bind AotConfig.eval_prompt_tokens, the "
                      "longest prompt to compile the scoring step for")
 
+  batch_size = _argument(fn, "batch_size")
+  width = evaluate_lib._bucket(prompt_tokens)  # pylint: disable=protected-access
+  model_flops = _forward_flops(model_config, width, batch_size * width, batch_size)
+
   def lower():
     scorer = evaluate_lib.RankScorer(_abstract_model(model_config),
-                                     batch_size=_argument(fn, "batch_size"),
+                                     batch_size=batch_size,
                                      max_length=max_length, mesh=mesh)
     return scorer.lower(prompt_tokens, aot.eval_options, aot.eval_option_tokens)
 
-  return Step("eval_score", mesh, lower, _EVAL_REMEDY)
+  return Step("eval_score", mesh, lower, _EVAL_REMEDY, model_flops / mesh.devices.size)
 
 
 def steps(slice_name: str, only: Optional[List[str]] = None) -> List[Step]:
