@@ -71,7 +71,8 @@ def results_file(records, title: str) -> dict:
         "HBM GiB/chip": round(r["hbm_bytes_per_device"] / GiB, 2),
         "of GiB": round(r["hbm_capacity_bytes"] / GiB, 2), "fits": r["fits"],
         "TFLOP/chip/step": None if flops is None else round(flops / 1e12, 3),
-        "est. step s": r["estimated_step_s"],
+        "est. step s": (None if r["estimated_step_s"] is None
+                        else float(f"{r['estimated_step_s']:.4g}")),
         "est. MFU %": None if mfu is None else round(100 * mfu, 1),
         "compile s": r["compile_s"]})
   return {"title": title, "date": datetime.date.today().isoformat(),
