@@ -46,8 +46,8 @@ STEP_NAMES = ("teacher_train", "student_train", "train", "annotate_prefill", "an
 _TRAIN_REMEDY = ("raise {scope}TrainConfig.mesh_fsdp, use {scope}TrainConfig.remat='full' or "
                  "lower {scope}TrainConfig.batch_size (grad_accum_steps keeps the tokens per "
                  "update)")
-_ANNOTATE_REMEDY = ("lower annotate.num_slots or annotate.max_new_tokens, or split the model "
-                    "over more of a host's chips in annotate.mesh_shape")
+_ANNOTATE_REMEDY = ("lower annotate.num_slots or SamplingConfig.max_new_tokens, or split the "
+                    "model over more of a host's chips in annotate.mesh_shape")
 _EVAL_REMEDY = ("lower evaluate.batch_size or evaluate.max_length, or shard the model with "
                 "evaluate.mesh_shape")
 
@@ -63,7 +63,7 @@ class AotConfig:
     eval_model: preset of the evaluated model outside a pipeline (a pipeline evaluates its
       students).
     prompt_tokens: the longest annotation prompt in tokens (the slot engine buckets it to a
-      power of two; the cache holds that plus annotate.max_new_tokens).
+      power of two; the cache holds that plus SamplingConfig.max_new_tokens).
     eval_prompt_tokens: the longest evaluation prompt; 0 = evaluate.max_length.
     eval_options: options per evaluation example (ECQA has five).
     eval_option_tokens: tokens of the longest option (TeacherLM's letters are one).
@@ -177,9 +177,7 @@ def annotation_steps(slice_name: str, aot: AotConfig, in_pipeline: bool) -> List
   # Teachers are loaded with their weights in the annotation dtype (checkpoint_io.load_any).
   model_config = model_config.replace(dtype=dtype, param_dtype=dtype)
   mesh = _host_mesh(_argument(fn, "mesh_shape"), slice_name)
-  sampling = decoding.SamplingConfig(
-      max_new_tokens=_argument(fn, "max_new_tokens"), temperature=_argument(fn, "temperature"),
-      top_k=_argument(fn, "top_k"), top_p=_argument(fn, "top_p"))
+  sampling = decoding.SamplingConfig()  # gin-configured (SamplingConfig.*), as annotate's.
   num_slots = _argument(fn, "num_slots")
   width = decoding.bucket_length(aot.prompt_tokens)
   length = width + sampling.max_new_tokens
