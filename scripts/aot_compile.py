@@ -48,7 +48,8 @@ def table(records) -> str:
     flops = r["flops_per_device"]
     step_s, mfu = r["estimated_step_s"], r["estimated_mfu"]
     lines.append(
-        f"{r['step']:<17} {r['hbm_bytes_per_device'] / GiB:6.2f} / {r['hbm_capacity_bytes'] / GiB:<5.3g}"
+        f"{r['step']:<17} {r['hbm_bytes_per_device'] / GiB:6.2f} / "
+        f"{r['hbm_capacity_bytes'] / GiB:<5.3g}"
         f" {str(r['fits']):<6} {'-' if flops is None else f'{flops / 1e12:10.3f}':>10}"
         f"  {'-' if step_s is None else f'{step_s:.4g}':>11}"
         f"  {'-' if mfu is None else f'{mfu:.1%}':>8}  {r['compile_s']:8.1f}")
