@@ -93,8 +93,9 @@ class RankScorer:
     bucketed as `score` buckets them."""
     if self.mesh is None:
       raise ValueError("RankScorer.lower needs a mesh (the devices to compile for)")
-    b, p = self.batch_size, _bucket(prompt_length)
-    tail = _bucket(option_length - 1, minimum=4) if option_length > 1 else 0
+    b, p = self.batch_size, shapes.bucket_length(prompt_length, step=BUCKET_STEP)
+    tail = (shapes.bucket_length(option_length - 1, minimum=4, step=BUCKET_STEP)
+            if option_length > 1 else 0)
     shapes = [(b, p), (b, p), (b,), (b, num_options)] + [(b * num_options, tail)] * 3
     rows = partitioning.batch_sharding(self.mesh, 1)
     arrays = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for shape in shapes]

@@ -425,12 +425,6 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
       train_steps=make_step(stacked_batch_sh, stacked=True))
 
 
-def program_for(config: TrainConfig, model_config: ModelConfig, mesh) -> _Program:
-  """The train, eval and init programs of `config` for `model_config` on `mesh` (built once)."""
-  return _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh,
-                  config.loss_chunk_tokens)
-
-
 def abstract_batch(config: TrainConfig, mesh) -> Dict[str, jax.ShapeDtypeStruct]:
   """One microbatch as the train step takes it, shapes and shardings only (AOT compiles)."""
   sharding = partitioning.batch_sharding(mesh, 2)
@@ -439,7 +433,7 @@ def abstract_batch(config: TrainConfig, mesh) -> Dict[str, jax.ShapeDtypeStruct]
                                     sharding=sharding) for key in BATCH_KEYS}
 
 
-def abstract_state(program: _Program) -> Dict[str, Any]:
+def abstract_state(program: Program) -> Dict[str, Any]:
   """The train state as `program.train_step` takes it, shapes and shardings only."""
   return _with_shardings(program.abstract_state, program.state_sh)
 
