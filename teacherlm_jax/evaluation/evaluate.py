@@ -96,9 +96,9 @@ class RankScorer:
     b, p = self.batch_size, shapes.bucket_length(prompt_length, step=BUCKET_STEP)
     tail = (shapes.bucket_length(option_length - 1, minimum=4, step=BUCKET_STEP)
             if option_length > 1 else 0)
-    shapes = [(b, p), (b, p), (b,), (b, num_options)] + [(b * num_options, tail)] * 3
+    arg_shapes = [(b, p), (b, p), (b,), (b, num_options)] + [(b * num_options, tail)] * 3
     rows = partitioning.batch_sharding(self.mesh, 1)
-    arrays = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for shape in shapes]
+    arrays = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for shape in arg_shapes]
     with partitioning.activate(self.mesh):
       return self._score.lower(self._state, *arrays, tail_length=tail)
 
