@@ -25,6 +25,12 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Real datasets (default $TEACH
                                 "or ../shared/data); only the 'creak' dataset reads it.")
 
 
+def configure(gin_bindings=()) -> None:
+  """Parses what the flags name: gin files, bindings and --gin.X=."""
+  from teacherlm_jax.pipeline import pipeline  # pylint: disable=unused-import  (registers it)
+  cli.parse_flags_and_gin(gin_bindings)
+
+
 def main(argv, gin_bindings):
   del argv
   cli.initialize_distributed()
@@ -32,7 +38,7 @@ def main(argv, gin_bindings):
   from teacherlm_jax.pipeline import pipeline  # pylint: disable=g-import-not-at-top
   if _DATA_DIR.value:
     sources.set_data_dir(_DATA_DIR.value)
-  cli.parse_flags_and_gin(gin_bindings)
+  configure(gin_bindings)
   report = pipeline.Pipeline(pipeline.PipelineConfig(), _EXPERIMENT_DIR.value).run()
   logging.info("report: %s", report)
 

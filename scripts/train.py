@@ -2,6 +2,10 @@ r"""Trains a model: teacher specialisations, multi-stage SFT, or a student (one 
 
   python scripts/train.py --gin_file=gin/teacher_sft_tiny.gin --model_dir=/tmp/teacher \
       --gin.TrainConfig.num_steps=200
+  # A student on an annotation run's output (the mixture's dataset and vocabulary from gin):
+  python scripts/train.py --gin_file=gin/student.gin --input=/tmp/annotations \
+      --model_dir=/tmp/student --gin.student_input_mixture.dataset="'creak'" \
+      --gin.get_vocabulary.spec="'hf:/ckpt/opt-1.3b'" --mesh=1,-1,1
 
 Re-running with the same --model_dir resumes from its latest checkpoint. SIGTERM saves a
 checkpoint at the current step and exits 0. Multi-host: pass --coordinator_address,
@@ -17,6 +21,22 @@ from absl import logging
 from teacherlm_jax import cli
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "checkpoints, metrics and configs")
+_INPUT = flags.DEFINE_string(
+    "input", None, "train a student on annotation output: an annotate.py --output directory "
+    "(its committed chunks) or a JSONL glob, mixed with the original data by "
+    "student_input_mixture (gin); sets TrainConfig.train_task")
+MESH_BINDINGS = ("TrainConfig.mesh_data", "TrainConfig.mesh_fsdp", "TrainConfig.mesh_tensor")
+_MESH = cli.define_mesh_flag(*MESH_BINDINGS)
+
+
+def configure(gin_bindings=()) -> None:
+  """Parses what the flags name: gin files, bindings, --gin.X=, --mesh and --input."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from teacherlm_jax.data import mixtures  # pylint: disable=g-import-not-at-top
+  from teacherlm_jax.training import train  # pylint: disable=g-import-not-at-top,unused-import
+  cli.parse_flags_and_gin(list(gin_bindings) + cli.mesh_bindings(_MESH.value, *MESH_BINDINGS))
+  if _INPUT.value:
+    gin.bind_parameter("TrainConfig.train_task", mixtures.STUDENT_INPUT_MIXTURE)
 
 
 def main(argv, gin_bindings=()):
@@ -26,7 +46,10 @@ def main(argv, gin_bindings=()):
     raise app.UsageError("--model_dir is required")
   cli.initialize_distributed()
   from teacherlm_jax.training import train  # Registers TrainConfig before gin parses.
-  cli.parse_flags_and_gin(gin_bindings)
+  configure(gin_bindings)
+  if _INPUT.value:
+    from teacherlm_jax.data import mixtures  # pylint: disable=g-import-not-at-top
+    mixtures.student_input_mixture(_INPUT.value)
   result = train.train(train.TrainConfig(), _MODEL_DIR.value)
   status = "preempted" if result["preempted"] else "done"
   logging.info("%s: step %d in %s", status, result["step"], _MODEL_DIR.value)

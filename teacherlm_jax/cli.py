@@ -7,6 +7,7 @@
                                   multi-host start-up (or TEACHERLM_COORDINATOR,
                                   TEACHERLM_NUM_PROCESSES, TEACHERLM_PROCESS_ID)
   --cpu_devices=N                 split the host CPU into N JAX devices (a mesh over cores)
+  --mesh=DATA,FSDP,TENSOR         (scripts that define it) the mesh, as the script's gin binding
 
 `run(main)` splits the `--gin.X=` arguments off before absl parses flags, applies
 --cpu_devices and passes them to `main(argv, gin_bindings)`; `parse(files, bindings)` parses
@@ -60,6 +61,32 @@ def split_gin_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     else:
       rest.append(arg)
   return rest, bindings
+
+
+def define_mesh_flag(*bindings: str) -> flags.FlagHolder:
+  """A --mesh=DATA,FSDP,TENSOR flag for a script whose gin mesh is `bindings`: one name that
+  takes the (data, fsdp, tensor) tuple, or three names that take a size each."""
+  if len(bindings) not in (1, 3):
+    raise ValueError(f"mesh bindings {bindings}: expected one tuple binding or three sizes")
+  return flags.DEFINE_list(
+      "mesh", None, "mesh sizes DATA,FSDP,TENSOR (one may be -1: the remaining devices), e.g. "
+      f"--mesh=1,-1,4; sets {' / '.join(bindings)} after the gin files and bindings")
+
+
+def mesh_bindings(mesh: Sequence[str] | None, *bindings: str) -> List[str]:
+  """--mesh as gin bindings (empty without --mesh); errors name the flag."""
+  if not mesh:
+    return []
+  try:
+    sizes = [int(size) for size in mesh]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3 or any(size == 0 or size < -1 for size in sizes):
+    raise app.UsageError(f"--mesh={','.join(mesh)}: expected three sizes DATA,FSDP,TENSOR, each "
+                         ">= 1 or -1, e.g. --mesh=1,-1,4")
+  if len(bindings) == 1:
+    return [f"{bindings[0]} = ({sizes[0]}, {sizes[1]}, {sizes[2]})"]
+  return [f"{name} = {size}" for name, size in zip(bindings, sizes)]
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:

@@ -59,6 +59,28 @@ def register_student_mixture(dataset: str, shard_pattern: str, fmt: str,
   return _add_mixture(name or f"student_mix_{dataset}_{fmt}", parts)
 
 
+STUDENT_INPUT_MIXTURE = "student_input"
+
+
+@gin.configurable
+def student_input_mixture(annotations: str, dataset: str = gin.REQUIRED, fmt: str = "CMF",
+                          vocabulary: seqio.Vocabulary = gin.REQUIRED, *,
+                          original_rate: float = 1.0, annotated_rate: float = 1.0,
+                          seed: int = 0) -> str:
+  """`register_student_mixture` over one annotation run, named STUDENT_INPUT_MIXTURE (what
+  `train.py --input` trains on). `annotations`: annotate.py's --output directory, whose
+  committed chunks are the data, or a JSONL glob."""
+  if annotations.endswith(".jsonl"):
+    pattern = annotations
+  else:
+    pattern = f"{annotations.rstrip('/')}/shard-*-of-*/chunk-*.jsonl"
+  if original_rate > 0:
+    tasks.register_original_tasks(vocabulary)
+  return register_student_mixture(dataset, pattern, fmt, vocabulary, original_rate=original_rate,
+                                  annotated_rate=annotated_rate, name=STUDENT_INPUT_MIXTURE,
+                                  seed=seed)
+
+
 def register_multitask_student_mixture(name: str, shards: Mapping[str, str], fmt: str,
                                        vocabulary: seqio.Vocabulary, *,
                                        original_rate: float = 1.0, annotated_rate: float = 1.0,
