@@ -27,6 +27,8 @@ setuptools.setup(
         "pyarrow",
         "clu",
         "matplotlib",
+        "etils[epath]",
+        "gcsfs",  # gs:// for storage/files.py (and orbax metadata, with EPATH_USE_TF off)
     ],
     extras_require={
         # torch is pinned by .ci/run (pip install torch==2.13.0) before this extra so that the
