@@ -300,12 +300,24 @@ def _eval_row(example: Dict[str, Any]) -> Dict[str, Any]:
 
 def generator_source(make_examples: Callable[[str], Iterator[Dict[str, Any]]],
                       splits: Sequence[str], signature) -> seqio.FunctionDataSource:
-  """A seqio source over a python generator; nothing is read until the dataset is iterated."""
+  """A seqio source over a python generator of examples.
+
+  Sources of scalar features (the training tasks) are read into tensors when the dataset is
+  built: tf.data can then checkpoint an iterator's position, so training resumes without
+  replaying its input. Sources with list features (evaluation options) stay generators, read
+  as they are iterated; evaluation always starts from the beginning.
+  """
+  scalar = all(spec.shape.rank == 0 for spec in signature.values())
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one file per split: order is shuffled later by seqio if asked.
-    return tf.data.Dataset.from_generator(lambda: make_examples(split),
-                                          output_signature=signature)
+    if not scalar:
+      return tf.data.Dataset.from_generator(lambda: make_examples(split),
+                                            output_signature=signature)
+    rows = list(make_examples(split))
+    return tf.data.Dataset.from_tensor_slices(
+        {name: tf.constant([row[name] for row in rows], dtype=spec.dtype, shape=(len(rows),))
+         for name, spec in signature.items()})
 
   return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
 

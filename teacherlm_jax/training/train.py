@@ -42,6 +42,7 @@ from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.runtime import checkpointing
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.training import input_position
 from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import mfu
 from teacherlm_jax.training import optimizer as optimizer_lib
@@ -298,6 +299,30 @@ def seqio_batches(config: TrainConfig, mesh, task: str, split: str, *, train: bo
       shuffle=train, seed=config.data_seed, repeat=train, input_sharding=config.input_sharding,
       process_rows=partitioning.process_batch_rows(mesh, config.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _open_batches(train_batches: BatchesFn, model_dir: str, start: int, k: int, writer):
+  """The train batches from step `start`: from the position saved with that checkpoint (O(1)),
+  else by replaying the input pipeline up to it."""
+  position = None
+  if start:
+    position = input_position.load(model_dir, start, jax.process_index(), jax.process_count())
+  if position is not None:
+    writer.message(f"input: continuing from the position saved at step {start}")
+    return train_batches(start * k, state=position)
+  if start:
+    writer.message(f"input: no position saved at step {start}; replaying {start * k} batches")
+  return train_batches(start * k)
+
+
+def _save_input_position(batches, model_dir: str, step: int, checkpointer) -> None:
+  """Saves where the input is (when the pipeline can say) before the checkpoint of `step`."""
+  state = batches.state() if hasattr(batches, "state") else None
+  if state is None:
+    return
+  process = (jax.process_index(), jax.process_count())
+  input_position.save(model_dir, step, state, *process)
+  input_position.prune(model_dir, [*checkpointer.all_steps(), step], *process)
 
 
 def _check_batch(batch: Dict[str, np.ndarray], config: TrainConfig, rows: int, number: int):
@@ -655,11 +680,12 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     losses: List[jax.Array] = []
     window: List[dict] = []
     eval_result, preempted, step = None, False, start
-    batches = train_batches(start * k)
+    batches = _open_batches(train_batches, model_dir, start, k, writer)
 
     def save(at: int):
       guard.check()
       with report_progress.timed("checkpoint", wait_jax_async_dispatch=False):
+        _save_input_position(batches, model_dir, at, checkpointer)
         checkpointer.save(at, state)
       guard.saved(at)
 
