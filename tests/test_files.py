@@ -39,3 +39,16 @@ def test_resolve_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch
   assert files.join("gs://b/run", "checkpoints", "3") == "gs://b/run/checkpoints/3"
   assert os.fspath(files.resolve("run")) == str(tmp_path / "run")
   assert not pathlib.Path("gs:").exists()
+
+
+def test_upload_then_local_copy_round_trips_a_directory(root, tmp_path):
+  local = tmp_path / "tokenizer"
+  (local / "sub").mkdir(parents=True)
+  (local / "vocab.json").write_text('{"a": 1}')
+  (local / "sub" / "merges.txt").write_bytes(b"a b\n")
+  files.upload(local, files.join(root, "tok"))
+  copy = pathlib.Path(files.local_copy(files.join(root, "tok")))
+  assert (copy / "vocab.json").read_text() == '{"a": 1}'
+  assert (copy / "sub" / "merges.txt").read_bytes() == b"a b\n"
+  if files.is_uri(root):
+    assert files.local_copy(files.join(root, "tok")) == str(copy)  # Cached per URI.

@@ -30,8 +30,8 @@ def _batches(task, **changes):
 def test_a_saved_position_continues_with_the_same_batches(flan_task):
   uninterrupted = _batches(flan_task)(0)
   reference = [next(uninterrupted) for _ in range(9)]
-  first_run = _batches(flan_task)(0)
-  for _ in range(6):
+  first_run = _batches(flan_task)(2)  # Itself a resume that replayed 2 batches.
+  for _ in range(4):
     next(first_run)
   state = first_run.state()
   resumed = _batches(flan_task)(6, state=state)  # A fresh pipeline, as after a restart.

@@ -11,7 +11,10 @@ it completes, never in part.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from typing import Callable, List, Union
@@ -117,6 +120,63 @@ def remove_tree(path: PathLike) -> None:
   path = resolve(path)
   if path.exists():
     path.rmtree()
+
+
+def local_copy(path: PathLike) -> str:
+  """A local path with `path`'s content (a file or a directory tree), for libraries that only
+  open local files (SentencePiece, HF tokenizers and checkpoints); a local path is returned as
+  it is. Copies are cached per URI for this machine."""
+  if not is_uri(path):
+    return os.fspath(resolve(path))
+  source = resolve(path)
+  key = hashlib.sha256(os.fspath(source).encode("utf-8")).hexdigest()[:16]
+  target = os.path.join(tempfile.gettempdir(), "teacherlm_gcs_cache", key, source.name)
+  if os.path.exists(target):
+    return target
+  staging = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
+  if source.is_dir():
+    for item in source.rglob("*"):
+      if not item.is_dir():
+        local = os.path.join(staging, os.fspath(item)[len(os.fspath(source)) + 1:])
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "wb") as f:
+          f.write(item.read_bytes())
+  else:
+    os.makedirs(os.path.dirname(staging), exist_ok=True)
+    with open(staging, "wb") as f:
+      f.write(source.read_bytes())
+  try:
+    os.replace(staging, target)
+  except OSError:  # Another process placed the same copy first.
+    shutil.rmtree(staging, ignore_errors=True)
+  return target
+
+
+def upload(local_path: PathLike, path: PathLike) -> epath.Path:
+  """Copies a local file or directory tree (e.g. written by a library that only writes local
+  files) to `path`, each file published whole."""
+  local, target = os.fspath(local_path), resolve(path)
+  if os.path.isdir(local):
+    for directory, _, names in os.walk(local):
+      for name in names:
+        source = os.path.join(directory, name)
+        with open(source, "rb") as f:
+          write_atomic(target.joinpath(os.path.relpath(source, local)), f.read())
+  else:
+    with open(local, "rb") as f:
+      write_atomic(target, f.read())
+  return target
+
+
+def move_tree(source: PathLike, target: PathLike) -> None:
+  """Moves a file or directory tree: a rename on a disk; a copy, then delete on an object
+  store (no rename there: readers may briefly see both)."""
+  source, target = resolve(source), resolve(target)
+  if is_uri(source):
+    _object_store(source).mv(os.fspath(source), os.fspath(target), recursive=True)
+    return
+  os.makedirs(os.path.dirname(os.fspath(target)), exist_ok=True)
+  os.replace(source, target)
 
 
 def wait_until(ready: Callable[[], bool], *, timeout_s: float, poll_s: float = 1.0,

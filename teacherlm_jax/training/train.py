@@ -42,6 +42,7 @@ from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.runtime import checkpointing
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.storage import files
 from teacherlm_jax.training import input_position
 from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import mfu
@@ -171,7 +172,7 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
   checkpoint's, or the preset; with this run's compute dtype and remat."""
   numerics = config.model_numerics()
   for directory in (model_dir, config.init_checkpoint):
-    if directory and os.path.exists(os.path.join(directory, checkpoint_io.MODEL_CONFIG_FILE)):
+    if directory and files.exists(files.join(directory, checkpoint_io.MODEL_CONFIG_FILE)):
       return checkpoint_io.read_model_config(directory).replace(**numerics)
   if config.init_hf_checkpoint:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
@@ -650,9 +651,9 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     state, start = _initial_state(config, program, checkpointer)
     if jax.process_index() == 0:  # Shared files: process 0 only.
       checkpoint_io.write_model_config(
-          model_config, os.path.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
-      with open(os.path.join(model_dir, TRAIN_CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
+          model_config, files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
+      files.write_atomic(files.join(model_dir, TRAIN_CONFIG_FILE),
+                         json.dumps(dataclasses.asdict(config), indent=1))
     evaluate = _Evaluator(config, eval_batches, program.eval_step, mesh, writer)
     device = mesh.devices.flat[0]
     peak = mfu.peak_flops_per_device(device.device_kind, device.platform,

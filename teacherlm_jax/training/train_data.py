@@ -114,8 +114,9 @@ class SeqioBatches:
     options = tf.data.Options()
     # Saving then fails loudly instead of silently dropping state that cannot be saved.
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.FAIL
-    ds = ds.with_options(options)
-    return ds.skip(start) if start else ds
+    # A saved position restores only into the same graph: keep skip(0), which every run has.
+    options.experimental_optimization.noop_elimination = False
+    return ds.with_options(options).skip(start)
 
   def description(self) -> dict:
     """What fixes the batch sequence: a saved position only fits a pipeline that matches."""
@@ -138,6 +139,7 @@ class SeqioBatches:
       return BatchIterator(self._dataset(start), (lo, hi), self.description(), start)
     header, payload = _split_state(state)
     _check_description(header, self.description(), start)
+    # skip(0): the saved skip state has counted the batches it skipped already.
     iterator = BatchIterator(self._dataset(0), (lo, hi), self.description(), start)
     iterator.restore(payload)
     return iterator
