@@ -122,6 +122,14 @@ def remove_tree(path: PathLike) -> None:
     path.rmtree()
 
 
+def _files_under(directory: epath.Path):
+  for child in directory.iterdir():
+    if child.is_dir():
+      yield from _files_under(child)
+    else:
+      yield child
+
+
 def local_copy(path: PathLike) -> str:
   """A local path with `path`'s content (a file or a directory tree), for libraries that only
   open local files (SentencePiece, HF tokenizers and checkpoints); a local path is returned as
@@ -135,12 +143,11 @@ def local_copy(path: PathLike) -> str:
     return target
   staging = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
   if source.is_dir():
-    for item in source.rglob("*"):
-      if not item.is_dir():
-        local = os.path.join(staging, os.fspath(item)[len(os.fspath(source)) + 1:])
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        with open(local, "wb") as f:
-          f.write(item.read_bytes())
+    for item in _files_under(source):
+      local = os.path.join(staging, os.fspath(item)[len(os.fspath(source)) + 1:])
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      with open(local, "wb") as f:
+        f.write(item.read_bytes())
   else:
     os.makedirs(os.path.dirname(staging), exist_ok=True)
     with open(staging, "wb") as f:
