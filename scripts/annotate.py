@@ -30,6 +30,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "annotation directory (one shard p
 _RESUME = flags.DEFINE_bool("resume", False, "skip ids already committed in --output")
 _MERGE = flags.DEFINE_bool("merge", False, "merge the shards of --output into --merged")
 _MERGED = flags.DEFINE_string("merged", None, "merged JSONL file (default OUTPUT/merged.jsonl)")
+_MERGE_WAIT_S = flags.DEFINE_float(
+    "merge_wait_s", 0.0, "--merge: wait up to this long for every process's shard to complete "
+    "(a job launched on a slice may still be writing its last chunks)")
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "the teacher for every kind (sets annotate.teachers): an HF directory, a "
     "trainer model_dir or a convert_hf.py params directory")
@@ -54,7 +57,7 @@ def main(argv, gin_bindings=()):
   if _MERGE.value:
     from teacherlm_jax.annotation import io as annotation_io
     merged = _MERGED.value or os.path.join(_OUTPUT.value, "merged.jsonl")
-    count = annotation_io.merge(_OUTPUT.value, merged)
+    count = annotation_io.merge(_OUTPUT.value, merged, wait_s=_MERGE_WAIT_S.value)
     logging.info("merged %d records into %s", count, merged)
     return
   if not _INPUT.value:

@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import math
-import pathlib
 import time
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -45,6 +44,7 @@ from teacherlm_jax.models import checkpoint_io
 from teacherlm_jax.models import reconfigure
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.storage import files
 
 ANNOTATION_KINDS = prompts.ANNOTATION_KINDS
 
@@ -113,7 +113,8 @@ def load_tokenizer(spec: str, add_special_tokens: bool = True):
   if sep and kind == "spm":
     from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
     return SeqioTokenizer(vocab.get_vocabulary(spec), name=spec)
-  return HFTokenizer(path if sep and kind == "hf" else spec, add_special_tokens)
+  return HFTokenizer(files.local_copy(path if sep and kind == "hf" else spec),
+                     add_special_tokens)
 
 
 # ---- prompts -----------------------------------------------------------------------------
@@ -219,8 +220,8 @@ def _check_settings(kinds: Sequence[str], num_samples: int, num_slots: int, chun
 
 def _model_source(path: str) -> str:
   """The file that sets a teacher's vocab_size (for error messages)."""
-  ours = pathlib.Path(path) / checkpoint_io.MODEL_CONFIG_FILE
-  return str(ours if ours.exists() else pathlib.Path(path) / "config.json")
+  ours = files.resolve(path) / checkpoint_io.MODEL_CONFIG_FILE
+  return str(ours if files.exists(ours) else files.resolve(path) / "config.json")
 
 
 def _check_tokenizer_fits(tok, teacher_of: Dict[str, str]) -> None:
@@ -228,7 +229,7 @@ def _check_tokenizer_fits(tok, teacher_of: Dict[str, str]) -> None:
   for path in sorted(set(teacher_of.values())):
     source = _model_source(path)
     try:
-      vocab_size = int(json.loads(pathlib.Path(source).read_text())["vocab_size"])
+      vocab_size = int(json.loads(files.read_text(source))["vocab_size"])
     except (OSError, ValueError, KeyError):
       continue  # An unreadable config is reported with its own message when the model loads.
     vocab.check_fits_model(tok.size, tok.name, vocab_size, source,
@@ -248,7 +249,7 @@ def _load_teachers(teacher_of: Dict[str, str], tok, mesh, dtype: str,
     eos_id = tok.eos_id if tok.eos_id is not None else model.config.eos_token_id
     pad_id = tok.pad_id if tok.pad_id is not None else model.config.pad_token_id
     decoders[path] = decoding.Decoder(model, mesh=mesh, eos_id=eos_id, pad_id=pad_id)
-  return _Teachers(teacher_of, {k: str(pathlib.Path(p).resolve()) for k, p in teacher_of.items()},
+  return _Teachers(teacher_of, {k: str(files.resolve(p)) for k, p in teacher_of.items()},
                    decoders)
 
 
@@ -378,7 +379,7 @@ def annotate(input_path, output_dir, *,
 
   decoding_settings = {**dataclasses.asdict(sampling), "num_samples": num_samples}
   source = (str(input_path) if annotation_io.is_task_source(input_path)
-            else str(pathlib.Path(input_path).resolve()))
+            else str(files.resolve(input_path)))
   run_settings = {"input": source, "limit": limit, "kinds": list(kinds),
                   "teachers": loaded.id_of, "tokenizer": tok.name, "decoding": decoding_settings,
                   "seed": seed, "quality": dataclasses.asdict(quality),
@@ -412,6 +413,10 @@ def annotate(input_path, output_dir, *,
   }
   writer.finish(summary)
   logging.info("annotation summary: %s", json.dumps(summary, sort_keys=True))
+  if jax.process_count() > 1:
+    # The barrier before any merge: every process of the job has committed its shard.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("teacherlm annotation: every shard committed")
   return summary
 
 

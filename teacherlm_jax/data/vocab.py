@@ -18,6 +18,7 @@ import seqio
 import tensorflow as tf
 
 from teacherlm_jax.data import hf_tokenizers
+from teacherlm_jax.storage import files
 
 
 def sentencepiece_vocabulary(model_path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
@@ -127,10 +128,11 @@ def get_vocabulary(spec: str = gin.REQUIRED) -> seqio.Vocabulary:
   """'hf:<tokenizer dir>' or 'spm:<sentencepiece .model>' -> a seqio vocabulary (cached)."""
   if spec not in _VOCABULARIES:
     kind, _, path = spec.partition(":")
+    # Tokenizer libraries open local files only: a gs:// one is read through a local copy.
     if kind == "hf" and path:
-      _VOCABULARIES[spec] = HFTokenizerVocabulary(path)
+      _VOCABULARIES[spec] = HFTokenizerVocabulary(files.local_copy(path))
     elif kind == "spm" and path:
-      _VOCABULARIES[spec] = sentencepiece_vocabulary(path)
+      _VOCABULARIES[spec] = sentencepiece_vocabulary(files.local_copy(path))
     else:
       raise ValueError(
           f"vocabulary spec {spec!r}: expected 'hf:<tokenizer dir>' or 'spm:<model file>'")
