@@ -1,9 +1,12 @@
 """Runs on gs:// against a real GCS API server on 127.0.0.1 (tests/gcs_emulator.py).
 
 Two training processes write checkpoints to gs://, are killed with -9 and resume to the
-parameters of an uninterrupted run; no local folder named 'gs:' appears anywhere.
+parameters of an uninterrupted run; an annotation run reading and writing gs:// is killed with
+-9 at several moments and resumed, and holds every id exactly once with the uninterrupted run's
+texts; no local folder named 'gs:' appears anywhere.
 """
 import dataclasses
+import json
 import os
 import pathlib
 import signal
@@ -16,9 +19,14 @@ import jax
 import numpy as np
 import pytest
 
+from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.storage import files
 from teacherlm_jax.training import train
 from teacherlm_jax.training import train_data
+
+# The tiny teacher, input records and uninterrupted reference annotation of test_annotate.py.
+from test_annotate import NUM_RECORDS, SETTINGS, _same_annotations  # pylint: disable=g-bad-import-order
+from test_annotate import creak_rows, reference, workdir  # pylint: disable=unused-import  (fixtures)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -103,3 +111,70 @@ def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
                   jax.tree.leaves(reference["state"]["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=5e-5)
   _no_local_gs_folder(REPO, tmp_path, pathlib.Path.cwd())
+
+
+def _annotate_on_gs(teacher, input_uri, output, *extra):
+  bindings = [f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
+  return subprocess.Popen(
+      [sys.executable, str(REPO / "scripts" / "annotate.py"), "--gin_file=gin/annotate.gin",
+       f"--model_dir={teacher}", f"--input={input_uri}", f"--output={output}", *bindings,
+       *extra],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _committed_chunks(shard) -> int:
+  return len((annotation_io.read_manifest(shard) or {}).get("chunks", []))
+
+
+def test_annotation_on_gs_killed_at_several_moments_holds_each_id_once(
+    workdir, reference, gcs_emulator, gcs_dir, tmp_path):
+  _, teacher, records = workdir
+  input_uri = f"{gcs_dir}/data/records.jsonl"
+  files.upload(records, input_uri)
+  output = f"{gcs_dir}/annotations"
+  shard = annotation_io.shard_dir(output, 0, 1)
+  # Kill once at start-up, then after 1, 3 and 5 committed chunks (of 8), resuming each time.
+  for kill_after_chunks in (0, 1, 3, 5):
+    process = _annotate_on_gs(teacher, input_uri, output, "--resume")
+    deadline = time.time() + 300
+    while _committed_chunks(shard) < kill_after_chunks or (
+        kill_after_chunks == 0 and time.time() < deadline - 295):
+      assert process.poll() is None, process.stdout.read()[-3000:]
+      assert time.time() < deadline, f"{kill_after_chunks} chunks not committed in time"
+      time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (annotation_io.read_manifest(shard) or {"complete": False})["complete"]
+  # A chunk that a killed worker wrote but never committed (a repeat of committed records).
+  committed = list(annotation_io.iter_shard_records(shard))
+  assert 5 <= len(committed) // SETTINGS["chunk_size"] < NUM_RECORDS // SETTINGS["chunk_size"]
+  stray = f"{shard}/chunk-{_committed_chunks(shard):06d}-deadbeef.jsonl"
+  files.write_atomic(stray, "".join(json.dumps(r) + "\n" for r in committed[:2]))
+
+  process = _annotate_on_gs(teacher, input_uri, output, "--resume")
+  out, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, out[-3000:]
+  assert f'"skipped_already_committed": {len(committed)}' in out
+  assert not files.exists(stray)  # Ignored, then deleted.
+  merge = subprocess.run(
+      [sys.executable, "scripts/annotate.py", "--merge", f"--output={output}",
+       "--merge_wait_s=60"], cwd=REPO, capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert merge.returncode == 0, merge.stderr[-3000:]
+  merged = annotation_io.read_jsonl(f"{output}/merged.jsonl")
+  assert len(merged) == NUM_RECORDS == len({r["id"] for r in merged})
+  _same_annotations(merged, reference[1])
+  _no_local_gs_folder(REPO, tmp_path, pathlib.Path.cwd())
+
+
+def test_merge_waits_for_every_shard_then_names_the_missing_ones(gcs_emulator, gcs_dir):
+  output = f"{gcs_dir}/annotations"
+  writers = [annotation_io.ShardWriter(output, i, 2, {"run": 1}, resume=False) for i in range(2)]
+  writers[0].commit([{"id": "a", "input_index": 0}])
+  writers[0].finish({})
+  with pytest.raises(TimeoutError, match=r"still running or killed: \['shard 1 of 2'\]"):
+    annotation_io.merge(output, f"{output}/merged.jsonl", wait_s=1)
+  writers[1].commit([{"id": "b", "input_index": 1}])
+  writers[1].finish({})
+  assert annotation_io.merge(output, f"{output}/merged.jsonl", wait_s=1) == 2

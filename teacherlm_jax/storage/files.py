@@ -82,21 +82,42 @@ def write_atomic(path: PathLike, data: Union[str, bytes]) -> epath.Path:
 
 
 def read_text(path: PathLike) -> str:
-  return resolve(path).read_text(encoding="utf-8")
+  return read_bytes(path).decode("utf-8")
 
 
 def read_bytes(path: PathLike) -> bytes:
-  return resolve(path).read_bytes()
+  """The whole content, of one version: on an object store a single GET (a file object would
+  read ranges, and ranges of an object replaced meanwhile mix two versions)."""
+  path = resolve(path)
+  if is_uri(path):
+    return _object_store(path).cat_file(os.fspath(path))
+  return path.read_bytes()
+
+
+def _object_store(path: PathLike):
+  """The fsspec file system of a URI, with its listing cache dropped: other processes write
+  the same bucket, and a cached listing would hide their objects from `exists` and `glob`."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  scheme = os.fspath(path).split("://")[0]
+  # The instance etils.epath uses (fsspec caches one per arguments): one cache to drop.
+  store = (fsspec.filesystem("gcs", finalize_on_close=True) if scheme == "gs"
+           else fsspec.filesystem(scheme))
+  store.invalidate_cache()
+  return store
 
 
 def exists(path: PathLike) -> bool:
+  if is_uri(path):
+    return _object_store(path).exists(os.fspath(path))
   return resolve(path).exists()
 
 
 def glob(pattern: PathLike) -> List[epath.Path]:
   """Paths matching a glob pattern (`*` in any part), sorted."""
   text = os.fspath(pattern)
-  if not is_uri(text):
+  if is_uri(text):
+    _object_store(text)  # Fresh listings.
+  else:
     text = os.path.abspath(text)
   root, _, rest = text.partition("*")
   parent = root.rsplit("/", 1)[0] or "/"
