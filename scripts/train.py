@@ -23,8 +23,8 @@ from teacherlm_jax import cli
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "checkpoints, metrics and configs")
 _INPUT = flags.DEFINE_string(
     "input", None, "train a student on annotation output: an annotate.py --output directory "
-    "(its committed chunks) or a JSONL glob, mixed with the original data by "
-    "student_input_mixture (gin); sets TrainConfig.train_task")
+    "(its merged.jsonl, from annotate.py --merge) or a JSONL glob, mixed with the original data "
+    "by student_input_mixture (gin); sets TrainConfig.train_task")
 MESH_BINDINGS = ("TrainConfig.mesh_data", "TrainConfig.mesh_fsdp", "TrainConfig.mesh_tensor")
 _MESH = cli.define_mesh_flag(*MESH_BINDINGS)
 

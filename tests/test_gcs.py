@@ -178,3 +178,38 @@ def test_merge_waits_for_every_shard_then_names_the_missing_ones(gcs_emulator, g
   writers[1].commit([{"id": "b", "input_index": 1}])
   writers[1].finish({})
   assert annotation_io.merge(output, f"{output}/merged.jsonl", wait_s=1) == 2
+
+
+# The pipeline shrunk as tests/test_pipeline.py shrinks it (a teacher that writes some text).
+PIPELINE_SHRUNKEN = [
+    "--gin.PipelineConfig.seeds=(0,)",
+    "--gin.PipelineConfig.synthetic_sizes={'eval': 20, 'teacher': 150, 'student': 12}",
+    "--gin.teacher/TrainConfig.num_steps=100",
+    "--gin.student/TrainConfig.num_steps=6",
+    "--gin.TrainConfig.checkpoint_every=50",
+    "--gin.TrainConfig.batch_size=8",
+    "--gin.TrainConfig.seq_len=128",
+    "--gin.TrainConfig.tensorboard=False",
+    "--gin.annotate.max_new_tokens=24",
+    "--gin.annotate.chunk_size=4",
+]
+
+
+def test_pipeline_runs_to_its_report_on_gs(gcs_emulator, gcs_dir, tmp_path):
+  experiment = f"{gcs_dir}/exp"
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, str(REPO / "scripts" / "pipeline.py"), "--gin_file=gin/pipeline_tiny.gin",
+       f"--experiment_dir={experiment}", *PIPELINE_SHRUNKEN],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-4000:]
+  report = json.loads(files.read_text(f"{experiment}/report/report.json"))
+  for variant in ("original", "annotated"):
+    assert len(report["accuracy"][variant]["synthetic_eval"]) == 1
+  assert files.read_bytes(f"{experiment}/report/loss.png")[:4] == b"\x89PNG"
+  annotated = annotation_io.read_jsonl(f"{experiment}/annotations/annotations.jsonl")
+  students = annotation_io.read_jsonl(f"{experiment}/data/student.jsonl")
+  assert [r["id"] for r in annotated] == [r["id"] for r in students]  # Each once, in order.
+  assert files.exists(f"{experiment}/teacher/checkpoints/100/commit_success.txt")
+  _no_local_gs_folder(REPO, tmp_path)

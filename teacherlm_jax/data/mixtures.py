@@ -68,12 +68,12 @@ def student_input_mixture(annotations: str, dataset: str = gin.REQUIRED, fmt: st
                           original_rate: float = 1.0, annotated_rate: float = 1.0,
                           seed: int = 0) -> str:
   """`register_student_mixture` over one annotation run, named STUDENT_INPUT_MIXTURE (what
-  `train.py --input` trains on). `annotations`: annotate.py's --output directory, whose
-  committed chunks are the data, or a JSONL glob."""
+  `train.py --input` trains on). `annotations`: annotate.py's --output directory, read through
+  its merged.jsonl (`annotate.py --merge`: every shard complete, each id once), or a JSONL glob."""
   if annotations.endswith(".jsonl"):
     pattern = annotations
   else:
-    pattern = f"{annotations.rstrip('/')}/shard-*-of-*/chunk-*.jsonl"
+    pattern = f"{annotations.rstrip('/')}/merged.jsonl"
   if original_rate > 0:
     tasks.register_original_tasks(vocabulary)
   return register_student_mixture(dataset, pattern, fmt, vocabulary, original_rate=original_rate,

@@ -11,11 +11,11 @@ information about the answer (the premise TeacherLM tests).
 from __future__ import annotations
 
 import json
-import pathlib
 import random
 from typing import Dict, Iterator, List
 
 from teacherlm_jax.data import prompts
+from teacherlm_jax.storage import files
 
 _SYMBOL = {"+": "+", "-": "-", "*": "x"}
 
@@ -83,15 +83,8 @@ def generate(split: str, num_examples: int, seed: int) -> List[Dict]:
   return [make_example(rng, i, split) for i in range(num_examples)]
 
 
-def write_jsonl(records: List[Dict], path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  with tmp.open("w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-  tmp.replace(path)
-  return path
+def write_jsonl(records: List[Dict], path) -> files.Path:
+  return files.write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def iter_text(records: List[Dict]) -> Iterator[str]:

@@ -30,7 +30,6 @@ they are counted in `SKIPS` and logged instead.
 from __future__ import annotations
 
 import functools
-import glob
 import re
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -42,6 +41,7 @@ import tensorflow as tf
 
 from teacherlm_jax.data import prompts
 from teacherlm_jax.data import sources
+from teacherlm_jax.storage import files
 
 MMLU_SUBJECTS = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
@@ -261,7 +261,7 @@ def annotated_records(dataset: str, shard_pattern: str, kinds: Sequence[str]
   Rows that carry question/options/answer are used as they are; others are joined by id with
   `original_records(dataset)`.
   """
-  paths = sorted(glob.glob(shard_pattern))
+  paths = files.glob(shard_pattern)
   if not paths:
     raise FileNotFoundError(f"no annotation shards match {shard_pattern!r}")
   originals = None

@@ -9,7 +9,9 @@ and the TF path calls the same tokenizer through `tf.numpy_function`.
 """
 from __future__ import annotations
 
+import os
 import pathlib
+import tempfile
 from typing import Iterable, Mapping, Optional, Sequence
 
 import gin
@@ -172,11 +174,15 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   `trainer_options` go to `SentencePieceTrainer.train` (e.g. `user_defined_symbols`).
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  pathlib.Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
-      model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **trainer_options)
+  with tempfile.TemporaryDirectory() as local:
+    # SentencePiece writes local files only; the file layer puts them where asked (or gs://).
+    local_prefix = os.path.join(local, "spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=local_prefix, vocab_size=vocab_size,
+        model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **trainer_options)
+    for suffix in (".model", ".vocab"):
+      files.upload(local_prefix + suffix, f"{model_prefix}{suffix}")
   return f"{model_prefix}.model"
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -46,6 +45,7 @@ from teacherlm_jax.data import vocab as vocab_lib
 from teacherlm_jax.models import transformer
 from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.runtime import shapes
+from teacherlm_jax.storage import files
 
 NORMALIZATIONS = ("sum", "mean")
 # Prompts past this many tokens pad to its multiples, not to the next power of two.
@@ -353,13 +353,12 @@ def _finite_or_null(value):
   return value
 
 
-def write_report(report: Dict[str, Any], output_dir) -> Tuple[pathlib.Path, pathlib.Path]:
+def write_report(report: Dict[str, Any], output_dir) -> Tuple[files.Path, files.Path]:
   """Writes eval_results.json and eval_results.md into `output_dir` (process 0 only)."""
-  output_dir = pathlib.Path(output_dir)
+  output_dir = files.resolve(output_dir)
   json_path, md_path = output_dir / "eval_results.json", output_dir / "eval_results.md"
   if jax.process_index() == 0:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(_finite_or_null(report), indent=2, sort_keys=True,
-                                    allow_nan=False) + "\n")
-    md_path.write_text(markdown_table(report))
+    files.write_atomic(json_path, json.dumps(_finite_or_null(report), indent=2, sort_keys=True,
+                                             allow_nan=False) + "\n")
+    files.write_atomic(md_path, markdown_table(report))
   return json_path, md_path

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import tempfile
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
@@ -24,6 +25,7 @@ from flax import nnx
 from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.models.transformer import DecoderLM
+from teacherlm_jax.storage import files
 
 PathTuple = Tuple  # a path into our nested param dict, e.g. ('layers', 0, 'mlp', 'up', 'kernel')
 
@@ -392,8 +394,19 @@ def params_to_hf(model: DecoderLM) -> Dict[str, np.ndarray]:
 
 
 def export_checkpoint(model: DecoderLM, directory, *, tokenizer_dir=None,
-                      max_shard_bytes: int = 5 << 30) -> pathlib.Path:
-  """Writes `model` as an HF directory (config.json + safetensors, sharded past 5 GB)."""
+                      max_shard_bytes: int = 5 << 30):
+  """Writes `model` as an HF directory (config.json + safetensors, sharded past 5 GB), local
+  or gs:// (safetensors and tokenizers write local files: staged locally, then uploaded)."""
+  if tokenizer_dir is not None:
+    tokenizer_dir = files.local_copy(tokenizer_dir)
+  if not files.is_uri(directory):
+    return _export_local(model, files.resolve(directory), tokenizer_dir, max_shard_bytes)
+  with tempfile.TemporaryDirectory() as local:
+    _export_local(model, pathlib.Path(local), tokenizer_dir, max_shard_bytes)
+    return files.upload(local, directory)
+
+
+def _export_local(model: DecoderLM, directory, tokenizer_dir, max_shard_bytes: int):
   from safetensors.numpy import save_file
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -37,6 +36,7 @@ from teacherlm_jax.evaluation import evaluate as evaluate_lib
 from teacherlm_jax.models import checkpoint_io, hf
 from teacherlm_jax.pipeline import report as report_lib
 from teacherlm_jax.training import metrics as metrics_lib
+from teacherlm_jax.storage import files
 from teacherlm_jax.training import train as train_lib
 
 DONE = "DONE.json"
@@ -92,8 +92,7 @@ class Pipeline:
 
   def __init__(self, config: PipelineConfig, experiment_dir):
     self.config = config
-    self.dir = pathlib.Path(experiment_dir).absolute()
-    self.dir.mkdir(parents=True, exist_ok=True)
+    self.dir = files.makedirs(experiment_dir)  # Local or gs://, never a local 'gs:' folder.
     self.timings: Dict[str, float] = {}
 
   # ---- stage bookkeeping ---------------------------------------------------------------
@@ -101,18 +100,15 @@ class Pipeline:
   def _stage(self, name: str, run):
     """Runs `run()` unless {exp}/{name}/DONE.json exists; returns the stage's result."""
     done = self.dir / name / DONE
-    if done.exists():
+    if files.exists(done):
       logging.info("stage %s: already done, skipped (%s)", name, done)
-      return json.loads(done.read_text())
+      return json.loads(files.read_text(done))
     logging.info("stage %s: running", name)
     start = time.time()
     result = run()
     self.timings[name] = time.time() - start
     if jax.process_index() == 0:
-      done.parent.mkdir(parents=True, exist_ok=True)
-      tmp = done.with_suffix(".tmp")
-      tmp.write_text(json.dumps(result, indent=2, default=str))
-      tmp.replace(done)
+      files.write_atomic(done, json.dumps(result, indent=2, default=str))
     logging.info("stage %s: done in %.0f s", name, self.timings[name])
     return result
 
@@ -206,7 +202,11 @@ class Pipeline:
         data["paths"]["student"], str(out), teachers=teacher_hf, tokenizer=f"spm:{spm}",
         limit=self.config.annotate_limit, resume=True)
     merged = out / "annotations.jsonl"
-    count = annotation_io.merge(out, merged)
+    # annotate() ended with a barrier: every shard is committed. One process merges.
+    if jax.process_index() == 0:
+      annotation_io.merge(out, merged)
+    _barrier("annotations merged")
+    count = len(annotation_io.read_jsonl(merged))
     kinds = prompts.annotation_order(self.config.student_format)
     usable = sum(all(isinstance(row.get(k), str) and row[k].strip() for k in kinds)
                  for row in annotation_io.read_jsonl(merged))
@@ -238,7 +238,7 @@ class Pipeline:
 
   # ---- the whole run -------------------------------------------------------------------
 
-  def run(self) -> pathlib.Path:
+  def run(self) -> files.Path:
     start = time.time()
     data = self._stage("data", self.data)
     spm = self._stage("vocab", lambda: self.vocabulary(data))["spm"]
@@ -285,7 +285,7 @@ class Pipeline:
         "annotated rows skipped by the student task (empty annotation)": tasks.SKIPS.total,
     }
     samples = []
-    rows = annotation_io.read_jsonl(pathlib.Path(annotation["merged"]))
+    rows = annotation_io.read_jsonl(annotation["merged"])
     for row in rows[:self.config.num_samples_in_report]:
       sample = {"id": row.get("id"),
                 "prompt": prompts.sample_text(row["question"], row["options"], row["answer"])}
@@ -302,12 +302,18 @@ class Pipeline:
             "notes": notes}
 
 
-def _loss_curve(model_dir: pathlib.Path) -> List[List[float]]:
+def _loss_curve(model_dir) -> List[List[float]]:
   """[step, training loss] pairs from the trainer's TensorBoard event files."""
   losses = metrics_lib.read_scalars(metrics_lib.tensorboard_dir(str(model_dir)))
   return [[step, loss] for step, loss in sorted(losses.get("train/loss", {}).items())]
 
 
-def _last_loss(model_dir: pathlib.Path) -> Optional[float]:
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"teacherlm pipeline: {name}")
+
+
+def _last_loss(model_dir) -> Optional[float]:
   curve = _loss_curve(model_dir)
   return curve[-1][1] if curve else None

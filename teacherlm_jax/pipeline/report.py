@@ -7,8 +7,8 @@ count, never a single best run.
 """
 from __future__ import annotations
 
+import io
 import json
-import pathlib
 import statistics
 from typing import List, Mapping, Sequence, Tuple
 
@@ -16,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # Headless: TPU VMs and CI have no display.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from teacherlm_jax.storage import files  # pylint: disable=g-import-not-at-top
 
 LossCurve = Sequence[Tuple[int, float]]
 
@@ -31,12 +33,13 @@ def _tasks(accuracy: Mapping[str, Mapping[str, Sequence[float]]]) -> list:
   return sorted({task for per_task in accuracy.values() for task in per_task})
 
 
-def _save(fig, ax, path) -> pathlib.Path:
+def _save(fig, ax, path) -> files.Path:
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
-  return pathlib.Path(path)
+  return files.write_atomic(path, png.getvalue())
 
 
 def comparison_table(accuracy: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
@@ -59,7 +62,7 @@ def comparison_table(accuracy: Mapping[str, Mapping[str, Sequence[float]]]) -> s
   return "\n".join(lines)
 
 
-def plot_losses(curves: Mapping[str, Sequence[LossCurve]], path) -> pathlib.Path:
+def plot_losses(curves: Mapping[str, Sequence[LossCurve]], path) -> files.Path:
   """Training loss of each student (one line per seed, same colour per student)."""
   fig, ax = plt.subplots(figsize=(6, 4))
   for color, (student, seeds) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"],
@@ -74,7 +77,7 @@ def plot_losses(curves: Mapping[str, Sequence[LossCurve]], path) -> pathlib.Path
   return _save(fig, ax, path)
 
 
-def plot_accuracy(accuracy: Mapping[str, Mapping[str, Sequence[float]]], path) -> pathlib.Path:
+def plot_accuracy(accuracy: Mapping[str, Mapping[str, Sequence[float]]], path) -> files.Path:
   """Grouped bars of accuracy per task (mean over seeds, error bar = std)."""
   students = list(accuracy)
   tasks = _tasks(accuracy)
@@ -92,10 +95,9 @@ def plot_accuracy(accuracy: Mapping[str, Mapping[str, Sequence[float]]], path) -
 
 
 def write_report(directory, *, title: str, accuracy, loss_curves, annotation_summary: Mapping,
-                 sample_annotations: List[Mapping], notes: Sequence[str] = ()) -> pathlib.Path:
+                 sample_annotations: List[Mapping], notes: Sequence[str] = ()) -> files.Path:
   """Writes report.md, loss.png, accuracy.png and report.json into `directory`."""
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  directory = files.makedirs(directory)
   plot_losses(loss_curves, directory / "loss.png")
   plot_accuracy(accuracy, directory / "accuracy.png")
   lines = [f"# {title}", ""]
@@ -112,8 +114,8 @@ def write_report(directory, *, title: str, accuracy, loss_curves, annotation_sum
       if key not in ("id", "prompt"):
         lines.append(f"- *{key}*: {value}")
     lines.append("")
-  (directory / "report.md").write_text("\n".join(lines))
-  (directory / "report.json").write_text(json.dumps(
+  files.write_atomic(directory / "report.md", "\n".join(lines))
+  files.write_atomic(directory / "report.json", json.dumps(
       {"accuracy": accuracy, "annotation_summary": annotation_summary,
        "samples": sample_annotations}, indent=2, default=str))
   return directory / "report.md"

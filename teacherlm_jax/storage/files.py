@@ -12,6 +12,7 @@ it completes, never in part.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -104,6 +105,14 @@ def _object_store(path: PathLike):
            else fsspec.filesystem(scheme))
   store.invalidate_cache()
   return store
+
+
+def open_text(path: PathLike, errors: str = "strict"):
+  """A UTF-8 text stream of a file to read line by line: a local file as it is read, an object
+  (one version of it) from memory. `errors` as for `open`."""
+  if is_uri(path):
+    return io.StringIO(read_bytes(path).decode("utf-8", errors=errors), newline="")
+  return open(resolve(path), encoding="utf-8", errors=errors, newline="")
 
 
 def exists(path: PathLike) -> bool:

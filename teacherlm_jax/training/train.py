@@ -176,8 +176,8 @@ def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
       return checkpoint_io.read_model_config(directory).replace(**numerics)
   if config.init_hf_checkpoint:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
-    with open(os.path.join(config.init_hf_checkpoint, "config.json")) as f:
-      return hf.config_from_hf(json.load(f), source=config.init_hf_checkpoint).replace(**numerics)
+    hf_config = json.loads(files.read_text(files.join(config.init_hf_checkpoint, "config.json")))
+    return hf.config_from_hf(hf_config, source=config.init_hf_checkpoint).replace(**numerics)
   return presets.get(config.model, **{**dict(config.model_overrides), **numerics})
 
 
@@ -521,8 +521,8 @@ def _initial_state(config: TrainConfig, program: Program, checkpointer):
     logging.info("initialised params from %s", config.init_checkpoint)
   elif config.init_hf_checkpoint:
     from teacherlm_jax.models import hf
-    _, hf_model = hf.import_checkpoint(config.init_hf_checkpoint, dtype=config.compute_dtype,
-                                       param_dtype="float32")
+    _, hf_model = hf.import_checkpoint(files.local_copy(config.init_hf_checkpoint),
+                                       dtype=config.compute_dtype, param_dtype="float32")
     params = jax.device_put(nnx.to_pure_dict(nnx.state(hf_model, nnx.Param)), program.param_sh)
     logging.info("initialised params from HF checkpoint %s", config.init_hf_checkpoint)
   else:
