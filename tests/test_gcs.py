@@ -25,7 +25,7 @@ from teacherlm_jax.training import train
 from teacherlm_jax.training import train_data
 
 # The tiny teacher, input records and uninterrupted reference annotation of test_annotate.py.
-from test_annotate import NUM_RECORDS, SETTINGS, _same_annotations  # pylint: disable=g-bad-import-order
+from test_annotate import MAX_NEW_TOKENS, NUM_RECORDS, SETTINGS, _same_annotations  # pylint: disable=g-bad-import-order
 from test_annotate import creak_rows, reference, workdir  # pylint: disable=unused-import  (fixtures)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
   model_dir = f"{gcs_dir}/run"
   processes, logs = _two_processes(config, model_dir, tmp_path, gcs_emulator, "first")
   committed = f"{model_dir}/checkpoints/4/commit_success.txt"  # orbax's mark of a whole step.
-  deadline = time.time() + 400
+  deadline = time.time() + 900
   while not files.exists(committed):
     assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
     assert time.time() < deadline, "no checkpoint committed to gs:// in time"
@@ -98,7 +98,7 @@ def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
 
   processes, logs = _two_processes(config, model_dir, tmp_path, gcs_emulator, "resumed")
   for process, log in zip(processes, logs):
-    assert process.wait(timeout=400) == 0, log.read_text()[-3000:]
+    assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
   log = logs[0].read_text()
   assert "resuming from gs://" in log
   assert "input: continuing from the position saved at step" in log  # Not replayed.
@@ -114,7 +114,8 @@ def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
 
 
 def _annotate_on_gs(teacher, input_uri, output, *extra):
-  bindings = [f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
+  bindings = [f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}"] + [
+      f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
   return subprocess.Popen(
       [sys.executable, str(REPO / "scripts" / "annotate.py"), "--gin_file=gin/annotate.gin",
        f"--model_dir={teacher}", f"--input={input_uri}", f"--output={output}", *bindings,
@@ -190,7 +191,7 @@ PIPELINE_SHRUNKEN = [
     "--gin.TrainConfig.batch_size=8",
     "--gin.TrainConfig.seq_len=128",
     "--gin.TrainConfig.tensorboard=False",
-    "--gin.annotate.max_new_tokens=24",
+    "--gin.SamplingConfig.max_new_tokens=24",
     "--gin.annotate.chunk_size=4",
 ]
 

@@ -74,7 +74,7 @@ def parse_errors(commands: List[tuple]) -> List[str]:
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tests" / "recipes.py"), script], cwd=REPO_ROOT,
         input=json.dumps([argv for _, argv in script_commands]), capture_output=True, text=True,
-        timeout=300, env=env)
+        timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     outcomes = json.loads(result.stdout.strip().splitlines()[-1])
     errors += [f"{where}: {' '.join(argv)}: {error}"
