@@ -214,8 +214,8 @@ def read_chunk(chunk) -> List[dict]:
     except sources.BadRow as e:
       raise ValueError(
           f"{e}. Chunks are published whole, so this committed chunk was damaged after it was "
-          f"written: delete {chunk}, remove its entry from the shard's {MANIFEST} and rerun "
-          "with --resume to annotate its records again") from None
+          f"written: delete {chunk} and rerun with --resume to annotate its records again"
+          ) from None
     records.append(record)
   return records
 
@@ -267,6 +267,10 @@ class ShardWriter:
       if changed:
         raise ValueError(f"{self.directory / MANIFEST}: cannot resume with different settings "
                          f"(setting: (committed run, now)): {changed}")
+    # A committed chunk deleted since (the recovery from a damaged one): its records are
+    # annotated again.
+    self.chunk_info = [info for info in self.chunk_info
+                       if files.exists(self.directory / info["file"])]
     committed = {info["file"] for info in self.chunk_info}
     for stray in files.glob(self.directory / CHUNK_GLOB) + files.glob(self.directory / "*.tmp"):
       if stray.name not in committed:
