@@ -87,18 +87,26 @@ def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
   processes, logs = _two_processes(config, model_dir, tmp_path, gcs_emulator, "first")
   committed = f"{model_dir}/checkpoints/4/commit_success.txt"  # orbax's mark of a whole step.
   deadline = time.time() + 900
-  while not files.exists(committed):
-    assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
-    assert time.time() < deadline, "no checkpoint committed to gs:// in time"
-    time.sleep(0.1)
-  for process in processes:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+  try:
+    while not files.exists(committed):
+      assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
+      assert time.time() < deadline, "no checkpoint committed to gs:// in time"
+      time.sleep(0.1)
+  finally:
+    for process in processes:
+      process.send_signal(signal.SIGKILL)
+      process.wait()
   assert "step 16/16" not in logs[0].read_text(), "finished before the kill"
 
   processes, logs = _two_processes(config, model_dir, tmp_path, gcs_emulator, "resumed")
-  for process, log in zip(processes, logs):
-    assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
+  try:
+    for process, log in zip(processes, logs):
+      assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
+  finally:
+    for process in processes:  # None left behind when a wait times out.
+      if process.poll() is None:
+        process.kill()
+        process.wait()
   log = logs[0].read_text()
   assert "resuming from gs://" in log
   assert "input: continuing from the position saved at step" in log  # Not replayed.
