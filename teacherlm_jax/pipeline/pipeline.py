@@ -303,8 +303,12 @@ class Pipeline:
 
 
 def _loss_curve(model_dir) -> List[List[float]]:
-  """[step, training loss] pairs from the trainer's TensorBoard event files."""
-  losses = metrics_lib.read_scalars(metrics_lib.tensorboard_dir(str(model_dir)))
+  """[step, training loss] pairs from the trainer's TensorBoard event files (none when the
+  trainer ran with tensorboard=False)."""
+  logdir = metrics_lib.tensorboard_dir(str(model_dir))
+  if not files.exists(logdir):
+    return []
+  losses = metrics_lib.read_scalars(logdir)
   return [[step, loss] for step, loss in sorted(losses.get("train/loss", {}).items())]
 
 
