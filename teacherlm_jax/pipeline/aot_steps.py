@@ -37,7 +37,7 @@ from teacherlm_jax.pipeline import pipeline as pipeline_lib
 from teacherlm_jax.runtime import aot
 from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.runtime import topologies
-from teacherlm_jax.training import metrics as metrics_lib
+from teacherlm_jax.training import mfu
 from teacherlm_jax.training import train as train_lib
 
 STEP_NAMES = ("teacher_train", "student_train", "train", "annotate_prefill", "annotate_decode",
@@ -130,7 +130,7 @@ def train_step(name: str, scope: str, slice_name: str, in_pipeline: bool) -> Ste
   partitioning.check_batch_divides(config.batch_size, mesh,
                                    what=f"{scope + '/' if scope else ''}TrainConfig.batch_size")
   tokens = config.batch_size * config.seq_len
-  model_flops = metrics_lib.flops_per_token(model_config, config.seq_len) * tokens
+  model_flops = mfu.flops_per_token(model_config, config.seq_len) * tokens
 
   def lower():
     program = train_lib.program_for(config, model_config, mesh)
@@ -146,7 +146,7 @@ def _forward_flops(model_config: ModelConfig, context: int, tokens: int, head_ro
   """Useful FLOPs of a forward pass: `tokens` through the blocks, each attending to `context`
   keys (the full square, as XLA computes it), and `head_rows` of them through the LM head."""
   head = 2.0 * model_config.embed_dim * model_config.vocab_size
-  per_token = metrics_lib.flops_per_token(model_config, context) / 3 - head
+  per_token = mfu.flops_per_token(model_config, context) / 3 - head
   return per_token * tokens + head * head_rows
 
 
