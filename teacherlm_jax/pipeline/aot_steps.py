@@ -36,6 +36,7 @@ from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.pipeline import pipeline as pipeline_lib
 from teacherlm_jax.runtime import aot
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import shapes
 from teacherlm_jax.runtime import topologies
 from teacherlm_jax.training import mfu
 from teacherlm_jax.training import train as train_lib
@@ -179,7 +180,7 @@ def annotation_steps(slice_name: str, aot: AotConfig, in_pipeline: bool) -> List
   mesh = _host_mesh(_argument(fn, "mesh_shape"), slice_name)
   sampling = decoding.SamplingConfig()  # gin-configured (SamplingConfig.*), as annotate's.
   num_slots = _argument(fn, "num_slots")
-  width = decoding.bucket_length(aot.prompt_tokens)
+  width = shapes.bucket_length(aot.prompt_tokens)
   length = width + sampling.max_new_tokens
   devices = mesh.devices.size
   prefill_flops = _forward_flops(model_config, width, num_slots * width, num_slots) / devices
