@@ -41,9 +41,9 @@ def shared_data() -> pathlib.Path:
 
 @pytest.fixture
 def onednn_dots() -> None:
-  """Skips unless the train step compiles with oneDNN dots here (matmul.onednn_dots_supported)."""
-  from teacherlm_jax.models import matmul
-  if not matmul.onednn_dots_supported():
+  """Skips unless the train step compiles with oneDNN dots here (backend.onednn_dots_supported)."""
+  from teacherlm_jax.runtime import backend
+  if not backend.onednn_dots_supported():
     pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")
 
 

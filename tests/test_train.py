@@ -70,7 +70,7 @@ def one_device_run(flan_batches, tmp_path_factory):
                          ids=["fsdp4_tensor2", "data8"])
 def test_sharded_training_equals_one_device(mesh, flan_batches, one_device_run, tmp_path):
   sharded = _run(_config(**mesh), tmp_path, flan_batches)
-  kernel = sharded["state"]["params"]["layers"][0]["mlp"]["up"]["kernel"]
+  kernel = sharded["state"]["params"]["layers"]["mlp"]["up"]["kernel"]
   assert len(kernel.sharding.device_set) == 8
   np.testing.assert_allclose(sharded["losses"], one_device_run["losses"], rtol=2e-6)
   assert sharded["losses"][-1] < sharded["losses"][0]  # It trained.

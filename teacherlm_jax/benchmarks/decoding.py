@@ -17,7 +17,7 @@ cores, as it spreads it over TPU chips.
 
 `precision='bfloat16'` runs both with bf16 weights and activations (ours imported with dtype
 and param_dtype bfloat16, theirs `.to(torch.bfloat16)`; our KV cache is `Decoder.cache_dtype`,
-float32 on CPU); tokens then need not agree between the two, the counts do.
+the config's, bf16); tokens then need not agree between the two, the counts do.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
     decoders[f", tensor={tensor_devices} mesh"] = decoding.Decoder(model, eos_id=-1, mesh=mesh)
   decoder = decoders[""]
   sampling = decoding.SamplingConfig(max_new_tokens=max_new_tokens)
-  param_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.state))
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.params))
   results = {}
   for batch in batch_sizes:
     lengths = rng.integers(16, 49, size=batch)

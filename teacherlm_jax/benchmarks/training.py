@@ -67,7 +67,7 @@ def benchmark_training(device: bool = False, quick: bool = False,
   import transformers
 
   from teacherlm_jax.models import hf
-  from teacherlm_jax.models import matmul
+  from teacherlm_jax.runtime import backend
   from teacherlm_jax.runtime import partitioning
   from teacherlm_jax.training import mfu
   from teacherlm_jax.training import train as train_lib
@@ -155,8 +155,8 @@ def benchmark_training(device: bool = False, quick: bool = False,
   params_m = config.num_params() / 1e6
   compute = "float32" if precision == "float32" else "bf16 compute, float32 master weights"
   platform = jax.devices()[0].platform
-  if platform == "cpu":  # Which library ran our step's dots (matmul.onednn_dots_supported).
-    onednn = matmul.large_matmul_compiler_options(config.compute_dtype, platform)
+  if platform == "cpu":  # Which library ran our step's dots (backend.onednn_dots_supported).
+    onednn = backend.Backend.current().compiler_options(backend.TRAIN, config.compute_dtype)
     platform += ", oneDNN float32 dots" if onednn else ", YNNPACK dots"
   notes = (f"{family} {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
            f"{platform}, {steps_per_call} step(s) per call; first-step loss ours "

@@ -43,8 +43,10 @@ from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import tasks as tasks_lib
 from teacherlm_jax.data import vocab as vocab_lib
 from teacherlm_jax.models import transformer
+from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.runtime import shapes
+from teacherlm_jax.runtime import program as program_lib
 from teacherlm_jax.storage import files
 
 NORMALIZATIONS = ("sum", "mean")
@@ -71,20 +73,17 @@ class RankScorer:
     self.config = model.config
     self.batch_size = batch_size
     self.max_length = max_length
-    self.mesh = mesh
-    self._graphdef, self._state = nnx.split(model)
     if mesh is not None:
       partitioning.check_batch_divides(batch_size, mesh, what="batch_size")
-      shardings = partitioning.logical_shardings(partitioning.logical_axes_of(self._state), mesh)
-      params = nnx.to_pure_dict(self._state)
-      if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
-        # A model from nnx.eval_shape: shapes to lower with (`lower`), no values.
-        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              params, shardings)
-      else:
-        params = jax.device_put(params, shardings)
-      nnx.replace_by_pure_dict(self._state, params)
-    self._score = jax.jit(self._score_batch, static_argnames=("tail_length",))
+    self.runtime = program_lib.Program(mesh)
+    self._graphdef, self.params = self.runtime.split(model)
+    self._score = self.runtime.jit(self._score_batch, program=backend.DECODE,
+                                   dtype=self.config.compute_dtype,
+                                   static_argnames=("tail_length",))
+
+  @property
+  def mesh(self) -> Optional[jax.sharding.Mesh]:
+    return self.runtime.mesh
 
   def lower(self, prompt_length: int, num_options: int, option_length: int = 1
             ) -> jax.stages.Lowered:
@@ -99,21 +98,16 @@ class RankScorer:
     arg_shapes = [(b, p), (b, p), (b,), (b, num_options)] + [(b * num_options, tail)] * 3
     rows = partitioning.batch_sharding(self.mesh, 1)
     arrays = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for shape in arg_shapes]
-    with partitioning.activate(self.mesh):
-      return self._score.lower(self._state, *arrays, tail_length=tail)
+    return self._score.lower(self.params, *arrays, tail_length=tail)
 
   def _call(self, arrays, tail_length: int) -> np.ndarray:
-    if self.mesh is None:
-      return np.asarray(self._score(self._state, *arrays, tail_length=tail_length))
-    rows = partitioning.batch_sharding(self.mesh, 1)  # Rows over the batch axes.
-    placed = [jax.device_put(a, rows) for a in arrays]
-    with partitioning.activate(self.mesh):
-      return np.asarray(self._score(self._state, *placed, tail_length=tail_length))
+    placed = [self.runtime.put(a, ("batch",) + (None,) * (np.ndim(a) - 1)) for a in arrays]
+    return np.asarray(self._score(self.params, *placed, tail_length=tail_length))
 
-  def _score_batch(self, state, prompt_BxP, prompt_segments_BxP, last_B, first_BxK, tail_RxT,
+  def _score_batch(self, params, prompt_BxP, prompt_segments_BxP, last_B, first_BxK, tail_RxT,
                    tail_segments_RxT, tail_targets_RxT, *, tail_length: int):
     """Sum of option-token log-probs, B x K (R = B*K rows for the option tails)."""
-    model = nnx.merge(self._graphdef, state)
+    model = nnx.merge(self._graphdef, params)
     b, p = prompt_BxP.shape
     k = first_BxK.shape[1]
     # One-token options (the paper's letters) need no cache: the prompt forward is all.
@@ -124,7 +118,7 @@ class RankScorer:
     logp_BxV = jax.nn.log_softmax(model.logits(last_Bx1xD)[:, 0], axis=-1)
     scores_BxK = jnp.take_along_axis(logp_BxV, first_BxK, axis=1)
     if tail_length:
-      cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+      cache = transformer.map_cache_rows(lambda x, axis: jnp.repeat(x, k, axis=axis), cache)
       hidden_RxTxD, _ = model(tail_RxT, segment_ids_BxL=tail_segments_RxT, cache=cache,
                               return_hidden=True)
       logp_RxTxV = jax.nn.log_softmax(model.logits(hidden_RxTxD), axis=-1)

@@ -3,10 +3,11 @@
 One `TrainConfig` (gin-configurable) describes a run; `train(config, model_dir)` runs it:
 
   * state = {'params', 'opt_state', 'step'} as plain pytrees, created directly in their shards
-    (`partitioning.sharded_init`) or restored from the latest checkpoint in `model_dir`, a
+    or restored from the latest checkpoint in `model_dir`, a
     previous stage's checkpoint (`init_checkpoint`) or an HF checkpoint (`init_hf_checkpoint`);
   * the train step is a plain `jax.jit` over `nnx.split` state with explicit in/out shardings
-    and the state donated; gradient accumulation is `optax.MultiSteps` (one call per
+    and the state donated, built by the runtime's `Program` (placement, mesh, compiler
+    options); gradient accumulation is `optax.MultiSteps` (one call per
     microbatch, `state['step']` counts microbatches); `steps_per_call` > 1 runs that many
     steps per call as one `lax.scan` (`make_train_step(stacked=True)`);
   * batch number n of the input is a function of n only (`train_data.SeqioBatches`), and a
@@ -35,13 +36,14 @@ from flax import nnx
 
 from teacherlm_jax.models import checkpoint_io
 from teacherlm_jax.models import head_loss
-from teacherlm_jax.models import matmul
 from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
+from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import checkpointing
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import program as program_lib
 from teacherlm_jax.storage import files
 from teacherlm_jax.training import input_position
 from teacherlm_jax.training import metrics as metrics_lib
@@ -208,18 +210,17 @@ def _loss_and_metrics(model, batch, z_loss: float, chunk_tokens: int):
                              min_chunk_tokens=chunk_tokens)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, mesh,
-                    state_shardings, batch_sharding, chunk_tokens: int,
-                    compiler_options: Optional[dict] = None, stacked: bool = False):
-  """jit(state, batch) -> (state, metrics), state donated, shardings explicit.
+def make_train_step(runtime: program_lib.Program, graphdef, tx: optax.GradientTransformation,
+                    z_loss: float, state_shardings, batch_sharding, chunk_tokens: int, *,
+                    dtype=jnp.float32, stacked: bool = False) -> program_lib.MeshJit:
+  """jit(state, batch) -> (state, metrics) on `runtime`'s mesh, state donated, shardings
+  explicit, compiled with the backend's options for a training step computing in `dtype`.
 
   `stacked`: jit(state, batches) -> (state, metrics) instead, `batches` holding several
   batches along a leading axis, run in order as a `lax.scan` over the one-step function
   (metrics stacked the same way; each count of batches compiles once). One call then runs
   several steps, as Keras's `steps_per_execution` or TPUEstimator's `iterations_per_loop`: the
-  host dispatches once per call, and XLA:CPU allocates and first touches the step's scratch
-  memory once per call rather than once per step (the BLOOM-42M float32 step: 221k page
-  faults a step at one step per call, 55k at 4).
+  host dispatches once per call, and scratch memory is set up once per call, not per step.
   """
 
   def step_fn(state, batch):
@@ -235,38 +236,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
                        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm), **sums}
 
   fn = (lambda state, batches: jax.lax.scan(step_fn, state, batches)) if stacked else step_fn
-  jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, partitioning.replicated(mesh)),
-                   donate_argnums=0, compiler_options=compiler_options or None)
-
-  def run(state, batch):
-    with partitioning.activate(mesh):  # constrain() applies while tracing.
-      return jitted(state, batch)
-
-  def lower(state, batch):
-    """`jitted.lower` under the mesh: ahead-of-time compiles take abstract state and batch."""
-    with partitioning.activate(mesh):
-      return jitted.lower(state, batch)
-  run.lower = lower
-  return run
+  return runtime.jit(fn, program=backend.TRAIN, dtype=dtype,
+                     in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, runtime.replicated), donate_argnums=0)
 
 
-def make_eval_step(graphdef, mesh, param_shardings, batch_sharding, chunk_tokens: int):
+def make_eval_step(runtime: program_lib.Program, graphdef, param_shardings, batch_sharding,
+                   chunk_tokens: int, *, dtype=jnp.float32) -> program_lib.MeshJit:
+  """jit(params, batch) -> metric sums on `runtime`'s mesh."""
   def eval_fn(params, batch):
     return _loss_and_metrics(nnx.merge(graphdef, params), batch, 0.0, chunk_tokens)[1]
 
-  jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
-                   out_shardings=partitioning.replicated(mesh))
-
-  def run(params, batch):
-    with partitioning.activate(mesh):
-      return jitted(params, batch)
-
-  def lower(params, batch):
-    with partitioning.activate(mesh):
-      return jitted.lower(params, batch)
-  run.lower = lower
-  return run
+  return runtime.jit(eval_fn, program=backend.TRAIN, dtype=dtype,
+                     in_shardings=(param_shardings, batch_sharding),
+                     out_shardings=runtime.replicated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,28 +401,26 @@ def program_for(config: TrainConfig, model_config: ModelConfig, mesh) -> Program
 @functools.lru_cache(maxsize=8)
 def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, seed: int,
              mesh, chunk_tokens: int) -> Program:
+  runtime = program_lib.Program(mesh)
   tx, schedule = optimizer_lib.make_optimizer(*optimizer_args)
   model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(seed))
-  graphdef, abstract_params, param_axes = partitioning.abstract_params(model_fn)
-  param_sh = partitioning.logical_shardings(param_axes, mesh)
-  replicated = partitioning.replicated(mesh)
+  graphdef, abstract_params = runtime.split(nnx.eval_shape(model_fn))
+  param_sh = jax.tree.map(lambda x: x.sharding, abstract_params)
+  replicated = runtime.replicated
   opt_sh = optimizer_lib.state_shardings(tx, abstract_params, param_sh, replicated)
   state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
   abstract_state = {"params": abstract_params,
                     "opt_state": jax.eval_shape(tx.init, abstract_params),
                     "step": jax.ShapeDtypeStruct((), jnp.int32)}
   batch_sh = {key: partitioning.batch_sharding(mesh, 2) for key in BATCH_KEYS}
-  compiled_init = []
+  # Each device computes only its own shards: a model larger than one device never exists
+  # whole. Compiled on first use (a restored run never needs it).
+  init_params = runtime.jit(lambda: nnx.to_pure_dict(nnx.split(model_fn())[1]),
+                            program=backend.INIT, out_shardings=param_sh)
 
-  def init_params():
-    if not compiled_init:
-      compiled_init.append(partitioning.sharded_init_fn(model_fn, param_sh))
-    return compiled_init[0]()
-
-  compiler_options = matmul.large_matmul_compiler_options(model_config.compute_dtype,
-                                                          mesh.devices.flat[0].platform)
-  make_step = functools.partial(make_train_step, graphdef, tx, z_loss, mesh, state_sh,
-                                chunk_tokens=chunk_tokens, compiler_options=compiler_options)
+  dtype = model_config.compute_dtype
+  make_step = functools.partial(make_train_step, runtime, graphdef, tx, z_loss, state_sh,
+                                chunk_tokens=chunk_tokens, dtype=dtype)
   stacked_batch_sh = {key: partitioning.batch_sharding(mesh, 3, stacked=True)
                       for key in BATCH_KEYS}
   return Program(
@@ -447,7 +428,7 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
       abstract_state=abstract_state, init_params=init_params,
       init_opt_state=jax.jit(tx.init, out_shardings=opt_sh),
       train_step=make_step(batch_sh),
-      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens),
+      eval_step=make_eval_step(runtime, graphdef, param_sh, batch_sh, chunk_tokens, dtype=dtype),
       train_steps=make_step(stacked_batch_sh, stacked=True))
 
 
