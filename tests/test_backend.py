@@ -1,6 +1,5 @@
 """The backend: XLA:CPU's compiler options chosen once, outside the model; and the model core
 that knows nothing of the platform (the same jaxpr dtypes on CPU and for a TPU topology)."""
-import contextlib
 import os
 import pathlib
 import re
@@ -129,9 +128,8 @@ def _train_step_jaxpr(config, mesh):
 
 def _decode_step_jaxpr(config, mesh):
   decoder = decoding.Decoder(_abstract_model(config), mesh=mesh, eos_id=-1)
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    cache = jax.eval_shape(lambda: decoder.new_cache(4, 32))
-    dstate = jax.eval_shape(lambda: decoder.empty_decode_state(4, 8))
+  cache = decoder.abstract_cache(4, 32)
+  dstate = decoder.abstract_decode_state(4, 8)
   sampling = decoding.SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=5)
   return decoder.steps_fn.trace(decoder.params, cache, dstate, np.int32(0), np.int32(8),
                                 np.int32(5), sampling=sampling).jaxpr
