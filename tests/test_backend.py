@@ -22,7 +22,8 @@ from teacherlm_jax.training import optimizer
 from teacherlm_jax.training import train
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "teacherlm_jax" / "models"
-_CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: x\nflags\t\t: fpu sse2 avx2 {extra}\n"
+_CPUINFO = ("processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: x\n"
+            "flags\t\t: fpu sse2 avx2 {extra}\n")
 
 
 def test_the_models_never_ask_for_the_backend():

@@ -418,7 +418,8 @@ def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
   blocks = create(rngs)
   for _, node in nnx.iter_graph(blocks):
     if isinstance(node, nnx.Variable):
-      node.set_metadata("logical_axes", (LAYERS_AXIS,) + tuple(node.get_metadata()["logical_axes"]))
+      axes = (LAYERS_AXIS,) + tuple(node.get_metadata()["logical_axes"])
+      node.set_metadata("logical_axes", axes)
   return blocks
 
 
