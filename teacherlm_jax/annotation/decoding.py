@@ -301,23 +301,6 @@ class Decoder:
     return self.runtime.jit(make, program=backend.DECODE,
                             out_shardings=self.cache_shardings(jax.eval_shape(make)))()
 
-  def abstract_cache(self, batch: int, length: int) -> transformer.Cache:
-    """`new_cache`'s shapes and shardings, nothing allocated (ahead-of-time lowering)."""
-    abstract = jax.eval_shape(functools.partial(transformer.init_cache, self.config, batch,
-                                                length, self.cache_dtype))
-    return _with_shardings(abstract, self.cache_shardings(abstract))
-
-  def abstract_decode_state(self, rows: int, max_new_tokens: int) -> DecodeState:
-    """`empty_decode_state`'s shapes and shardings, nothing allocated."""
-    abstract = jax.eval_shape(lambda: _initial_state(
-        rows, max_new_tokens, jnp.zeros(rows, jnp.int32), jnp.ones(rows, jnp.int32),
-        jnp.zeros(rows, bool), jnp.zeros(rows, jnp.int32)))
-    return _with_shardings(abstract, self._state_shardings())
-
-  def _state_shardings(self):
-    return (None if self.mesh is None else
-            {k: self.runtime.sharding(_STATE_AXES[k]) for k in _STATE_AXES})
-
   def release_cache(self, cache: transformer.Cache):
     """Hands a cache no longer used back for `new_cache` to reuse (its contents are stale)."""
     self._cache_pool[(cache["index"].shape[0], cache["segment_ids"].shape[1])] = cache
