@@ -45,8 +45,8 @@ from teacherlm_jax.data import vocab as vocab_lib
 from teacherlm_jax.models import transformer
 from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import partitioning
-from teacherlm_jax.runtime import shapes
 from teacherlm_jax.runtime import program as program_lib
+from teacherlm_jax.runtime import shapes
 from teacherlm_jax.storage import files
 
 NORMALIZATIONS = ("sum", "mean")
