@@ -222,7 +222,7 @@ def eval_step(slice_name: str, aot: AotConfig, in_pipeline: bool) -> Step:
                      "longest prompt to compile the scoring step for")
 
   batch_size = _argument(fn, "batch_size")
-  width = evaluate_lib._bucket(prompt_tokens)  # pylint: disable=protected-access
+  width = shapes.bucket_length(prompt_tokens, step=evaluate_lib.BUCKET_STEP)
   model_flops = _forward_flops(model_config, width, batch_size * width, batch_size)
 
   def lower():
