@@ -90,8 +90,7 @@ def main(argv, gin_bindings=()):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from teacherlm_jax.pipeline import aot_steps  # pylint: disable=g-import-not-at-top
-  cli.parse_flags_and_gin(gin_bindings, hint="AotConfig fields: " + ", ".join(
-      f.name for f in aot_steps.dataclasses.fields(aot_steps.AotConfig)))
+  cli.parse_flags_and_gin(gin_bindings)  # After the import, which registers AotConfig.
   records = aot_steps.compile_steps(_TOPOLOGY.value, _STEPS.value,
                                     progress=lambda line: print(line, flush=True))
   print(table(records), flush=True)
