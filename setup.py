@@ -34,7 +34,9 @@ setuptools.setup(
         # torch is pinned by .ci/run (pip install torch==2.13.0) before this extra so that the
         # CPU build is used; the range here admits it without pulling anything newer.
         "hf": ["transformers>=4.40", "safetensors", "torch>=2.1"],
-        "test": ["pytest", "pytest-timeout"],
+        # gcp-storage-emulator: a local GCS API server the gs:// tests start; scipy: the
+        # sampling test's chi-square tests.
+        "test": ["pytest", "pytest-timeout", "gcp-storage-emulator", "scipy"],
         # libtpu: TPU VMs run on it, and CPU hosts compile for TPU topologies with it.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
