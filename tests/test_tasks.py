@@ -204,5 +204,6 @@ def test_bad_input(shared_data, vocabulary, tmp_path):
 
 def test_accuracy_metric():
   scores = [np.array([0.1, 0.9]), np.array([-1.0, -2.0, -0.5]), np.array([3.0, 1.0])]
-  assert tasks.accuracy_from_scores([1, 2, 1], scores) == {"accuracy": pytest.approx(200 / 3),
-                                                           "num_examples": 3}
+  assert tasks.accuracy_from_scores([1, 2, 1], scores) == {
+      "accuracy": pytest.approx(200 / 3), "gold_score": pytest.approx((0.9 - 0.5 + 1.0) / 3),
+      "num_examples": 3}

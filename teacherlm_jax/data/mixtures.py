@@ -45,12 +45,17 @@ def register_all(vocabulary: seqio.Vocabulary = gin.REQUIRED) -> List[str]:
 def register_student_mixture(dataset: str, shard_pattern: str, fmt: str,
                              vocabulary: seqio.Vocabulary, *, original_rate: float = 1.0,
                              annotated_rate: float = 1.0, name: Optional[str] = None,
-                             seed: int = 0) -> str:
-  """original_{dataset} + its annotated variant in format `fmt`, mixed at the given rates."""
+                             annotated_task: Optional[str] = None, seed: int = 0) -> str:
+  """original_{dataset} + its annotated variant in format `fmt`, mixed at the given rates.
+
+  `annotated_task` names the annotated task (default `student_{dataset}_{fmt}`): several
+  annotation sets of one dataset (teacher, oracle, controls) need distinct names.
+  """
   if original_rate < 0 or annotated_rate < 0 or original_rate + annotated_rate <= 0:
     raise ValueError(f"rates must be >= 0 and not both 0 (got original={original_rate}, "
                      f"annotated={annotated_rate})")
-  annotated = tasks.register_student_task(dataset, shard_pattern, fmt, vocabulary, seed=seed)
+  annotated = tasks.register_student_task(dataset, shard_pattern, fmt, vocabulary,
+                                          name=annotated_task, seed=seed)
   parts: List[Tuple[str, float]] = []
   if original_rate > 0:
     parts.append((tasks.get_task(f"original_{dataset}").name, original_rate))

@@ -324,11 +324,17 @@ def generator_source(make_examples: Callable[[str], Iterator[Dict[str, Any]]],
 
 def accuracy_from_scores(targets: Sequence[int], scores: Sequence[np.ndarray]) -> Dict[str, Any]:
   """seqio score metric for rank classification: `scores[i]` holds one score per option of
-  example i (higher is better), `targets[i]` the gold option index."""
+  example i (higher is better), `targets[i]` the gold option index.
+
+  `gold_score` is the mean score of the gold option: its log-probability for the paper's
+  one-token letters, a measure that moves before accuracy does.
+  """
   if len(targets) != len(scores):
     raise ValueError(f"{len(targets)} targets but {len(scores)} scores")
   correct = [int(np.argmax(s) == t) for t, s in zip(targets, scores)]
+  gold = [float(s[t]) for t, s in zip(targets, scores)]
   return {"accuracy": 100.0 * float(np.mean(correct)) if correct else float("nan"),
+          "gold_score": float(np.mean(gold)) if gold else float("nan"),
           "num_examples": len(correct)}
 
 
