@@ -1,14 +1,15 @@
 r"""Runs the whole TeacherLM pipeline in one experiment directory.
 
-  # The embedded default: a synthetic arithmetic task, tiny models, 2 CPU cores, no data needed.
+  # The embedded default: the synthetic creatures task, tiny models, 2 CPU cores, no data needed.
   python scripts/pipeline.py --gin_file=gin/pipeline_tiny.gin --experiment_dir=/tmp/teacherlm_tiny
   # Real data (CREAK + FLAN CoT from ../shared/data or $TEACHERLM_DATA_DIR):
   python scripts/pipeline.py --gin_file=gin/pipeline_creak.gin --experiment_dir=/tmp/creak
 
-Stages: data -> vocabulary -> teacher SFT -> annotation -> students (original, annotated; one
-per seed) -> evaluation -> report. Rerunning with the same --experiment_dir skips finished
-stages and resumes the unfinished one. The comparison table is printed at the end and written
-to {experiment_dir}/report/report.md with plots.
+Stages: data -> vocabulary -> teacher SFT -> annotation -> students (original,
+teacher_annotated, oracle, shuffled; one per arm and seed) -> evaluation -> report. Rerunning
+with the same --experiment_dir skips finished stages and resumes the unfinished one. The
+comparison and Δ tables are printed at the end and written to
+{experiment_dir}/report/report.md (with report.json and plots); docs/results.md explains them.
 """
 import os
 

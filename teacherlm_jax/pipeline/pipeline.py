@@ -7,21 +7,35 @@ work since the last checkpoint/chunk.
 
   {exp}/data/          records: eval.jsonl, teacher.jsonl, student.jsonl   (synthetic task)
   {exp}/vocab/         spm.model (SentencePiece trained on the data)
-  {exp}/teacher/       trainer model_dir (one teacher tuned on all three annotation kinds)
+  {exp}/teacher/       trainer model_dir (one teacher tuned on the annotation kinds that
+                       `student_format` uses)
   {exp}/teacher_hf/    the teacher exported as an HF directory (what annotate.py loads)
-  {exp}/annotations/   annotation shards + annotations.jsonl (merged, input order)
-  {exp}/students/{variant}_seed{s}/   trainer model_dirs, variant = original | annotated
-  {exp}/eval/{variant}_seed{s}.json   rank-classification results
-  {exp}/report/        report.md, loss.png, accuracy.png, report.json
+  {exp}/annotations/   annotation shards + annotations.jsonl (merged, input order) and
+                       shuffled.jsonl (the same annotations, each on another record)
+  {exp}/students/{arm}_seed{s}/   trainer model_dirs, one per arm and seed
+  {exp}/eval/{arm}_seed{s}/       rank-classification results
+  {exp}/report/        report.md, report.json, accuracy.png, loss.png, teacher_loss.png
 
-Datasets: 'synthetic' (the embedded arithmetic task: no data directory or internet needed) or
-'creak' (teacher CoT-tuned on leakage-filtered FLAN CoT data, CREAK train annotated, students
-evaluated on CREAK dev and MMLU; reads ../shared/data or $TEACHERLM_DATA_DIR).
+Student arms (ARMS), paired by seed (same initialisation and data order seed):
+  original           the records in the original format;
+  teacher_annotated  the records with the teacher's annotations in `student_format`;
+  oracle             the records with the reference annotations (synthetic task only): the
+                     ceiling a perfect teacher would reach;
+  shuffled           each record with another record's teacher annotations: the same words
+                     and facts, not about the question.
+With `student_epochs` set, every arm trains for that many passes over its own data, so
+longer annotated texts get proportionally more steps.
+
+Datasets: 'synthetic' (the embedded creatures task, data/synthetic.py: no data directory or
+internet needed) or 'creak' (teacher CoT-tuned on leakage-filtered FLAN CoT data, CREAK train
+annotated, students evaluated on CREAK dev and MMLU; reads ../shared/data or
+$TEACHERLM_DATA_DIR).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -38,9 +52,10 @@ from teacherlm_jax.pipeline import report as report_lib
 from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.storage import files
 from teacherlm_jax.training import train as train_lib
+from teacherlm_jax.training import train_data
 
 DONE = "DONE.json"
-VARIANTS = ("original", "annotated")
+ARMS = ("original", "teacher_annotated", "oracle", "shuffled")
 
 
 @gin.configurable
@@ -51,13 +66,17 @@ class PipelineConfig:
 
   Attributes:
     dataset: 'synthetic' or 'creak'.
-    seeds: one student per seed and variant; the report gives mean ± std over seeds.
-    synthetic_sizes: records per split of the synthetic task (eval first: later splits
-      never repeat its questions).
+    seeds: one student per seed and arm; the report gives mean ± std over seeds and each
+      arm's paired difference to 'original' with a 95% confidence interval.
+    arms: the students trained per seed (a subset of ARMS, 'original' first).
+    student_epochs: passes over each arm's training data (None: student/TrainConfig.num_steps
+      steps for every arm).
+    synthetic_creatures: creatures of the synthetic task (a multiple of 64): two questions
+      each in the students' records, one in the evaluation, one in the teacher's records.
     vocab_size: SentencePiece vocabulary size (trained on the experiment's own text).
     student_format: student format of the annotated data ('CMF', 'C', 'SHUFFLE', ...).
-    original_rate, annotated_rate: mixture rates of the 'annotated' student's data (the
-      'original' student trains on the original data alone).
+    original_rate, annotated_rate: mixture rates of the annotated arms' data (the
+      'original' arm trains on the original data alone).
     annotate_limit: annotate only the first N student records (None: all).
     eval_tasks: evaluation tasks/mixtures for the real-data configurations (synthetic uses
       its own held-out split).
@@ -67,8 +86,9 @@ class PipelineConfig:
   """
   dataset: str = "synthetic"
   seeds: Sequence[int] = (0, 1, 2)
-  synthetic_sizes: Dict[str, int] = dataclasses.field(
-      default_factory=lambda: {"eval": 300, "teacher": 1500, "student": 1000})
+  arms: Sequence[str] = ARMS
+  student_epochs: Optional[float] = None
+  synthetic_creatures: int = 128
   vocab_size: int = 800
   student_format: str = "CMF"
   original_rate: float = 1.0
@@ -84,6 +104,15 @@ class PipelineConfig:
       raise ValueError(f"PipelineConfig.dataset={self.dataset!r}: expected 'synthetic' or 'creak'")
     if not self.seeds:
       raise ValueError("PipelineConfig.seeds is empty: give at least one seed")
+    unknown = [arm for arm in self.arms if arm not in ARMS]
+    if unknown or not self.arms or self.arms[0] != "original":
+      raise ValueError(f"PipelineConfig.arms={tuple(self.arms)}: expected 'original' first, "
+                       f"then any of {ARMS[1:]}")
+    if "oracle" in self.arms and self.dataset != "synthetic":
+      raise ValueError("PipelineConfig.arms: 'oracle' needs reference annotations, which only "
+                       "the 'synthetic' dataset has")
+    if self.student_epochs is not None and self.student_epochs <= 0:
+      raise ValueError(f"PipelineConfig.student_epochs={self.student_epochs}: must be > 0")
     prompts.annotation_order(self.student_format)  # Validates the format name.
 
 
@@ -94,6 +123,12 @@ class Pipeline:
     self.config = config
     self.dir = files.makedirs(experiment_dir)  # Local or gs://, never a local 'gs:' folder.
     self.timings: Dict[str, float] = {}
+
+  @property
+  def annotation_kinds(self) -> tuple:
+    """The kinds the student format uses: the teacher learns and writes these only."""
+    needed = prompts.annotation_order(self.config.student_format)
+    return tuple(kind for kind in prompts.ANNOTATION_KINDS if kind in needed)
 
   # ---- stage bookkeeping ---------------------------------------------------------------
 
@@ -117,10 +152,16 @@ class Pipeline:
   def data(self) -> dict:
     out = self.dir / "data"
     if self.config.dataset == "synthetic":
-      splits = synthetic.make_splits(dict(self.config.synthetic_sizes), seed=0)
+      splits = synthetic.make_splits(self.config.synthetic_creatures, seed=0)
       paths = {name: str(synthetic.write_jsonl(records, out / f"{name}.jsonl"))
                for name, records in splits.items()}
-      return {"paths": paths, "sizes": {k: len(v) for k, v in splits.items()}}
+      # What a model that reads only the options would score: the task must not give the
+      # answer away without the question.
+      shortcut = synthetic.options_only_accuracy(splits["student"], splits["eval"])
+      return {"paths": paths, "sizes": {k: len(v) for k, v in splits.items()},
+              "shortcut_baseline_accuracy": shortcut,
+              "chance": 100.0 * sum(1 / len(r["options"]) for r in splits["eval"])
+                        / len(splits["eval"])}
     records = list(tasks.creak_records("train"))
     if self.config.creak_train_records is not None:
       records = records[:self.config.creak_train_records]
@@ -157,7 +198,8 @@ class Pipeline:
     if self.config.dataset == "synthetic":
       names.update(record_tasks.register_record_tasks(
           "synthetic", vocabulary, eval_path=data["paths"]["eval"],
-          teacher_path=data["paths"]["teacher"], student_path=data["paths"]["student"]))
+          teacher_path=data["paths"]["teacher"], student_path=data["paths"]["student"],
+          kinds=self.annotation_kinds))
       names["eval_tasks"] = [names.pop("eval")]
     else:
       mixtures.register_all(vocabulary)
@@ -170,11 +212,24 @@ class Pipeline:
       # rows are skipped and counted (tasks.SKIPS, shown in the report), never silently.
       tasks.set_on_bad_row("skip")
       dataset = "synthetic" if self.config.dataset == "synthetic" else "creak_subset"
-      names["annotated"] = mixtures.register_student_mixture(
-          dataset, annotations, self.config.student_format, vocabulary,
-          original_rate=self.config.original_rate, annotated_rate=self.config.annotated_rate,
-          name=f"student_mix_{dataset}")
+      for arm, path in annotations.items():
+        names[arm] = mixtures.register_student_mixture(
+            dataset, path, self.config.student_format, vocabulary,
+            original_rate=self.config.original_rate, annotated_rate=self.config.annotated_rate,
+            name=f"student_mix_{dataset}_{arm}", annotated_task=f"student_{dataset}_{arm}")
     return names
+
+  def annotation_sets(self, data: dict, annotation: dict) -> Dict[str, str]:
+    """Arm -> the annotation file its student task reads (the shuffled control is written
+    here, deterministically, from the teacher's annotations)."""
+    paths = {"teacher_annotated": annotation["merged"],
+             "oracle": data["paths"].get("student")}
+    if "shuffled" in self.config.arms:
+      rows = annotation_io.read_jsonl(annotation["merged"])
+      paths["shuffled"] = str(synthetic.write_jsonl(
+          synthetic.shuffled_annotations(rows, self.annotation_kinds, seed=0),
+          self.dir / "annotations" / "shuffled.jsonl"))
+    return {arm: paths[arm] for arm in self.config.arms if arm != "original"}
 
   def teacher(self, task: str, spm: str) -> dict:
     with gin.config_scope("teacher"):
@@ -200,7 +255,7 @@ class Pipeline:
     out = self.dir / "annotations"
     summary = annotate_lib.annotate(
         data["paths"]["student"], str(out), teachers=teacher_hf, tokenizer=f"spm:{spm}",
-        limit=self.config.annotate_limit, resume=True)
+        kinds=self.annotation_kinds, limit=self.config.annotate_limit, resume=True)
     merged = out / "annotations.jsonl"
     # annotate() ended with a barrier: every shard is committed. One process merges.
     if jax.process_index() == 0:
@@ -219,15 +274,20 @@ class Pipeline:
     return {"summary": summary, "merged": str(merged), "records": count,
             "usable_for_student_format": usable}
 
-  def student(self, variant: str, seed: int, task: str, spm: str) -> dict:
+  def student(self, arm: str, seed: int, task: str, spm: str) -> dict:
     with gin.config_scope("student"):
       config = train_lib.TrainConfig()
     config = self._with_vocab(config.replace(train_task=task, eval_task=task, eval_split="train",
                                              seed=seed, data_seed=seed), spm)
-    model_dir = self.dir / "students" / f"{variant}_seed{seed}"
+    batches_per_epoch = None
+    if self.config.student_epochs is not None:
+      batches_per_epoch = _batches_per_epoch(task, config)
+      config = config.replace(num_steps=max(
+          1, math.ceil(self.config.student_epochs * batches_per_epoch)))
+    model_dir = self.dir / "students" / f"{arm}_seed{seed}"
     result = train_lib.train(config, str(model_dir))
     return {"final_step": result["step"], "model_dir": str(model_dir),
-            "losses": _loss_curve(model_dir)}
+            "batches_per_epoch": batches_per_epoch, "losses": _loss_curve(model_dir)}
 
   def evaluation(self, model_dir: str, eval_tasks: Sequence[str], spm: str) -> dict:
     model = checkpoint_io.load_model(model_dir)
@@ -240,38 +300,44 @@ class Pipeline:
 
   def run(self) -> files.Path:
     start = time.time()
+    # Every student compiles the same programs: a persistent cache compiles them once.
+    jax.config.update("jax_compilation_cache_dir", str(self.dir / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     data = self._stage("data", self.data)
     spm = self._stage("vocab", lambda: self.vocabulary(data))["spm"]
     names = self.register(data, spm)
     teacher = self._stage("teacher", lambda: self.teacher(names["teacher"], spm))
     annotation = self._stage("annotations",
                              lambda: self.annotation(data, spm, teacher["hf_dir"]))
-    names = self.register(data, spm, annotations=annotation["merged"])
-    accuracy: Dict[str, Dict[str, List[float]]] = {v: {} for v in VARIANTS}
-    curves: Dict[str, List] = {v: [] for v in VARIANTS}
+    names = self.register(data, spm, annotations=self.annotation_sets(data, annotation))
+    arms = list(self.config.arms)
+    accuracy: Dict[str, Dict[str, List[float]]] = {arm: {} for arm in arms}
+    gold_scores: Dict[str, Dict[str, List[float]]] = {arm: {} for arm in arms}
+    curves: Dict[str, List] = {arm: [] for arm in arms}
+    steps: Dict[str, List[int]] = {arm: [] for arm in arms}
     for seed in self.config.seeds:
-      for variant in VARIANTS:
-        name = f"{variant}_seed{seed}"
+      for arm in arms:
+        name = f"{arm}_seed{seed}"
         trained = self._stage(f"students/{name}",
-                              lambda: self.student(variant, seed, names[variant], spm))
-        curves[variant].append(trained["losses"])
+                              lambda: self.student(arm, seed, names[arm], spm))
+        curves[arm].append(trained["losses"])
+        steps[arm].append(trained["final_step"])
         result = self._stage(f"eval/{name}", lambda: self.evaluation(
             trained["model_dir"], names["eval_tasks"], spm))
         for task, metrics in result["tasks"].items():
-          accuracy[variant].setdefault(task, []).append(metrics["accuracy"] / 100.0)
+          accuracy[arm].setdefault(task, []).append(metrics["accuracy"] / 100.0)
+          gold_scores[arm].setdefault(task, []).append(metrics.get("gold_score"))
         for task, value in result.get("macro", {}).items():
-          accuracy[variant].setdefault(task, []).append(value / 100.0)
-    path = report_lib.write_report(self.dir / "report", title="TeacherLM pipeline report",
-                                   accuracy=accuracy, loss_curves=curves,
-                                   **self.report_contents(annotation, teacher))
-    logging.info("accuracy (rank classification):\n%s", report_lib.comparison_table(accuracy))
+          accuracy[arm].setdefault(task, []).append(value / 100.0)
+    path = self.write_report(data, accuracy, gold_scores, curves, steps, annotation, teacher,
+                             primary_task=names["eval_tasks"][0])
     logging.info("finished in %.0f s; report: %s", time.time() - start, path)
     return path
 
-  def report_contents(self, annotation: dict, teacher: dict) -> dict:
-    """The report's annotation summary, sample annotations and notes (report.write_report's
-    keyword arguments besides the accuracy and loss curves)."""
+  def write_report(self, data: dict, accuracy, gold_scores, curves, steps, annotation: dict,
+                   teacher: dict, primary_task: str) -> files.Path:
     summary = annotation["summary"]
+    rows = annotation_io.read_jsonl(annotation["merged"])
     annotation_summary = {
         "records annotated": annotation["records"],
         f"records usable in format {self.config.student_format} (all its kinds non-empty)":
@@ -281,25 +347,79 @@ class Pipeline:
         "generated tokens/s": summary.get("tokens_per_s"),
         "stopped at EOS (per kind)": summary.get("stopped_at_eos"),
         "QC flags (per kind)": summary.get("qc_flags"),
+        "records flagged wrong_answer (any kind)": sum(_wrong_answer(row) for row in rows),
         "teacher final training loss": teacher.get("final_loss"),
         "annotated rows skipped by the student task (empty annotation)": tasks.SKIPS.total,
     }
+    if self.config.dataset == "synthetic":
+      annotation_summary["annotations equal to the reference (per kind)"] = (
+          _reference_matches(rows, data["paths"]["student"], self.annotation_kinds))
     samples = []
-    rows = annotation_io.read_jsonl(annotation["merged"])
     for row in rows[:self.config.num_samples_in_report]:
       sample = {"id": row.get("id"),
                 "prompt": prompts.sample_text(row["question"], row["options"], row["answer"])}
-      for kind in prompts.ANNOTATION_KINDS:
-        if kind in row:
-          sample[kind] = row[kind]
+      for kind in self.annotation_kinds:
+        sample[kind] = row.get(kind)
       samples.append(sample)
+    epochs = (f"{self.config.student_epochs:g} epochs over each arm's own data (steps per "
+              f"arm: {', '.join(f'{a} {s[0]}' for a, s in steps.items() if s)})"
+              if self.config.student_epochs is not None else "the same number of steps")
     notes = [f"Dataset: {self.config.dataset}; students: {len(self.config.seeds)} seeds per "
-             f"variant; annotated student format {self.config.student_format} mixed with the "
-             f"original data at rates {self.config.original_rate}:{self.config.annotated_rate}.",
+             f"arm, paired by seed; annotated arms in student format "
+             f"{self.config.student_format}, mixed with the original data at rates "
+             f"{self.config.original_rate}:{self.config.annotated_rate}; every student trains "
+             f"for {epochs}.",
              "Accuracy: zero-shot rank classification over the option letters "
-             "(mean ± std over seeds, n = seeds). Chance is 1 / number of options."]
-    return {"annotation_summary": annotation_summary, "sample_annotations": samples,
-            "notes": notes}
+             "(mean ± std over seeds, n = seeds). Δ: arm minus 'original' on the same seed, "
+             "mean and 95% confidence interval (paired t over seeds)."]
+    chance = data.get("chance", _chance(primary_task))
+    path = report_lib.write_report(
+        self.dir / "report", title="TeacherLM pipeline report", accuracy=accuracy,
+        loss_curves=curves, annotation_summary=annotation_summary, sample_annotations=samples,
+        notes=notes, primary_task=primary_task, gold_scores=gold_scores, chance=chance,
+        shortcut_baseline_accuracy=data.get("shortcut_baseline_accuracy"),
+        wrong_answer_rate=annotation_summary["records flagged wrong_answer (any kind)"]
+                          / max(len(rows), 1),
+        teacher_loss=_loss_curve(self.dir / "teacher"), steps=steps)
+    logging.info("accuracy (rank classification):\n%s", report_lib.comparison_table(accuracy))
+    logging.info("effect of the annotations:\n%s",
+                 report_lib.delta_table(accuracy, gold_scores, primary_task))
+    return path
+
+
+def _batches_per_epoch(task: str, config: train_lib.TrainConfig) -> int:
+  """Packed training rows of one pass over `task` (each part of a mixture once), in batches."""
+  rows = 0
+  for leaf in mixtures.leaf_tasks(task):
+    one_pass = train_data.SeqioBatches(leaf, config.train_split, config.seq_len, 1,
+                                       loss_on=config.loss_on, pack=config.pack, shuffle=False,
+                                       repeat=False)
+    rows += sum(1 for _ in one_pass())
+  return math.ceil(rows / config.batch_size)
+
+
+def _wrong_answer(row: dict) -> bool:
+  return any("wrong_answer" in flags for flags in (row.get("qc") or {}).values())
+
+
+def _reference_matches(rows: Sequence[dict], reference_path: str, kinds: Sequence[str]
+                       ) -> Dict[str, str]:
+  """Per kind, how many annotations equal the reference text of their record."""
+  reference = {r["id"]: r for r in record_tasks.read_records(reference_path)}
+  matches = {}
+  for kind in kinds:
+    texts = [(row[kind], reference[row["id"]].get(kind)) for row in rows
+             if isinstance(row.get(kind), str) and row["id"] in reference]
+    if texts:
+      matches[kind] = f"{sum(a.strip() == b for a, b in texts)} of {len(texts)}"
+  return matches
+
+
+def _chance(task: str) -> Optional[float]:
+  """Chance accuracy (%) of a real-data evaluation task (None when unknown)."""
+  if task in tasks.QA_NUM_OPTIONS:
+    return 100.0 / tasks.QA_NUM_OPTIONS[task]
+  return 25.0 if task.startswith("mmlu") else None
 
 
 def _loss_curve(model_dir) -> List[List[float]]:
