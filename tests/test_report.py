@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from teacherlm_jax import report
+from teacherlm_jax.pipeline import report
 
 
 def test_paired_delta_is_the_paired_t_interval():
