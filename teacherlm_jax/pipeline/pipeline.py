@@ -220,15 +220,17 @@ class Pipeline:
     return names
 
   def annotation_sets(self, data: dict, annotation: dict) -> Dict[str, str]:
-    """Arm -> the annotation file its student task reads (the shuffled control is written
-    here, deterministically, from the teacher's annotations)."""
+    """Arm -> the annotation file its student task reads. The shuffled control is derived
+    from the teacher's annotations once (deterministic), so pipelines running other seeds in
+    the same directory read, never rewrite, it."""
     paths = {"teacher_annotated": annotation["merged"],
              "oracle": data["paths"].get("student")}
-    if "shuffled" in self.config.arms:
+    shuffled = self.dir / "annotations" / "shuffled.jsonl"
+    if "shuffled" in self.config.arms and not files.exists(shuffled):
       rows = annotation_io.read_jsonl(annotation["merged"])
-      paths["shuffled"] = str(synthetic.write_jsonl(
-          synthetic.shuffled_annotations(rows, self.annotation_kinds, seed=0),
-          self.dir / "annotations" / "shuffled.jsonl"))
+      synthetic.write_jsonl(synthetic.shuffled_annotations(rows, self.annotation_kinds, seed=0),
+                            shuffled)
+    paths["shuffled"] = str(shuffled)
     return {arm: paths[arm] for arm in self.config.arms if arm != "original"}
 
   def teacher(self, task: str, spm: str) -> dict:
