@@ -14,13 +14,11 @@ import pytest
 from conftest import REPO_ROOT
 
 SEEDS = (0, 1, 2)
-# The main job's task, models and epochs; half the creatures (the teacher's steps halved with
-# its data), three seeds, two arms.
+# The main job's task, models, teacher and epochs; half the creatures, three seeds, two arms.
 SHRUNKEN = [
     f"--gin.PipelineConfig.seeds={SEEDS}",
     "--gin.PipelineConfig.arms=('original', 'teacher_annotated')",
     "--gin.PipelineConfig.synthetic_creatures=64",
-    "--gin.teacher/TrainConfig.num_steps=200",
 ]
 
 
