@@ -14,11 +14,12 @@ import pytest
 from conftest import REPO_ROOT
 
 SEEDS = (0, 1, 2)
-# The main job's task, models, teacher and epochs; half the creatures, three seeds, two arms.
+# The main job's task, models, teacher and epochs; three seeds, two arms. Half the creatures
+# is too little: the teacher then names a wrong letter in 21 of 128 chains and the students'
+# gain shrinks into the noise.
 SHRUNKEN = [
     f"--gin.PipelineConfig.seeds={SEEDS}",
     "--gin.PipelineConfig.arms=('original', 'teacher_annotated')",
-    "--gin.PipelineConfig.synthetic_creatures=64",
 ]
 
 
