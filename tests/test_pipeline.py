@@ -15,8 +15,8 @@ from conftest import REPO_ROOT
 
 SEEDS = (0, 1, 2)
 # The main job's task, models, teacher and epochs; three seeds, two arms. Half the creatures
-# is too little: the teacher then names a wrong letter in 21 of 128 chains and the students'
-# gain shrinks into the noise.
+# is too little: the teacher then writes wrong letters and the students' gain sinks into the
+# noise.
 SHRUNKEN = [
     f"--gin.PipelineConfig.seeds={SEEDS}",
     "--gin.PipelineConfig.arms=('original', 'teacher_annotated')",
