@@ -1,4 +1,5 @@
 """O(1) resume: the input position comes back from the checkpoint, it is not replayed."""
+import logging
 import jax
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_a_position_of_another_pipeline_is_refused(flan_task):
     _batches(flan_task)(2, state=state)
 
 
-def test_training_resumes_from_the_saved_input_position(flan_task, tmp_path, capsys):
+def test_training_resumes_from_the_saved_input_position(flan_task, tmp_path, caplog):
   config = train.TrainConfig(
       model="tiny-bloom", train_task=flan_task, seq_len=SEQ_LEN, batch_size=BATCH,
       learning_rate=3e-3, schedule="constant", num_steps=4, log_every=2, checkpoint_every=2,
@@ -61,8 +62,10 @@ def test_training_resumes_from_the_saved_input_position(flan_task, tmp_path, cap
   whole = train.train(config, str(tmp_path / "whole"))
   train.train(config.replace(num_steps=2), str(tmp_path / "split"))
   assert input_position.load(str(tmp_path / "split"), 2, 0, 1) is not None
-  resumed = train.train(config, str(tmp_path / "split"))
-  assert "input: continuing from the position saved at step 2" in capsys.readouterr().out
+  with caplog.at_level(logging.INFO, logger="absl"):  # The trainer logs through absl.
+    resumed = train.train(config, str(tmp_path / "split"))
+  log = "\n".join(record.getMessage() for record in caplog.records)
+  assert "input: continuing from the position saved at step 2" in log
   assert resumed["start_step"] == 2
   np.testing.assert_allclose(resumed["losses"], whole["losses"][2:], rtol=1e-6)
   for x, y in zip(jax.tree.leaves(resumed["state"]["params"]),

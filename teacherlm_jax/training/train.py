@@ -292,10 +292,10 @@ def _open_batches(train_batches: BatchesFn, model_dir: str, start: int, k: int, 
   if start:
     position = input_position.load(model_dir, start, jax.process_index(), jax.process_count())
   if position is not None:
-    writer.message(f"input: continuing from the position saved at step {start}")
+    logging.info("input: continuing from the position saved at step %d", start)
     return train_batches(start * k, state=position)
   if start:
-    writer.message(f"input: no position saved at step {start}; replaying {start * k} batches")
+    logging.info("input: no position saved at step %d; replaying %d batches", start, start * k)
   return train_batches(start * k)
 
 
