@@ -162,7 +162,8 @@ def test_tokenizer_larger_than_the_model_is_refused_naming_both(teacher, tmp_pat
 
 def test_train_refuses_a_task_vocabulary_larger_than_the_model():
   from teacherlm_jax.training import train_data
-  task = train_data.register_flan_cot_bytes_task("/nonexistent")  # Registering reads nothing.
+  # Registering reads nothing; its own name, so later tests register the real-data task.
+  task = train_data.register_flan_cot_bytes_task("/nonexistent", name="flan_cot_bytes_vocab_check")
   size = train_data.get_task(task).output_features["targets"].vocabulary.vocab_size
   with pytest.raises(vocab.VocabularyMismatch, match=rf"has {size} tokens but model preset "
                                                      r"'tiny' has vocab_size=100"):

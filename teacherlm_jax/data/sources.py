@@ -13,6 +13,7 @@ dataset is read, never at import.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import json
 import os
@@ -33,6 +34,18 @@ def set_data_dir(path: Optional[str]) -> None:
   """Overrides TEACHERLM_DATA_DIR for this process (None restores the default)."""
   global _DATA_DIR
   _DATA_DIR = None if path is None else str(path)
+
+
+@contextlib.contextmanager
+def using_data_dir(path: Optional[str]):
+  """`set_data_dir(path)` for the body only; the previous setting comes back after it."""
+  global _DATA_DIR
+  previous = _DATA_DIR
+  set_data_dir(path)
+  try:
+    yield
+  finally:
+    _DATA_DIR = previous
 
 
 def data_dir() -> files.Path:

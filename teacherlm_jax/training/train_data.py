@@ -213,8 +213,8 @@ def _flan_examples(data_dir: str, files: Sequence[str], validation_size: int):
   """TeacherLM CoT examples (data/tasks.py: prompt + trigger -> rationale) of FLAN files,
   leakage-filtered against the evaluation sets like every FLAN-derived task."""
   from teacherlm_jax.data import sources, tasks  # pylint: disable=g-import-not-at-top
-  sources.set_data_dir(data_dir)
-  examples = [tasks.teacher_example(r) for name in files for r in tasks.flan_records(name)]
+  with sources.using_data_dir(data_dir):
+    examples = [tasks.teacher_example(r) for name in files for r in tasks.flan_records(name)]
   inputs = [e["inputs"] for e in examples]
   targets = [e["targets"] for e in examples]
   return {"train": (inputs[validation_size:], targets[validation_size:]),
