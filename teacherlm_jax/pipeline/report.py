@@ -180,7 +180,7 @@ def write_report(directory, *, title: str, accuracy, loss_curves, annotation_sum
             f"- chance: {_percent(chance)}",
             f"- options-only shortcut baseline (sees the options, never the question): "
             f"{_percent(shortcut_baseline_accuracy)}",
-            f"- teacher annotations flagged wrong_answer: "
+            "- teacher annotations flagged wrong_answer: "
             + (f"{100 * wrong_answer_rate:.1f}%" if wrong_answer_rate is not None else "n/a"),
             "", "## Accuracy per task (rank classification)", "", comparison_table(accuracy), "",
             "![accuracy](accuracy.png)", "", "## Student training loss", "",
