@@ -142,6 +142,35 @@ def test_model_with_pallas_attention_matches_xla_forward_and_decode_step():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_decoders_size_caches_in_whole_tiles_and_decode_as_xla():
+  """Under 'pallas' a cache of prompt + new tokens is allocated in whole key tiles (no padded
+  copy per step), and greedy decoding, static and slot engine, gives xla's tokens."""
+  from teacherlm_jax.annotation import decoding
+  prompts = [list(np.random.default_rng(i).integers(3, 64, size=n)) for i, n in
+             enumerate((9, 30, 17))]
+  sampling = decoding.SamplingConfig(max_new_tokens=12, temperature=0.0)
+  tokens = {}
+  for impl in ("xla", "pallas"):
+    model = transformer.DecoderLM(_config("bloom", impl, attention_block_kv=256),
+                                  rngs=transformer.nnx.Rngs(0))
+    decoder = decoding.Decoder(model, eos_id=-1)
+    engine = decoding.SlotEngine(decoder, sampling, num_slots=2, max_prompt_length=30)
+    # Prompts bucket to 32 positions; 12 new tokens make 44.
+    lengths = {name: decoder.abstract_cache(rows, 32 + 12)["segment_ids"].shape[1]
+               for name, rows in (("static", 3), ("engine", engine.num_slots))}
+    assert engine.length == 44
+    if impl == "pallas":
+      assert lengths == {"static": 128, "engine": 128}
+    else:
+      assert lengths == {"static": 44, "engine": 44}
+    static = decoder.generate(prompts, sampling)
+    slots = sorted(engine.run([decoding.Request(i, p) for i, p in enumerate(prompts)]),
+                   key=lambda g: g.uid)
+    tokens[impl] = [g.tokens.tolist() for g in static], [g.tokens.tolist() for g in slots]
+  assert tokens["pallas"] == tokens["xla"]
+  assert tokens["xla"][0] == tokens["xla"][1]
+
+
 def _tpu_device(topology: str):
   from jax.experimental import topologies
   return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from teacherlm_jax.models import attention_impl
 from teacherlm_jax.models import transformer
 from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import partitioning
@@ -276,6 +277,7 @@ class Decoder:
 
   def abstract_cache(self, batch: int, length: int) -> transformer.Cache:
     """`new_cache`'s shapes and shardings, nothing allocated (ahead-of-time lowering)."""
+    length = attention_impl.cache_length(self.config, length)
     abstract = jax.eval_shape(functools.partial(transformer.init_cache, self.config, batch,
                                                 length, self.cache_dtype))
     return _with_shardings(abstract, self.cache_shardings(abstract))
@@ -292,7 +294,9 @@ class Decoder:
             {k: self.runtime.sharding(_STATE_AXES[k]) for k in _STATE_AXES})
 
   def new_cache(self, batch: int, length: int) -> transformer.Cache:
-    """An empty cache placed by its logical axes (reused from a finished call when possible)."""
+    """An empty cache of at least `length` positions (whole tiles of the attention kernel),
+    placed by its logical axes (reused from a finished call when possible)."""
+    length = attention_impl.cache_length(self.config, length)
     cached = self._cache_pool.pop((batch, length), None)
     if cached is not None:
       return cached
@@ -441,8 +445,7 @@ class Decoder:
     max_new_B = np.asarray(limits + [1] * pad_rows, np.int32)
     valid_B = np.arange(batch) < n
     eos_id_B = np.full(batch, self.eos_id if eos_id is None else eos_id, np.int32)
-    length = width + sampling.max_new_tokens
-    cache = self.new_cache(batch, length)
+    cache = self.new_cache(batch, width + sampling.max_new_tokens)
     dstate, cache = self._generate_jit(
         self.params, cache, packed, self._put(uid_B, ("batch",)),
         self._put(max_new_B, ("batch",)), self._put(valid_B, ("batch",)),

@@ -44,6 +44,16 @@ def _kernel_lengths(config: ModelConfig, rows: int, keys: int) -> Tuple[int, int
   return row_multiple, key_multiple
 
 
+def cache_length(config: ModelConfig, length: int) -> int:
+  """The KV cache length to allocate for `length` positions: whole kernel tiles for 'pallas'
+  (the kernel would otherwise copy a padded cache at every decode step), `length` elsewhere.
+  The extra positions are never written, so their segment id 0 keeps them invisible."""
+  if config.attention_impl != "pallas":
+    return length
+  _, key_multiple = _kernel_lengths(config, 1, length)
+  return -(-length // key_multiple) * key_multiple
+
+
 def _flash(config: ModelConfig, q_BxHxLxD, k_BxKxSxD, v_BxKxSxD, q_segment_ids_BxL,
            q_positions_BxL, kv_segment_ids_BxS, kv_positions_BxS, causal: bool) -> jax.Array:
   """The Pallas kernel on any lengths: padded to its tiles, the padding cut off after."""
@@ -102,8 +112,7 @@ def cached(config: ModelConfig, q_BxKxGxLxD: jax.Array, k_BxKxSxD: jax.Array,
     q_rows = q_BxKxGxLxD.reshape(b, kv_heads, groups * l, d)
     row_segment_ids = jnp.tile(segment_ids_BxL, (1, groups))
     row_positions = jnp.tile(positions_BxL, (1, groups))
-  # A cache whose length is not a multiple of 128 is copied padded at every step: decoders
-  # should size their caches in whole tiles.
+  # Decoders size their caches by `cache_length`, so `_padded` copies nothing here.
   out = _flash(config, q_rows, k_BxKxSxD, v_BxKxSxD, row_segment_ids, row_positions,
                key_segment_ids_BxS, key_positions_BxS, causal=False)
   return out.reshape(b, kv_heads, groups, l, d)
