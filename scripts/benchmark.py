@@ -8,6 +8,10 @@ r"""Benchmarks ours against PyTorch `transformers` on the same machine, in one r
   python scripts/benchmark.py --only=training --training_families=bloom,opt,llama
   python scripts/benchmark.py --only=training --training_shapes=8x256  # default: 8x256,1x2048
   python scripts/benchmark.py --device              # JAX GPU vs PyTorch CUDA when present
+  python scripts/benchmark.py --device --only=training --training_size=1b \
+      --training_families=bloom,llama --precisions=bfloat16 --training_shapes=8x2048
+                                                    # ~1B train step: ours (cuDNN attention)
+                                                    # vs torch SDPA, MFU against the GPU's peak
   python scripts/benchmark.py --cpu_devices=1       # no CPU mesh rows (default: one device
                                                     # per core, up to 8)
 
@@ -55,6 +59,10 @@ _TRAINING_SHAPES = flags.DEFINE_list(
 flags.register_validator(
     "training_shapes", lambda shapes: all(_is_shape(shape) for shape in shapes),
     message="--training_shapes: each must be ROWSxTOKENS with both above 0, e.g. 8x256")
+_TRAINING_SIZE = flags.DEFINE_enum(
+    "training_size", "full", ["full", "1b"],
+    "Training benchmark model: 'full' (d=512, 8 layers, the CPU rows) or '1b' (d=2048, "
+    "24 layers: for --device).")
 _TRAINING_STEPS_PER_CALL = flags.DEFINE_integer(
     "training_steps_per_call", 4,
     "Train steps per jitted call of ours (TrainConfig.steps_per_call); torch runs as many per "
@@ -121,7 +129,7 @@ def main(argv):
           runners[f"training {family} {precision} {shape}"] = functools.partial(
               training.benchmark_training, device=_DEVICE.value, quick=_QUICK.value,
               batch_size=batch_size, seq_len=seq_len, precision=precision, family=family,
-              steps_per_call=_TRAINING_STEPS_PER_CALL.value)
+              steps_per_call=_TRAINING_STEPS_PER_CALL.value, size=_TRAINING_SIZE.value)
   if "decoding" in _ONLY.value:
     from teacherlm_jax.benchmarks import decoding
     for precision in _PRECISIONS.value:

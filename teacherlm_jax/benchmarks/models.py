@@ -6,8 +6,9 @@ size. Ours imports the same config (`hf.config_from_hf`), so both sides run one 
 """
 from __future__ import annotations
 
-# (hidden, layers, heads, vocab) of the benchmark model and of --quick runs.
-SIZES = {"full": (512, 8, 8, 32000), "quick": (256, 4, 4, 8192)}
+# (hidden, layers, heads, vocab) of the benchmark model, of --quick runs, and of the ~1B model
+# the accelerator rows run (`--device --training_size=1b`: BLOOM 1.3B, LLaMA-style 1.4B).
+SIZES = {"full": (512, 8, 8, 32000), "quick": (256, 4, 4, 8192), "1b": (2048, 24, 16, 32000)}
 FAMILIES = ("bloom", "opt", "llama")
 
 

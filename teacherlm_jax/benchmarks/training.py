@@ -20,6 +20,11 @@ Ours runs `steps_per_call` steps per jitted call (`TrainConfig.steps_per_call`, 
 multi-step `lax.scan`), torch the same number of steps per timed run; a second row times ours
 at one step per call in the same alternation.
 
+With `device=True` on an accelerator both sides run there: ours with the platform's attention
+(`TrainConfig.attention_impl` left to the launch: 'cudnn' on GPU), torch with its SDPA where the
+family has it (`attn_implementation='sdpa'`; the notes say which ran), and MFU is against the
+chip's vendor bf16 peak (`runtime/chips.py`).
+
 `precision='bfloat16'` compares mixed precision with mixed precision: our bf16 compute with
 float32 master weights (`TrainConfig.compute_dtype`) against torch CPU autocast to bf16 with
 float32 parameters; MFU is then against the best measured bf16 matmul.
@@ -60,7 +65,8 @@ def parse_shape(text: str) -> Tuple[int, int]:
 def benchmark_training(device: bool = False, quick: bool = False,
                        batch_size: int = DEFAULT_SHAPE[0], seq_len: int = DEFAULT_SHAPE[1],
                        steps: int = None, precision: str = "float32",
-                       family: str = "bloom", steps_per_call: int = 4) -> List[Dict]:
+                       family: str = "bloom", steps_per_call: int = 4,
+                       size: str = "full") -> List[Dict]:
   """Rows (benchmark, metric, ours, pytorch, ratio, notes) for scripts/benchmark.py."""
   import jax
   import torch
@@ -72,7 +78,7 @@ def benchmark_training(device: bool = False, quick: bool = False,
   from teacherlm_jax.training import mfu
   from teacherlm_jax.training import train as train_lib
 
-  the_hf_config = models.hf_config(family, "quick" if quick else "full")
+  the_hf_config = models.hf_config(family, "quick" if quick else size)
   vocab = the_hf_config.vocab_size
   steps = steps or (2 if quick else 5)
   if quick:
@@ -82,7 +88,14 @@ def benchmark_training(device: bool = False, quick: bool = False,
   torch_device = "cuda" if device and torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   config = hf.config_from_hf(the_hf_config.to_dict())
-  torch_model = transformers.AutoModelForCausalLM.from_config(the_hf_config)
+  torch_attention = "sdpa" if torch_device == "cuda" else None
+  try:
+    torch_model = transformers.AutoModelForCausalLM.from_config(
+        the_hf_config, attn_implementation=torch_attention)
+  except ValueError:  # The family has no SDPA attention in this transformers: its eager one.
+    torch_attention = "eager"
+    torch_model = transformers.AutoModelForCausalLM.from_config(
+        the_hf_config, attn_implementation=torch_attention)
   torch_model = torch_model.to(torch_device).train()
   torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
                                 weight_decay=0.0)
@@ -144,8 +157,13 @@ def benchmark_training(device: bool = False, quick: bool = False,
   ours_tps = steps_per_call * tokens_per_step / best[0]
   theirs_tps = steps_per_call * tokens_per_step / best[1]
   flops_per_token = mfu.flops_per_token(config, seq_len)
-  if device:
-    peak, peak_note = None, "no measured peak on the accelerator path"
+  platform = jax.devices()[0].platform
+  if platform != "cpu":
+    device_kind = jax.devices()[0].device_kind
+    peak = mfu.peak_flops_per_device(device_kind, platform)
+    peak = peak and peak / 1e12
+    peak_note = (f"peak {peak:.0f} TFLOP/s = {device_kind}'s vendor bf16 figure" if peak else
+                 f"no vendor peak known for {device_kind}")
   else:
     jax_peak = mfu.measure_matmul_peak_tflops(2048, dtype=precision)
     torch_peak = torch_matmul_tflops(2048, dtype=precision)
@@ -154,12 +172,13 @@ def benchmark_training(device: bool = False, quick: bool = False,
                  f"(jax {jax_peak:.3f}, torch {torch_peak:.3f})")
   params_m = config.num_params() / 1e6
   compute = "float32" if precision == "float32" else "bf16 compute, float32 master weights"
-  platform = jax.devices()[0].platform
   if platform == "cpu":  # Which library ran our step's dots (backend.onednn_dots_supported).
     onednn = backend.Backend.current().compiler_options(backend.TRAIN, config.compute_dtype)
     platform += ", oneDNN float32 dots" if onednn else ", YNNPACK dots"
   notes = (f"{family} {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
-           f"{platform}, {steps_per_call} step(s) per call; first-step loss ours "
+           f"{platform}, attention ours {config.attention_impl} / torch "
+           f"{torch_model.config._attn_implementation}, {steps_per_call} step(s) per call; "
+           f"first-step loss ours "
            f"{ours_loss:.3f} / torch {theirs_loss:.3f}")
   rows = [{"benchmark": "training", "metric": f"tokens/s{suffix}", "ours": ours_tps,
            "pytorch": theirs_tps, "ratio": ours_tps / theirs_tps, "notes": notes}]
