@@ -288,3 +288,30 @@ def test_stage_can_start_from_an_imported_hf_checkpoint(flan_batches, tmp_path):
   expected = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   _assert_trees_close(_params(result), expected, rtol=0, atol=0)
   assert json.loads((tmp_path / "run" / "model_config.json").read_text())["vocab_size"] == 101
+
+
+def test_runs_differing_only_in_seed_share_one_compile(flan_batches, caplog):
+  """The seed initialises the parameters (as `nnx.Rngs(seed)` does eagerly) but is not part
+  of the compiled program, so a second seed's first step compiles nothing new."""
+  from flax import nnx
+  from teacherlm_jax.models import transformer
+  mesh = train.make_mesh(_config(**MESH))
+  programs = {seed: train.program_for(_config(seed=seed, **MESH),
+                                      train.model_config_for(_config(**MESH), ""), mesh)
+              for seed in (0, 1)}
+  assert programs[0].train_step is programs[1].train_step
+  model_config = train.model_config_for(_config(**MESH), "")
+  eager = {seed: nnx.to_pure_dict(nnx.state(transformer.DecoderLM(model_config,
+                                                                   rngs=nnx.Rngs(seed)),
+                                            nnx.Param)) for seed in (0, 1)}
+  params = {seed: program.init_params() for seed, program in programs.items()}
+  for seed in (0, 1):  # The same random bits; jit and eager round the float maths alike.
+    _assert_trees_close(params[seed], eager[seed], rtol=1e-6, atol=1e-7)
+  assert not np.allclose(params[0]["token_embedding"], params[1]["token_embedding"])
+  batch = partitioning.shard_batch({key: flan_batches[0][key] for key in train.BATCH_KEYS},
+                                   mesh, BATCH)
+  programs[0].train_step(programs[0].fresh_state(params[0]), batch)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    programs[1].train_step(programs[1].fresh_state(params[1]), batch)
+  compiles = [r for r in caplog.records if "Compiling jit(step_fn)" in r.getMessage()]
+  assert not compiles, f"seed 1 compiled the train step again ({len(compiles)} time(s))"

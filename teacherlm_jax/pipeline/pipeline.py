@@ -34,6 +34,7 @@ $TEACHERLM_DATA_DIR).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -391,13 +392,19 @@ class Pipeline:
 
 def _batches_per_epoch(task: str, config: train_lib.TrainConfig) -> int:
   """Packed training rows of one pass over `task` (each part of a mixture once), in batches."""
+  rows = _packed_rows(task, config.train_split, config.seq_len, config.loss_on, config.pack)
+  return math.ceil(rows / config.batch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_rows(task: str, split: str, seq_len: int, loss_on: str, pack: bool) -> int:
+  # Unshuffled, so the same for every seed of an arm: counted once (a pass costs seconds).
   rows = 0
   for leaf in mixtures.leaf_tasks(task):
-    one_pass = train_data.SeqioBatches(leaf, config.train_split, config.seq_len, 1,
-                                       loss_on=config.loss_on, pack=config.pack, shuffle=False,
-                                       repeat=False)
+    one_pass = train_data.SeqioBatches(leaf, split, seq_len, 1, loss_on=loss_on, pack=pack,
+                                       shuffle=False, repeat=False)
     rows += sum(1 for _ in one_pass())
-  return math.ceil(rows / config.batch_size)
+  return rows
 
 
 def _wrong_answer(row: dict) -> bool:

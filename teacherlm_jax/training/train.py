@@ -394,17 +394,22 @@ def _optimizer_args(config: TrainConfig) -> tuple:
 def program_for(config: TrainConfig, model_config: ModelConfig, mesh) -> Program:
   """What `train` compiles for `config`'s run of `model_config` on `mesh` (its steps,
   shardings and initialisers); runs with the same settings in one process share it."""
-  return _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh,
-                  config.loss_chunk_tokens)
+  program = _program(model_config, _optimizer_args(config), config.z_loss, mesh,
+                     config.loss_chunk_tokens)
+  seed = np.int32(config.seed)
+  return program._replace(init_params=lambda: program.init_params(seed))
 
 
+# Not keyed by the seed (an argument of init_params): runs differing only in their seed, e.g.
+# the pipeline's students, share one compile.
 @functools.lru_cache(maxsize=8)
-def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, seed: int,
-             mesh, chunk_tokens: int) -> Program:
+def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, mesh,
+             chunk_tokens: int) -> Program:
   runtime = program_lib.Program(mesh)
   tx, schedule = optimizer_lib.make_optimizer(*optimizer_args)
-  model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(seed))
-  graphdef, abstract_params = runtime.split(nnx.eval_shape(model_fn))
+  model_fn = lambda seed: transformer.DecoderLM(model_config,
+                                                rngs=nnx.Rngs(jax.random.key(seed)))
+  graphdef, abstract_params = runtime.split(nnx.eval_shape(model_fn, 0))
   param_sh = jax.tree.map(lambda x: x.sharding, abstract_params)
   replicated = runtime.replicated
   opt_sh = optimizer_lib.state_shardings(tx, abstract_params, param_sh, replicated)
@@ -415,7 +420,7 @@ def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, se
   batch_sh = {key: partitioning.batch_sharding(mesh, 2) for key in BATCH_KEYS}
   # Each device computes only its own shards: a model larger than one device never exists
   # whole. Compiled on first use (a restored run never needs it).
-  init_params = runtime.jit(lambda: nnx.to_pure_dict(nnx.split(model_fn())[1]),
+  init_params = runtime.jit(lambda seed: nnx.to_pure_dict(nnx.split(model_fn(seed))[1]),
                             program=backend.INIT, out_shardings=param_sh)
 
   dtype = model_config.compute_dtype
