@@ -3,7 +3,8 @@
 Two training processes write checkpoints to gs://, are killed with -9 and resume to the
 parameters of an uninterrupted run; an annotation run reading and writing gs:// is killed with
 -9 at several moments and resumed, and holds every id exactly once with the uninterrupted run's
-texts; no local folder named 'gs:' appears anywhere.
+texts; a training run's TensorBoard events are in the bucket at each flush and read back; no
+local folder named 'gs:' appears anywhere.
 """
 import dataclasses
 import json
@@ -21,6 +22,7 @@ import pytest
 
 from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.storage import files
+from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import train
 from teacherlm_jax.training import train_data
 
@@ -175,6 +177,48 @@ def test_annotation_on_gs_killed_at_several_moments_holds_each_id_once(
   assert len(merged) == NUM_RECORDS == len({r["id"] for r in merged})
   _same_annotations(merged, reference[1])
   _no_local_gs_folder(REPO, tmp_path, pathlib.Path.cwd())
+
+
+def _events_in_bucket(logdir, local_dir) -> dict:
+  """tag -> {step: value} of the event files under `logdir` on gs://, each read back from the
+  bucket and parsed by TensorFlow's own event reader."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for path in files.glob(f"{logdir}/events.out.tfevents.*"):
+    local = local_dir / path.name
+    local.write_bytes(files.read_bytes(path))
+    for event in tf.compat.v1.train.summary_iterator(str(local)):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "scalars":  # Not the hparams.
+          scalars.setdefault(value.tag, {})[event.step] = float(
+              tf.make_ndarray(value.tensor))
+  return scalars
+
+
+def test_training_on_gs_leaves_its_tensorboard_events_in_the_bucket(
+    flan_data, gcs_emulator, gcs_dir, tmp_path):
+  model_dir = f"{gcs_dir}/run"
+  config = _train_config(flan_data, num_steps=8, log_every=2, checkpoint_every=4,
+                         mesh_fsdp=8, mesh_tensor=1, tensorboard=True)
+  result = train.train(config, model_dir)
+  scalars = _events_in_bucket(metrics_lib.tensorboard_dir(model_dir), tmp_path)
+  assert sorted(scalars["train/loss"]) == [2, 4, 6, 8]
+  losses = np.asarray(result["losses"]).reshape(4, 2).mean(axis=1)  # Per logged window.
+  np.testing.assert_allclose([scalars["train/loss"][s] for s in (2, 4, 6, 8)], losses, rtol=1e-5)
+  assert metrics_lib.read_scalars(metrics_lib.tensorboard_dir(model_dir)) == scalars
+  _no_local_gs_folder(REPO, tmp_path, pathlib.Path.cwd())
+
+
+def test_tensorboard_events_on_gs_are_in_the_bucket_at_each_flush(gcs_emulator, gcs_dir,
+                                                                   tmp_path):
+  logdir = f"{gcs_dir}/tensorboard"
+  writer = metrics_lib.create_writer(gcs_dir)
+  writer.write_scalars(1, {"train/loss": 2.5})
+  writer.flush()  # What the trainer does at each checkpoint: a killed run keeps these.
+  assert _events_in_bucket(logdir, tmp_path) == {"train/loss": {1: 2.5}}
+  writer.write_scalars(2, {"train/loss": 1.5})
+  writer.close()
+  assert _events_in_bucket(logdir, tmp_path) == {"train/loss": {1: 2.5, 2: 1.5}}
 
 
 def test_merge_waits_for_every_shard_then_names_the_missing_ones(gcs_emulator, gcs_dir):
