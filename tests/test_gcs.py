@@ -222,6 +222,25 @@ def test_tensorboard_events_on_gs_are_in_the_bucket_at_each_flush(gcs_emulator, 
   assert _events_in_bucket(logdir, tmp_path) == {"train/loss": {1: 2.5, 2: 1.5}}
 
 
+def test_a_second_commit_of_a_chunk_never_replaces_the_first(gcs_emulator, gcs_dir):
+  output = f"{gcs_dir}/annotations"
+  first = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  # A worker thought dead: it read the same manifest and writes the same chunk next.
+  second = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  first.commit([{"id": "a", "input_index": 0, "text": "first"}])
+  with pytest.raises(FileExistsError, match="another writer of this shard wrote this chunk"):
+    second.commit([{"id": "a", "input_index": 0, "text": "second"}])
+  shard = annotation_io.shard_dir(output, 0, 1)
+  assert [r["text"] for r in annotation_io.iter_shard_records(shard)] == ["first"]
+  assert files.read_text(f"{shard}/chunk-000000.jsonl").count('"first"') == 1
+  # The same bytes there already (an upload retried after its reply was lost, or another
+  # writer that decoded the same): accepted, each id still once.
+  third = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  third.commit([{"id": "b", "input_index": 1, "text": "next"}])
+  first.commit([{"id": "b", "input_index": 1, "text": "next"}])
+  assert [r["id"] for r in annotation_io.iter_shard_records(shard)] == ["a", "b"]
+
+
 def test_merge_waits_for_every_shard_then_names_the_missing_ones(gcs_emulator, gcs_dir):
   output = f"{gcs_dir}/annotations"
   writers = [annotation_io.ShardWriter(output, i, 2, {"run": 1}, resume=False) for i in range(2)]
