@@ -5,9 +5,11 @@ that points every client at it: gcsfs (STORAGE_EMULATOR_HOST), TensorStore, whic
 orbax's arrays (TENSORSTORE_GCS_HTTP_URL, a fixed test token), and gcsfs without the
 storage-layout lookups of real GCS (the emulator has no control plane).
 
-Run as a script, this file is the server: the emulator with object downloads that carry
-`x-goog-generation`, as GCS's do (TensorStore reads an object's generation from that header
-and refuses a download without it).
+Run as a script, this file is the server: the emulator with two behaviours of GCS it lacks.
+Object downloads carry `x-goog-generation` (TensorStore reads an object's generation from that
+header and refuses a download without it), and uploads honour the `ifGenerationMatch`
+precondition with 412 (`0`: only if no live object has the name), which write-if-absent
+(storage/files.py) relies on.
 """
 import dataclasses
 import os
@@ -67,6 +69,35 @@ def start(timeout_s: float = 60) -> Emulator:
       time.sleep(0.2)
 
 
+def _with_generation_precondition(handler):
+  """`handler` (an upload) answering 412 when `ifGenerationMatch` names another generation than
+  the live object's (0: none may exist), as GCS does; resumable uploads carry it in their
+  session URL, so every part is checked."""
+  from http import HTTPStatus  # pylint: disable=g-import-not-at-top
+
+  def checked(request, response, storage, *args, **kwargs):
+    expected = request.query.get("ifGenerationMatch")
+    if expected is not None:
+      bucket = request.params["bucket_name"]
+      if "upload_id" in request.query:
+        name = storage.get_resumable_file_obj(request.query["upload_id"][0])["name"]
+      elif "name" in request.query:
+        name = request.query["name"][0]
+      else:  # A multipart upload names its object in the metadata part.
+        name = request.data["meta"].get("name")
+      try:
+        live = str(storage.get_file_obj(bucket, name)["generation"])
+      except Exception:  # pylint: disable=broad-except  (no live object)
+        live = "0"
+      if live != expected[0]:
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        response.json({"error": {"code": 412, "message": "Precondition Failed"}})
+        return None
+    return handler(request, response, storage, *args, **kwargs)
+
+  return checked
+
+
 def _serve(argv) -> None:
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
   download = objects.download
@@ -81,6 +112,8 @@ def _serve(argv) -> None:
     response["x-goog-metageneration"] = str(obj.get("metageneration", 1))
 
   objects.download = download_with_generation  # Before the server module builds its routes.
+  objects.insert = _with_generation_precondition(objects.insert)
+  objects.upload_partial = _with_generation_precondition(objects.upload_partial)
   from gcp_storage_emulator import __main__ as emulator_main  # pylint: disable=g-import-not-at-top
   emulator_main.main(argv)
 

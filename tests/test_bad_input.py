@@ -234,18 +234,18 @@ def test_slot_engine_refuses_settings_that_would_never_finish(teacher):
 
 def test_disk_full_names_the_path_and_says_resume(teacher, tmp_path, monkeypatch):
   _, teacher_dir = teacher
-  real_write = annotation_io.write_atomic
+  real_write = annotation_io.write_if_absent  # How chunks are written.
 
   def full_disk(path, text):
-    if path.name.startswith("chunk-000001"):
+    if path.name == "chunk-000001.jsonl":
       raise OSError(errno.ENOSPC, "No space left on device")
     return real_write(path, text)
 
-  monkeypatch.setattr(annotation_io, "write_atomic", full_disk)
-  with pytest.raises(OSError, match=r"chunk-000001-[0-9a-f]+.jsonl: cannot write \(No space "
+  monkeypatch.setattr(annotation_io, "write_if_absent", full_disk)
+  with pytest.raises(OSError, match=r"chunk-000001.jsonl: cannot write \(No space "
                                     r"left on device\): the disk is full.*rerun with --resume"):
     _annotate(RECORDS, tmp_path / "out", teacher_dir, reject_bad_input=True, chunk_size=1)
-  monkeypatch.setattr(annotation_io, "write_atomic", real_write)
+  monkeypatch.setattr(annotation_io, "write_if_absent", real_write)
   summary = _annotate(RECORDS, tmp_path / "out", teacher_dir, reject_bad_input=True,
                       chunk_size=1, resume=True)
   assert summary["skipped_already_committed"] == 1 and summary["committed_total"] == 3
@@ -254,7 +254,7 @@ def test_disk_full_names_the_path_and_says_resume(teacher, tmp_path, monkeypatch
 def test_damaged_committed_chunk_says_how_to_recover(teacher, tmp_path):
   _, teacher_dir = teacher
   _annotate(RECORDS, tmp_path / "out", teacher_dir, reject_bad_input=True, chunk_size=1)
-  (chunk,) = annotation_io.shard_dir(tmp_path / "out", 0, 1).glob("chunk-000001-*.jsonl")
+  chunk = annotation_io.shard_dir(tmp_path / "out", 0, 1) / "chunk-000001.jsonl"
   chunk.write_text(chunk.read_text()[:40] + "\n")
   with pytest.raises(ValueError, match=rf"{chunk}:1: is not JSON.*delete {chunk} and rerun "
                                        r"with --resume"):

@@ -33,6 +33,15 @@ def test_write_read_glob_remove(root, tmp_path, monkeypatch):
   assert not (tmp_path / "gs:").exists()  # A URI never becomes a local folder.
 
 
+def test_write_if_absent_keeps_the_first_file(root):
+  path = files.join(root, "shard-0", "chunk-000000.jsonl")
+  files.write_if_absent(path, '{"id": "a"}\n')
+  with pytest.raises(FileExistsError):
+    files.write_if_absent(path, '{"id": "b"}\n')
+  assert files.read_text(path) == '{"id": "a"}\n'
+  assert files.glob(files.join(root, "shard-0", "*")) == [files.resolve(path)]  # No temp file.
+
+
 def test_resolve_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert os.fspath(files.resolve("gs://b/run/x")) == "gs://b/run/x"

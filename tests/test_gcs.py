@@ -3,7 +3,8 @@
 Two training processes write checkpoints to gs://, are killed with -9 and resume to the
 parameters of an uninterrupted run; an annotation run reading and writing gs:// is killed with
 -9 at several moments and resumed, and holds every id exactly once with the uninterrupted run's
-texts; no local folder named 'gs:' appears anywhere.
+texts; a training run's TensorBoard events are in the bucket at each flush and read back; the
+pipeline runs to its report on gs://; no local folder named 'gs:' appears anywhere.
 """
 import dataclasses
 import json
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -21,6 +23,7 @@ import pytest
 
 from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.storage import files
+from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import train
 from teacherlm_jax.training import train_data
 
@@ -177,6 +180,67 @@ def test_annotation_on_gs_killed_at_several_moments_holds_each_id_once(
   _no_local_gs_folder(REPO, tmp_path, pathlib.Path.cwd())
 
 
+def _events_in_bucket(logdir, local_dir) -> dict:
+  """tag -> {step: value} of the event files under `logdir` on gs://, each read back from the
+  bucket and parsed by TensorFlow's own event reader."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for path in files.glob(f"{logdir}/events.out.tfevents.*"):
+    local = local_dir / path.name
+    local.write_bytes(files.read_bytes(path))
+    for event in tf.compat.v1.train.summary_iterator(str(local)):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "scalars":  # Not the hparams.
+          scalars.setdefault(value.tag, {})[event.step] = float(
+              tf.make_ndarray(value.tensor))
+  return scalars
+
+
+def test_training_on_gs_leaves_its_tensorboard_events_in_the_bucket(
+    flan_data, gcs_emulator, gcs_dir, tmp_path):
+  model_dir = f"{gcs_dir}/run"
+  config = _train_config(flan_data, num_steps=8, log_every=2, checkpoint_every=4,
+                         mesh_fsdp=8, mesh_tensor=1, tensorboard=True)
+  result = train.train(config, model_dir)
+  scalars = _events_in_bucket(metrics_lib.tensorboard_dir(model_dir), tmp_path)
+  assert sorted(scalars["train/loss"]) == [2, 4, 6, 8]
+  losses = np.asarray(result["losses"]).reshape(4, 2).mean(axis=1)  # Per logged window.
+  np.testing.assert_allclose([scalars["train/loss"][s] for s in (2, 4, 6, 8)], losses, rtol=1e-5)
+  assert metrics_lib.read_scalars(metrics_lib.tensorboard_dir(model_dir)) == scalars
+  _no_local_gs_folder(REPO, tmp_path, pathlib.Path.cwd())
+
+
+def test_tensorboard_events_on_gs_are_in_the_bucket_at_each_flush(gcs_emulator, gcs_dir,
+                                                                   tmp_path):
+  logdir = f"{gcs_dir}/tensorboard"
+  writer = metrics_lib.create_writer(gcs_dir)
+  writer.write_scalars(1, {"train/loss": 2.5})
+  writer.flush()  # What the trainer does at each checkpoint: a killed run keeps these.
+  assert _events_in_bucket(logdir, tmp_path) == {"train/loss": {1: 2.5}}
+  writer.write_scalars(2, {"train/loss": 1.5})
+  writer.close()
+  assert _events_in_bucket(logdir, tmp_path) == {"train/loss": {1: 2.5, 2: 1.5}}
+
+
+def test_a_second_commit_of_a_chunk_never_replaces_the_first(gcs_emulator, gcs_dir):
+  output = f"{gcs_dir}/annotations"
+  first = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  # A worker thought dead: it read the same manifest and writes the same chunk next.
+  second = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  first.commit([{"id": "a", "input_index": 0, "text": "first"}])
+  with pytest.raises(FileExistsError, match="another writer of this shard wrote this chunk"):
+    second.commit([{"id": "a", "input_index": 0, "text": "second"}])
+  shard = annotation_io.shard_dir(output, 0, 1)
+  assert [r["text"] for r in annotation_io.iter_shard_records(shard)] == ["first"]
+  assert files.read_text(f"{shard}/chunk-000000.jsonl").count('"first"') == 1
+  # The same bytes there already (an upload retried after its reply was lost, or another
+  # writer that decoded the same): accepted, each id still once.
+  third = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  third.commit([{"id": "b", "input_index": 1, "text": "next"}])
+  first.commit([{"id": "b", "input_index": 1, "text": "next"}])
+  assert [r["id"] for r in annotation_io.iter_shard_records(shard)] == ["a", "b"]
+
+
 def test_merge_waits_for_every_shard_then_names_the_missing_ones(gcs_emulator, gcs_dir):
   output = f"{gcs_dir}/annotations"
   writers = [annotation_io.ShardWriter(output, i, 2, {"run": 1}, resume=False) for i in range(2)]
@@ -189,38 +253,47 @@ def test_merge_waits_for_every_shard_then_names_the_missing_ones(gcs_emulator, g
   assert annotation_io.merge(output, f"{output}/merged.jsonl", wait_s=1) == 2
 
 
-# The pipeline shrunk as tests/test_pipeline.py shrinks it (a teacher that writes some text).
+# The main job's pipeline shrunk to minutes: two arms, one seed, the fewest creatures, a teacher
+# trained just long enough to write some text. TensorBoard stays on, as in the main job: the
+# report's loss curves are read back from event files on gs://.
 PIPELINE_SHRUNKEN = [
     "--gin.PipelineConfig.seeds=(0,)",
-    "--gin.PipelineConfig.synthetic_sizes={'eval': 20, 'teacher': 150, 'student': 12}",
-    "--gin.teacher/TrainConfig.num_steps=100",
-    "--gin.student/TrainConfig.num_steps=6",
-    "--gin.TrainConfig.checkpoint_every=50",
-    "--gin.TrainConfig.batch_size=8",
-    "--gin.TrainConfig.seq_len=128",
-    "--gin.TrainConfig.tensorboard=False",
+    "--gin.PipelineConfig.arms=('original', 'teacher_annotated')",
+    "--gin.PipelineConfig.synthetic_creatures=64",
+    "--gin.PipelineConfig.student_epochs=1",
+    "--gin.teacher/TrainConfig.num_steps=80",
+    "--gin.TrainConfig.checkpoint_every=40",
+    "--gin.TrainConfig.log_every=20",
     "--gin.SamplingConfig.max_new_tokens=24",
-    "--gin.annotate.chunk_size=4",
+    "--gin.annotate.chunk_size=32",
 ]
 
 
-@pytest.mark.skip(reason="not passing yet: its shrunken bindings and report keys predate the "
-                  "creatures task and its four arms (issue #28 stays open)")
 def test_pipeline_runs_to_its_report_on_gs(gcs_emulator, gcs_dir, tmp_path):
   experiment = f"{gcs_dir}/exp"
   env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  env["TMPDIR"] = str(tmp_path / "tmp")  # Where a local path built from a URI would land.
+  os.makedirs(env["TMPDIR"])
   result = subprocess.run(
-      [sys.executable, str(REPO / "scripts" / "pipeline.py"), "--gin_file=gin/pipeline_tiny.gin",
-       f"--experiment_dir={experiment}", *PIPELINE_SHRUNKEN],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+      [sys.executable, str(REPO / "scripts" / "pipeline.py"),
+       f"--gin_file={REPO / 'gin' / 'pipeline_tiny.gin'}", f"--experiment_dir={experiment}",
+       *PIPELINE_SHRUNKEN],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-4000:]
   report = json.loads(files.read_text(f"{experiment}/report/report.json"))
-  for variant in ("original", "annotated"):
-    assert len(report["accuracy"][variant]["synthetic_eval"]) == 1
-  assert files.read_bytes(f"{experiment}/report/loss.png")[:4] == b"\x89PNG"
+  assert set(report["arms"]) == {"original", "teacher_annotated"}
+  for arm in report["arms"].values():
+    assert len(arm["accuracy"]) == 1
+  assert len(report["delta"]["teacher_annotated"]["per_seed"]) == 1
+  assert report["teacher_loss"], "no teacher loss curve read back from gs://"
+  for image in ("loss.png", "accuracy.png", "teacher_loss.png"):
+    assert files.read_bytes(f"{experiment}/report/{image}")[:4] == b"\x89PNG"
   annotated = annotation_io.read_jsonl(f"{experiment}/annotations/annotations.jsonl")
   students = annotation_io.read_jsonl(f"{experiment}/data/student.jsonl")
   assert [r["id"] for r in annotated] == [r["id"] for r in students]  # Each once, in order.
-  assert files.exists(f"{experiment}/teacher/checkpoints/100/commit_success.txt")
-  _no_local_gs_folder(REPO, tmp_path)
+  assert files.exists(f"{experiment}/teacher/checkpoints/80/commit_success.txt")
+  for model_dir in ("teacher", "students/original_seed0", "students/teacher_annotated_seed0"):
+    assert files.glob(f"{experiment}/{model_dir}/tensorboard/events.out.tfevents.*"), model_dir
+  _no_local_gs_folder(REPO, pathlib.Path(tempfile.gettempdir()))
+  assert not list(tmp_path.rglob("gs:")), list(tmp_path.rglob("gs:"))  # cwd and TMPDIR.

@@ -7,12 +7,13 @@ Layout of an annotation output directory:
   {output}/shard-00000-of-00002/rejects.jsonl        bad input records with their reason
 
 Local or gs:// alike (storage/files.py), so nothing relies on rename, which object stores
-lack. Every file is published whole (`files.write_atomic`). The manifest is the truth: a chunk
-is committed once the manifest that lists it is written, after the chunk. A chunk of a killed
-worker that no manifest lists is ignored and deleted on resume; its records are annotated
-again. Chunk names carry a token of the writer that made them, so a second writer of the same
-shard (a worker thought dead) never overwrites a committed chunk. `--resume` skips exactly the
-ids of the committed chunks, so a killed-and-resumed run holds each id exactly once.
+lack. Every file is published whole. The manifest is the truth: a chunk is committed once the
+manifest that lists it is written, after the chunk. A chunk of a killed worker that no manifest
+lists is ignored and deleted on resume; its records are annotated again. A chunk is written
+only if absent (`files.write_if_absent`), so a second writer of the same shard (a worker thought
+dead) never replaces a chunk: given other content it stops with an error, given the same bytes
+(a retried upload) it goes on. `--resume` skips exactly the ids of the committed chunks, so a
+killed-and-resumed run holds each id exactly once.
 `wait_for_shards` is the barrier before a merge: every process's manifest says complete.
 """
 from __future__ import annotations
@@ -21,7 +22,6 @@ import dataclasses
 import errno
 import io
 import json
-import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from teacherlm_jax.data import sources
@@ -187,6 +187,11 @@ def write_atomic(path, text: str):
   files.write_atomic(path, text)
 
 
+def write_if_absent(path, text: str):
+  """Publishes `path` whole unless a file is there: then FileExistsError, the file kept."""
+  files.write_if_absent(path, text)
+
+
 def to_json(value) -> str:
   """Strict JSON: a NaN or Inf raises here instead of writing a bare `NaN` no parser reads."""
   return json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
@@ -253,7 +258,6 @@ class ShardWriter:
     run_settings = json.loads(json.dumps(run_settings, sort_keys=True))
     self.run_settings = run_settings
     self.process_index, self.process_count = process_index, process_count
-    self._token = uuid.uuid4().hex[:8]  # This writer's chunk names are its own.
     manifest = read_manifest(self.directory)
     self.chunk_info = list(manifest["chunks"]) if manifest else []
     if self.chunk_info and not resume:
@@ -279,6 +283,9 @@ class ShardWriter:
     for info in self.chunk_info:
       self.committed_ids.update(r["id"] for r in read_chunk(self.directory / info["file"]))
     self.resumed_records = len(self.committed_ids)
+    # Past every listed chunk: a name of a committed chunk deleted since is never reused.
+    self._next_chunk = max((_chunk_number(info["file"]) + 1 for info in self.chunk_info),
+                           default=0)
     self._write_manifest(complete=False, summary=None)
 
   @property
@@ -298,15 +305,30 @@ class ShardWriter:
     duplicates = [r["id"] for r in records if r["id"] in self.committed_ids]
     if duplicates:
       raise ValueError(f"{self.directory}: ids already committed: {duplicates[:5]}")
-    name = f"chunk-{len(self.chunk_info):06d}-{self._token}.jsonl"
-    self._write(self.directory / name, _jsonl(records))
+    name = f"chunk-{self._next_chunk:06d}.jsonl"
+    self._write_chunk(self.directory / name, _jsonl(records))
+    self._next_chunk += 1
     self.chunk_info.append(self._info(name, records))
     self._write_manifest(complete=False, summary=None)  # The commit.
     self.committed_ids.update(r["id"] for r in records)
 
-  def _write(self, path, text: str):
+  def _write_chunk(self, path, text: str):
+    """Publishes a chunk unless one of that name exists; the same bytes there already are this
+    very commit (an upload retried after its reply was lost), other bytes another writer's."""
     try:
-      write_atomic(path, text)
+      self._write(path, text, if_absent=True)
+    except FileExistsError:
+      if files.read_bytes(path) != text.encode("utf-8"):
+        raise FileExistsError(
+            f"{path}: another writer of this shard wrote this chunk first (a worker thought "
+            "dead still running?); it is kept. Stop the other writer, then rerun with "
+            "--resume") from None
+
+  def _write(self, path, text: str, *, if_absent: bool = False):
+    try:
+      (write_if_absent if if_absent else write_atomic)(path, text)
+    except FileExistsError:
+      raise  # Not a failed write: the caller decides.
     except OSError as e:
       full = e.errno in (errno.ENOSPC, errno.EDQUOT)
       raise OSError(e.errno, f"{path}: cannot write ({e.strerror})"
@@ -328,6 +350,12 @@ class ShardWriter:
                 "chunks": self.chunk_info, "summary": summary}
     self._write(self.directory / MANIFEST,
                 json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
+
+
+def _chunk_number(name: str) -> int:
+  """The number of a chunk file: 'chunk-000003.jsonl' (or, from older runs, with a writer's
+  token: 'chunk-000003-1f3a9c2e.jsonl') -> 3."""
+  return int(name[len("chunk-"):].split("-")[0].split(".")[0])
 
 
 def iter_shard_records(directory) -> Iterator[dict]:

@@ -7,7 +7,8 @@ URI: `os.path.abspath('gs://b/x')` would be a local folder named 'gs:'.
 
 An object store has no rename, so `write_atomic` publishes a file in one step on both: a temp
 file, fsync and rename on a disk; one upload on an object store, which readers see whole once
-it completes, never in part.
+it completes, never in part. `write_if_absent` publishes the same way but never replaces a
+file: a hard link on a disk, the `ifGenerationMatch=0` precondition on GCS.
 """
 from __future__ import annotations
 
@@ -78,6 +79,30 @@ def write_atomic(path: PathLike, data: Union[str, bytes]) -> epath.Path:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, local)
+  _fsync_dir(os.path.dirname(local))
+  return path
+
+
+def write_if_absent(path: PathLike, data: Union[str, bytes]) -> epath.Path:
+  """Publishes `data` at `path` whole, as `write_atomic` does, unless a file is there already:
+  then it raises FileExistsError and the file is left as it was (the first writer wins)."""
+  path = resolve(path)
+  payload = data.encode("utf-8") if isinstance(data, str) else data
+  if is_uri(path):
+    # gcsfs sends ifGenerationMatch=0 and raises FileExistsError on GCS's 412.
+    _object_store(path).pipe_file(os.fspath(path), payload, mode="create")
+    return path
+  local = os.fspath(path)
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  tmp = f"{local}.{uuid.uuid4().hex[:8]}.tmp"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(payload)
+      f.flush()
+      os.fsync(f.fileno())
+    os.link(tmp, local)  # Unlike a rename, fails when `local` exists.
+  finally:
+    os.remove(tmp)
   _fsync_dir(os.path.dirname(local))
   return path
 

@@ -4,15 +4,24 @@ Every scalar goes through one clu `MetricWriter`: to the INFO log on every proce
 process 0, to TensorBoard event files in `<model_dir>/tensorboard` (local or gs://). Those
 event files are the one record of a run's metrics: `read_scalars` reads them back (the
 pipeline's report, tests).
+
+Event files for a gs:// model_dir are written locally and published whole through the file
+layer at every flush and close: tf.summary writes with TensorFlow's own GCS client, which
+reaches only Google's endpoint (never STORAGE_EMULATOR_HOST) and would be a second client.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any, Dict, Mapping
 
 import jax
 import numpy as np
 from clu import metric_writers
+from clu.metric_writers import summary_writer
+
+from teacherlm_jax.storage import files
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -25,9 +34,40 @@ def create_writer(model_dir: str, tensorboard: bool = True) -> metric_writers.Me
   """clu's default writer: the log on every process, event files on process 0 only (every
   process computes the same global values, and one file per run keeps TensorBoard's curves
   single)."""
-  return metric_writers.create_default_writer(
-      tensorboard_dir(model_dir) if tensorboard else None,
-      just_logging=jax.process_index() > 0)
+  logdir = tensorboard_dir(model_dir) if tensorboard else None
+  if logdir is None or not files.is_uri(logdir) or jax.process_index() > 0:
+    return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
+  # create_default_writer's writers, with the events published to the object store.
+  return metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter(),
+                                          PublishingSummaryWriter(logdir)])
+
+
+class PublishingSummaryWriter(summary_writer.SummaryWriter):
+  """clu's TensorBoard writer for a log dir on an object store: event files go to a local
+  directory, and each one that grew is uploaded whole to `logdir` at every flush and close
+  (an object store cannot append)."""
+
+  def __init__(self, logdir: str):
+    self._logdir = logdir
+    self._local = tempfile.mkdtemp(prefix="teacherlm_tensorboard_")
+    self._published: Dict[str, int] = {}  # File name -> size uploaded last.
+    super().__init__(self._local)
+
+  def flush(self):
+    super().flush()
+    self._publish()
+
+  def close(self):
+    super().close()
+    self._publish()
+    shutil.rmtree(self._local, ignore_errors=True)
+
+  def _publish(self):
+    for name in sorted(os.listdir(self._local)):
+      size = os.path.getsize(os.path.join(self._local, name))
+      if self._published.get(name) != size:
+        files.upload(os.path.join(self._local, name), files.join(self._logdir, name))
+        self._published[name] = size
 
 
 def hparams(config: Mapping[str, Any]) -> Dict[str, Any]:
@@ -44,8 +84,8 @@ def read_scalars(logdir: str) -> Dict[str, Dict[int, float]]:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   events = []
-  for path in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*")):
-    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+  for path in files.glob(os.path.join(logdir, "events.out.tfevents.*")):
+    for record in _records(path):
       event = tf.compat.v1.Event.FromString(record)
       for value in event.summary.value:
         if value.metadata.plugin_data.plugin_name == "scalars":
@@ -57,6 +97,19 @@ def read_scalars(logdir: str) -> Dict[str, Dict[int, float]]:
   for _, step, tag, value in sorted(events):
     scalars.setdefault(tag, {})[step] = value
   return scalars
+
+
+def _records(path) -> list:
+  """The TFRecords of an event file, local or on an object store (read through the file layer,
+  into a temp file for TFRecordDataset, which opens gs:// with TensorFlow's own client)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not files.is_uri(path):
+    return list(tf.data.TFRecordDataset(os.fspath(path)).as_numpy_iterator())
+  with tempfile.TemporaryDirectory(prefix="teacherlm_events_") as local:
+    copy = os.path.join(local, "events")
+    with open(copy, "wb") as f:
+      f.write(files.read_bytes(path))
+    return list(tf.data.TFRecordDataset(copy).as_numpy_iterator())
 
 
 def mean_of(sums: Dict[str, np.ndarray], num_steps: int) -> Dict[str, float]:

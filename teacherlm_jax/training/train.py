@@ -187,7 +187,7 @@ def model_source(config: TrainConfig, model_dir: str) -> str:
   """Where `model_config_for` takes the architecture from (for error messages)."""
   for directory in (model_dir, config.init_checkpoint):
     path = os.path.join(directory or "", checkpoint_io.MODEL_CONFIG_FILE)
-    if directory and os.path.exists(path):
+    if directory and files.exists(path):
       return path
   if config.init_hf_checkpoint:
     return os.path.join(config.init_hf_checkpoint, "config.json")
@@ -674,6 +674,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
       with report_progress.timed("checkpoint", wait_jax_async_dispatch=False):
         _save_input_position(batches, model_dir, at, checkpointer)
         checkpointer.save(at, state)
+        writer.flush()  # On gs://, the event files reach the bucket here (metrics.py).
       guard.saved(at)
 
     def next_batch(number: int) -> dict:
