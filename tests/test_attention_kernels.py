@@ -77,6 +77,33 @@ def test_cache_free_pallas_matches_xla_outputs_and_gradients(name):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=what)
 
 
+@pytest.mark.parametrize("name", ["bloom", "llama"])
+def test_pallas_runs_per_shard_on_a_sharded_mesh(name):
+  """Under a (data 2, fsdp 2, tensor 2) mesh the kernel runs in a shard_map (rows over data x
+  fsdp; LLaMA's 2 key/value heads over tensor, BLOOM's 5 heads whole with each shard's ALiBi
+  slopes): outputs and gradients equal the unsharded xla path's."""
+  from teacherlm_jax.runtime import partitioning
+  segment_ids = jnp.concatenate([_segment_ids()] * 2)
+  positions = transformer.positions_from_segments(segment_ids)
+  q, k, v = (jnp.concatenate([x, x[::-1]]) for x in _qkv(_config(name, "xla"), LENGTH, LENGTH))
+  text = np.asarray(segment_ids != 0)[:, None, None, :, None]
+
+  def loss(config, q, k, v):
+    out = attention_impl.cache_free(config, q, k, v, segment_ids, positions)
+    return jnp.sum(jnp.where(text, out * jnp.cos(out), 0.0))
+
+  want = jax.value_and_grad(functools.partial(loss, _config(name, "xla")), (0, 1, 2))(q, k, v)
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  step = jax.jit(jax.value_and_grad(functools.partial(loss, _config(name, "pallas")),
+                                    (0, 1, 2)))
+  with jax.set_mesh(mesh):
+    got = step(q, k, v)
+    assert "sdy.manual_computation" in step.lower(q, k, v).as_text()  # The shard_map.
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
+  for what, a, b in zip(("dq", "dk", "dv"), got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=what)
+
+
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_cached_pallas_matches_xla_on_a_partly_filled_cache(name, rows):

@@ -16,6 +16,7 @@ from teacherlm_jax.models import attention
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.models.kernels import cudnn_attention
 from teacherlm_jax.models.kernels import flash_attention
+from teacherlm_jax.runtime import partitioning
 
 
 def _slopes(config: ModelConfig) -> Optional[Tuple[float, ...]]:
@@ -61,13 +62,42 @@ def _flash(config: ModelConfig, q_BxHxLxD, k_BxKxSxD, v_BxKxSxD, q_segment_ids_B
   row_multiple, key_multiple = _kernel_lengths(config, rows, keys)
   if causal:  # Queries and keys are one sequence.
     row_multiple = key_multiple = max(row_multiple, key_multiple)
-  out = flash_attention.flash_attention(
-      _padded(q_BxHxLxD, 2, row_multiple), _padded(k_BxKxSxD, 2, key_multiple),
-      _padded(v_BxKxSxD, 2, key_multiple), _padded(q_segment_ids_BxL, 1, row_multiple),
-      _padded(q_positions_BxL, 1, row_multiple), _padded(kv_segment_ids_BxS, 1, key_multiple),
-      _padded(kv_positions_BxS, 1, key_multiple), alibi_slopes=_slopes(config), causal=causal,
-      block_q=config.attention_block_q, block_kv=config.attention_block_kv)
+  slopes = _slopes(config)
+  operands = (_padded(q_BxHxLxD, 2, row_multiple), _padded(k_BxKxSxD, 2, key_multiple),
+              _padded(v_BxKxSxD, 2, key_multiple), _padded(q_segment_ids_BxL, 1, row_multiple),
+              _padded(q_positions_BxL, 1, row_multiple),
+              _padded(kv_segment_ids_BxS, 1, key_multiple),
+              _padded(kv_positions_BxS, 1, key_multiple),
+              None if slopes is None else jnp.asarray(slopes, jnp.float32))
+
+  def kernel(q, k, v, q_ids, q_pos, kv_ids, kv_pos, slopes_H):
+    return flash_attention.flash_attention(
+        q, k, v, q_ids, q_pos, kv_ids, kv_pos, alibi_slopes=slopes_H, causal=causal,
+        block_q=config.attention_block_q, block_kv=config.attention_block_kv)
+
+  out = _per_shard(kernel, operands)
   return out[:, :, :rows]
+
+
+def _per_shard(kernel, operands):
+  """`kernel` on each device's part of the context mesh (a Mosaic kernel cannot be
+  partitioned by XLA): rows split as the activations' batch, heads as theirs when every
+  shard gets whole key/value groups, lengths whole. Without a mesh, `kernel` itself."""
+  mesh = partitioning.context_mesh()
+  if mesh is None or mesh.size == 1:
+    return kernel(*operands)
+  q, k = operands[0], operands[1]
+  batch, = partitioning.logical_to_spec(("activation_batch",), mesh=mesh)
+  if batch is not None and q.shape[0] % partitioning.shard_count(("activation_batch",)):
+    batch = None
+  heads, = partitioning.logical_to_spec(("activation_heads",), mesh=mesh)
+  if heads is not None and k.shape[1] % partitioning.shard_count(("activation_heads",)):
+    heads = None  # Uneven groups: every shard computes all heads of its rows.
+  P = jax.sharding.PartitionSpec
+  specs = (P(batch, heads), P(batch, heads), P(batch, heads), P(batch), P(batch), P(batch),
+           P(batch), None if operands[-1] is None else P(heads))
+  return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=P(batch, heads),
+                       check_vma=False)(*operands)
 
 
 def cache_free(config: ModelConfig, q_BxKxGxLxD: jax.Array, k_BxKxLxD: jax.Array,

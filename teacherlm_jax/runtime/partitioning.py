@@ -74,7 +74,7 @@ def logical_to_spec(names: Sequence[Optional[str]], rules: LogicalRules = LOGICA
   return PartitionSpec(*spec)
 
 
-def _context_mesh():
+def context_mesh():
   """The mesh of the enclosing `jax.set_mesh`, or None."""
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty else mesh
@@ -83,7 +83,7 @@ def _context_mesh():
 def shard_count(names: Sequence[Optional[str]]) -> int:
   """How many pieces an array with logical axes `names` is split into on the context mesh (1
   with none): the divisor from a whole array's size to one device's part."""
-  mesh = _context_mesh()
+  mesh = context_mesh()
   if mesh is None:
     return 1
   count = 1
@@ -95,7 +95,7 @@ def shard_count(names: Sequence[Optional[str]]) -> int:
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
   """`with_sharding_constraint` by logical names on the context mesh; identity without one."""
-  mesh = _context_mesh()
+  mesh = context_mesh()
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, LOGICAL_AXIS_RULES, mesh))

@@ -20,7 +20,7 @@ the queries and (B, S) for the keys.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -323,11 +323,13 @@ def _backward(q, k, v, rows_and_cols, slopes, causal, block_q, block_kv, interpr
   return dq, dk, dv
 
 
-def _slopes_array(slopes: Optional[Tuple[float, ...]], num_heads: int) -> jax.Array:
-  return jnp.asarray(slopes if slopes is not None else np.zeros(num_heads), jnp.float32)
+def _slopes_array(slopes_H: Optional[jax.Array], num_heads: int) -> jax.Array:
+  return slopes_H if slopes_H is not None else jnp.zeros(num_heads, jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+# The slopes are an operand, not a static argument: under a shard_map over heads each shard
+# reads its own heads' slopes (no cotangent flows to them).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
 def _flash(q, k, v, q_ids, q_pos, kv_ids, kv_pos, slopes, causal, block_q, block_kv,
            interpret):
   rows_and_cols = _row_layouts(q_ids, q_pos, kv_ids, kv_pos)
@@ -342,15 +344,15 @@ def _flash_fwd(q, k, v, q_ids, q_pos, kv_ids, kv_pos, slopes, causal, block_q, b
   # does not rerun the forward kernel.
   out = checkpoint_name(out, attention.ATTENTION_OUTPUT)
   lse = checkpoint_name(lse, attention.ATTENTION_ROW_STATS)
-  return out, (q, k, v, q_ids, q_pos, kv_ids, kv_pos, out, lse)
+  return out, (q, k, v, q_ids, q_pos, kv_ids, kv_pos, slopes, out, lse)
 
 
-def _flash_bwd(slopes, causal, block_q, block_kv, interpret, residuals, d_out):
-  q, k, v, q_ids, q_pos, kv_ids, kv_pos, out, lse = residuals
+def _flash_bwd(causal, block_q, block_kv, interpret, residuals, d_out):
+  q, k, v, q_ids, q_pos, kv_ids, kv_pos, slopes, out, lse = residuals
   rows_and_cols = _row_layouts(q_ids, q_pos, kv_ids, kv_pos)
   dq, dk, dv = _backward(q, k, v, rows_and_cols, slopes, causal, block_q, block_kv, interpret,
                          out, lse, d_out)
-  return dq, dk, dv, None, None, None, None
+  return dq, dk, dv, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -368,12 +370,13 @@ def _block(requested: int, length: int, name: str, multiple: int) -> int:
 def flash_attention(q_BxHxLxD: jax.Array, k_BxKxSxD: jax.Array, v_BxKxSxD: jax.Array,
                     q_segment_ids_BxL: jax.Array, q_positions_BxL: jax.Array,
                     kv_segment_ids_BxS: jax.Array, kv_positions_BxS: jax.Array, *,
-                    alibi_slopes: Optional[Sequence[float]] = None, causal: bool = True,
+                    alibi_slopes: Optional[Union[Sequence[float], jax.Array]] = None,
+                    causal: bool = True,
                     block_q: int = 512, block_kv: int = 512,
                     interpret: bool = False) -> jax.Array:
   """Attention of each query to the keys it sees -> (B, H, L, D) in q's dtype.
 
-  `alibi_slopes`: one per query head (BLOOM), None for none. `causal`: the queries are rows
+  `alibi_slopes`: one per query head (BLOOM; numbers or an array), None for none. `causal`: the queries are rows
   0..L-1 of the keys' sequence (a cache-free forward), which also lets whole blocks above the
   diagonal be skipped. A block is `block_q` query rows by `block_kv` keys (`block_kv` a
   multiple of 128; each clipped to its axis's length). Differentiable in q, k and v.
@@ -388,9 +391,9 @@ def flash_attention(q_BxHxLxD: jax.Array, k_BxKxSxD: jax.Array, v_BxKxSxD: jax.A
   block_kv = _block(block_kv, s, "block_kv", NUM_LANES)
   if block_kv % NUM_LANES:
     raise ValueError(f"block_kv={block_kv}: the keys' length must be a multiple of {NUM_LANES}")
-  slopes = None if alibi_slopes is None else tuple(float(x) for x in alibi_slopes)
-  if slopes is not None and len(slopes) != h:
-    raise ValueError(f"{len(slopes)} ALiBi slopes for {h} query heads")
+  slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
+  if slopes is not None and slopes.shape != (h,):
+    raise ValueError(f"{slopes.shape[0]} ALiBi slopes for {h} query heads")
   return _flash(q_BxHxLxD, k_BxKxSxD, v_BxKxSxD, q_segment_ids_BxL, q_positions_BxL,
                 kv_segment_ids_BxS, kv_positions_BxS, slopes, causal, block_q, block_kv,
                 interpret)
