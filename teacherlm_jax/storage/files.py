@@ -186,9 +186,10 @@ def _upload_if_generation(path: epath.Path, payload: bytes, generation: str) -> 
   body = (b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n"
           + json.dumps({"name": key}).encode("utf-8")
           + b"\n--==0==\nContent-Type: application/octet-stream\n\n" + payload + b"\n--==0==--")
+  endpoint = store._location  # pylint: disable=protected-access
   try:
     uploaded = store.call(
-        "POST", f"{store._location}/upload/storage/v1/b/{quote(bucket)}/o",  # pylint: disable=protected-access
+        "POST", f"{endpoint}/upload/storage/v1/b/{quote(bucket)}/o",
         uploadType="multipart", ifGenerationMatch=generation, data=body, json_out=True,
         headers={"Content-Type": 'multipart/related; boundary="==0=="'})
   except FileExistsError:  # GCS's 412: the live generation is another.
