@@ -8,8 +8,10 @@ storage-layout lookups of real GCS (the emulator has no control plane).
 Run as a script, this file is the server: the emulator with two behaviours of GCS it lacks.
 Object downloads carry `x-goog-generation` (TensorStore reads an object's generation from that
 header and refuses a download without it), and uploads honour the `ifGenerationMatch`
-precondition with 412 (`0`: only if no live object has the name), which write-if-absent
-(storage/files.py) relies on.
+precondition with 412 as GCS does: `0` only if no live object has the name (write-if-absent),
+any other number only if it is the live object's generation (compare-and-swap,
+`files.write_if_version`). The emulator serves one request at a time, so the check and the
+write it guards are one step, as on GCS.
 """
 import dataclasses
 import os

@@ -42,6 +42,21 @@ def test_write_if_absent_keeps_the_first_file(root):
   assert files.glob(files.join(root, "shard-0", "*")) == [files.resolve(path)]  # No temp file.
 
 
+def test_write_if_version_refuses_a_stale_version(root):
+  path = files.join(root, "shard-0", "manifest.json")
+  assert files.read_versioned(path) == (None, files.ABSENT)
+  first = files.write_if_version(path, '{"chunks": ["a"]}', files.ABSENT)
+  assert files.read_versioned(path) == (b'{"chunks": ["a"]}', first)
+  with pytest.raises(files.VersionConflict, match="changed since it was read"):
+    files.write_if_version(path, '{"chunks": []}', files.ABSENT)  # It exists now.
+  second = files.write_if_version(path, '{"chunks": ["a", "b"]}', first)
+  # A writer that read the first version does not replace the second.
+  with pytest.raises(files.VersionConflict, match=f"{path}: changed since it was read"):
+    files.write_if_version(path, '{"chunks": ["a", "c"]}', first)
+  assert files.read_versioned(path) == (b'{"chunks": ["a", "b"]}', second)
+  assert files.glob(files.join(root, "shard-0", "*")) == [files.resolve(path)]  # No temp file.
+
+
 def test_resolve_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert os.fspath(files.resolve("gs://b/run/x")) == "gs://b/run/x"

@@ -224,21 +224,63 @@ def test_tensorboard_events_on_gs_are_in_the_bucket_at_each_flush(gcs_emulator, 
 
 def test_a_second_commit_of_a_chunk_never_replaces_the_first(gcs_emulator, gcs_dir):
   output = f"{gcs_dir}/annotations"
+  shard = annotation_io.shard_dir(output, 0, 1)
   first = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
-  # A worker thought dead: it read the same manifest and writes the same chunk next.
+  # A second writer claims the shard: the first, still running, writes its next chunk but
+  # cannot list it; the second numbers its chunk the same and finds the first's there.
   second = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
-  first.commit([{"id": "a", "input_index": 0, "text": "first"}])
+  with pytest.raises(files.VersionConflict, match="another writer updated this shard"):
+    first.commit([{"id": "a", "input_index": 0, "text": "first"}])
   with pytest.raises(FileExistsError, match="another writer of this shard wrote this chunk"):
     second.commit([{"id": "a", "input_index": 0, "text": "second"}])
-  shard = annotation_io.shard_dir(output, 0, 1)
-  assert [r["text"] for r in annotation_io.iter_shard_records(shard)] == ["first"]
-  assert files.read_text(f"{shard}/chunk-000000.jsonl").count('"first"') == 1
-  # The same bytes there already (an upload retried after its reply was lost, or another
-  # writer that decoded the same): accepted, each id still once.
+  assert list(annotation_io.iter_shard_records(shard)) == []  # Neither committed.
+  assert files.read_text(f"{shard}/chunk-000000.jsonl").count('"first"') == 1  # Kept.
+  # Resumed alone: the unlisted chunk is deleted and its record annotated again.
   third = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
-  third.commit([{"id": "b", "input_index": 1, "text": "next"}])
-  first.commit([{"id": "b", "input_index": 1, "text": "next"}])
+  third.commit([{"id": "a", "input_index": 0, "text": "third"}])
+  # The same bytes there already (an upload retried after its reply was lost): accepted, each
+  # id still once.
+  files.write_if_absent(f"{shard}/chunk-000001.jsonl",
+                        annotation_io.to_json({"id": "b", "input_index": 1}) + "\n")
+  third.commit([{"id": "b", "input_index": 1}])
   assert [r["id"] for r in annotation_io.iter_shard_records(shard)] == ["a", "b"]
+
+
+@pytest.fixture(params=["local", "gs"])
+def annotation_root(request, tmp_path):
+  if request.param == "local":
+    return str(tmp_path / "annotations")
+  return f"{request.getfixturevalue('gcs_dir')}/annotations"
+
+
+def test_a_manifest_update_over_another_writers_is_refused(annotation_root):
+  output = annotation_root
+  shard = annotation_io.shard_dir(output, 0, 1)
+  first = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  first.commit([{"id": "a", "input_index": 0}])
+  first.commit([{"id": "b", "input_index": 1}])
+  # The first writer is thought dead but runs on; its replacement reads the manifest (a, b)
+  # and updates it. The first's next update would list a, b, c and drop what the second lists.
+  second = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  with pytest.raises(files.VersionConflict,
+                     match=(r"manifest.json: another writer updated this shard's manifest .*"
+                            r"Stop the other writer of shard 0 of 1, then rerun with --resume")):
+    first.commit([{"id": "c", "input_index": 2, "text": "first"}])
+  with pytest.raises(files.VersionConflict, match="another writer updated this shard"):
+    first.finish({})
+  assert [r["id"] for r in annotation_io.iter_shard_records(shard)] == ["a", "b"]
+  # A writer that read the manifest before the second's update is refused alike.
+  _, version_read = annotation_io.read_manifest_versioned(shard)
+  second.finish({})
+  with pytest.raises(files.VersionConflict):
+    files.write_if_version(f"{shard}/manifest.json", '{"run": {}, "chunks": []}', version_read)
+  # Resumed once the first is stopped: its unlisted chunk is deleted, c annotated again.
+  third = annotation_io.ShardWriter(output, 0, 1, {"run": 1}, resume=True)
+  third.commit([{"id": "c", "input_index": 2, "text": "third"}])
+  third.finish({})
+  assert annotation_io.merge(output, f"{output}/merged.jsonl") == 3
+  assert [r.get("text") for r in annotation_io.read_jsonl(f"{output}/merged.jsonl")] == [
+      None, None, "third"]
 
 
 def test_merge_waits_for_every_shard_then_names_the_missing_ones(gcs_emulator, gcs_dir):

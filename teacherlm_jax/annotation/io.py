@@ -12,8 +12,11 @@ manifest that lists it is written, after the chunk. A chunk of a killed worker t
 lists is ignored and deleted on resume; its records are annotated again. A chunk is written
 only if absent (`files.write_if_absent`), so a second writer of the same shard (a worker thought
 dead) never replaces a chunk: given other content it stops with an error, given the same bytes
-(a retried upload) it goes on. `--resume` skips exactly the ids of the committed chunks, so a
-killed-and-resumed run holds each id exactly once.
+(a retried upload) it goes on. The manifest is updated by compare-and-swap
+(`files.write_if_version`): a writer replaces only the version it read or last wrote, so of two
+writers of one shard the one that updates second stops and neither drops the other's chunks.
+`--resume` skips exactly the ids of the committed chunks, so a killed-and-resumed run holds each
+id exactly once.
 `wait_for_shards` is the barrier before a merge: every process's manifest says complete.
 """
 from __future__ import annotations
@@ -22,7 +25,8 @@ import dataclasses
 import errno
 import io
 import json
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+import uuid
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from teacherlm_jax.data import sources
 from teacherlm_jax.storage import files
@@ -233,14 +237,20 @@ def shard_dir(output_dir, process_index: int, process_count: int) -> files.Path:
 
 def read_manifest(directory) -> Optional[dict]:
   """A shard's manifest (None before its first commit); damaged is an error naming it."""
+  return read_manifest_versioned(directory)[0]
+
+
+def read_manifest_versioned(directory) -> Tuple[Optional[dict], str]:
+  """A shard's manifest and its version, which the next manifest update must still find."""
   path = files.resolve(directory) / MANIFEST
-  if not files.exists(path):
-    return None
+  payload, version = files.read_versioned(path)
+  if payload is None:
+    return None, version
   try:
-    manifest = json.loads(files.read_text(path))
+    manifest = json.loads(payload.decode("utf-8"))
     if not isinstance(manifest.get("run"), dict) or not isinstance(manifest.get("chunks"), list):
       raise ValueError("no 'run' settings or 'chunks' list")
-    return manifest
+    return manifest, version
   except ValueError as e:
     raise ValueError(f"{path}: damaged ({e}); it records which chunks are committed, so "
                      f"restore it, or delete {files.resolve(directory)} to annotate this "
@@ -258,7 +268,10 @@ class ShardWriter:
     run_settings = json.loads(json.dumps(run_settings, sort_keys=True))
     self.run_settings = run_settings
     self.process_index, self.process_count = process_index, process_count
-    manifest = read_manifest(self.directory)
+    # In every manifest it writes: no two writers' manifests are the same bytes, so a disk's
+    # content-hash version tells them apart as a GCS generation does.
+    self.writer_token = uuid.uuid4().hex[:8]
+    manifest, self._manifest_version = read_manifest_versioned(self.directory)
     self.chunk_info = list(manifest["chunks"]) if manifest else []
     if self.chunk_info and not resume:
       raise FileExistsError(
@@ -275,10 +288,6 @@ class ShardWriter:
     # annotated again.
     self.chunk_info = [info for info in self.chunk_info
                        if files.exists(self.directory / info["file"])]
-    committed = {info["file"] for info in self.chunk_info}
-    for stray in files.glob(self.directory / CHUNK_GLOB) + files.glob(self.directory / "*.tmp"):
-      if stray.name not in committed:
-        files.remove(stray)  # A killed writer's chunk that no manifest committed.
     self.committed_ids = set()
     for info in self.chunk_info:
       self.committed_ids.update(r["id"] for r in read_chunk(self.directory / info["file"]))
@@ -286,7 +295,13 @@ class ShardWriter:
     # Past every listed chunk: a name of a committed chunk deleted since is never reused.
     self._next_chunk = max((_chunk_number(info["file"]) + 1 for info in self.chunk_info),
                            default=0)
+    # Claims the shard before deleting strays: once this update lands, a writer still running
+    # from an older manifest can no longer commit, so an unlisted chunk is never committed.
     self._write_manifest(complete=False, summary=None)
+    committed = {info["file"] for info in self.chunk_info}
+    for stray in files.glob(self.directory / CHUNK_GLOB) + files.glob(self.directory / "*.tmp"):
+      if stray.name not in committed:
+        files.remove(stray)  # A killed writer's chunk that no manifest committed.
 
   @property
   def chunks(self) -> List[files.Path]:
@@ -324,9 +339,14 @@ class ShardWriter:
             "dead still running?); it is kept. Stop the other writer, then rerun with "
             "--resume") from None
 
-  def _write(self, path, text: str, *, if_absent: bool = False):
+  def _write(self, path, text: str, *, if_absent: bool = False,
+             version: Optional[str] = None) -> Optional[str]:
+    """Publishes `text` (only if absent, or only over `version`); returns the new version."""
     try:
+      if version is not None:
+        return files.write_if_version(path, text, version)
       (write_if_absent if if_absent else write_atomic)(path, text)
+      return None
     except FileExistsError:
       raise  # Not a failed write: the caller decides.
     except OSError as e:
@@ -345,11 +365,19 @@ class ShardWriter:
 
   def _write_manifest(self, *, complete: bool, summary: Optional[dict]):
     manifest = {"process_index": self.process_index, "process_count": self.process_count,
-                "run": self.run_settings, "complete": complete,
+                "run": self.run_settings, "writer": self.writer_token, "complete": complete,
                 "num_records": sum(info["num_records"] for info in self.chunk_info),
                 "chunks": self.chunk_info, "summary": summary}
-    self._write(self.directory / MANIFEST,
-                json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False)
+    try:
+      self._manifest_version = self._write(self.directory / MANIFEST, text,
+                                           version=self._manifest_version)
+    except files.VersionConflict:
+      raise files.VersionConflict(
+          f"{self.directory / MANIFEST}: another writer updated this shard's manifest since this "
+          f"one read it (a worker thought dead still running, or started twice?); this writer "
+          "stops without changing it. Stop the other writer of shard "
+          f"{self.process_index} of {self.process_count}, then rerun with --resume") from None
 
 
 def _chunk_number(name: str) -> int:

@@ -8,18 +8,24 @@ URI: `os.path.abspath('gs://b/x')` would be a local folder named 'gs:'.
 An object store has no rename, so `write_atomic` publishes a file in one step on both: a temp
 file, fsync and rename on a disk; one upload on an object store, which readers see whole once
 it completes, never in part. `write_if_absent` publishes the same way but never replaces a
-file: a hard link on a disk, the `ifGenerationMatch=0` precondition on GCS.
+file: a hard link on a disk, the `ifGenerationMatch=0` precondition on GCS. `read_versioned` and
+`write_if_version` are a compare-and-swap: a write replaces only the version that was read (the
+object's generation on GCS; on a disk the content's hash, compared under a directory lock).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from typing import Callable, List, Union
+from typing import Callable, List, Optional, Tuple, Union
+from urllib.parse import quote
 
 # tf.io.gfile (epath's default when TensorFlow is installed) would be a second GCS client.
 os.environ.setdefault("EPATH_USE_TF", "false")
@@ -29,6 +35,12 @@ from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-posi
 Path = epath.Path
 PathLike = Union[str, os.PathLike]
 URI_SCHEMES = ("gs://", "s3://")
+# The version of a file that is not there: GCS's generation precondition for "absent".
+ABSENT = "0"
+
+
+class VersionConflict(RuntimeError):
+  """A `write_if_version` whose expected version is no longer the file's: someone else wrote it."""
 
 
 def is_uri(path: PathLike) -> bool:
@@ -105,6 +117,88 @@ def write_if_absent(path: PathLike, data: Union[str, bytes]) -> epath.Path:
     os.remove(tmp)
   _fsync_dir(os.path.dirname(local))
   return path
+
+
+def read_versioned(path: PathLike) -> Tuple[Optional[bytes], str]:
+  """The content of `path` (None if absent) and its version, for `write_if_version`: on GCS the
+  generation of the very object downloaded (its x-goog-generation header), on a disk the
+  SHA-256 of the content (equal bytes are an equal state to every reader)."""
+  path = resolve(path)
+  if is_uri(path):
+    store = _object_store(path)
+    try:
+      headers, payload = store.call("GET", store.url(os.fspath(path)))
+    except FileNotFoundError:
+      return None, ABSENT
+    return payload, headers["x-goog-generation"]
+  try:
+    payload = path.read_bytes()
+  except FileNotFoundError:
+    return None, ABSENT
+  return payload, _content_version(payload)
+
+
+def _content_version(payload: bytes) -> str:
+  return hashlib.sha256(payload).hexdigest()
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: str):
+  """An exclusive flock on a local directory: released by the kernel when its holder dies, so a
+  killed writer never leaves a stale lock (an O_EXCL lock file would stay and block)."""
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.
+
+
+def write_if_version(path: PathLike, data: Union[str, bytes], version: str) -> str:
+  """Publishes `data` at `path` whole, as `write_atomic` does, only if the file is still at
+  `version` (from `read_versioned` or the previous `write_if_version`; ABSENT: only if no file is
+  there); returns the new version. Otherwise raises VersionConflict and leaves the file as it is.
+
+  On GCS one upload carries `ifGenerationMatch=<version>`, checked by GCS atomically. On a local
+  disk the check and the rename happen under an flock on the directory, which every
+  `write_if_version` there takes; plain writes of the same file do not (a local disk only: flock
+  on network file systems is not dependable)."""
+  path = resolve(path)
+  payload = data.encode("utf-8") if isinstance(data, str) else data
+  if is_uri(path):
+    return _upload_if_generation(path, payload, version)
+  local = os.fspath(path)
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  with _directory_lock(os.path.dirname(local)):
+    current = read_versioned(local)[1]
+    if current != version:
+      raise VersionConflict(f"{local}: changed since it was read (version {version[:12]}, now "
+                            f"{current[:12]})")
+    write_atomic(local, payload)
+  return _content_version(payload)
+
+
+def _upload_if_generation(path: epath.Path, payload: bytes, generation: str) -> str:
+  """One multipart upload (gcsfs's own, plus a generation precondition it cannot send);
+  returns the new object's generation."""
+  store = _object_store(path)
+  bucket, key, _ = store.split_path(os.fspath(path))
+  body = (b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n"
+          + json.dumps({"name": key}).encode("utf-8")
+          + b"\n--==0==\nContent-Type: application/octet-stream\n\n" + payload + b"\n--==0==--")
+  endpoint = store._location  # pylint: disable=protected-access
+  try:
+    uploaded = store.call(
+        "POST", f"{endpoint}/upload/storage/v1/b/{quote(bucket)}/o",
+        uploadType="multipart", ifGenerationMatch=generation, data=body, json_out=True,
+        headers={"Content-Type": 'multipart/related; boundary="==0=="'})
+  except FileExistsError:  # GCS's 412: the live generation is another.
+    current, live = read_versioned(path)
+    if current == payload:
+      return live  # This very upload, retried after its reply was lost.
+    raise VersionConflict(f"{path}: changed since it was read (generation {generation}, now "
+                          f"{live})") from None
+  return str(uploaded["generation"])
 
 
 def read_text(path: PathLike) -> str:
