@@ -68,6 +68,16 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], *, hint: str = "") 
                      f"for a module this script does not import. {hint}".rstrip()) from e
 
 
+def is_bound(name: str) -> bool:
+  """Whether the parsed gin configuration binds `name` ('configurable.parameter')."""
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    gin.query_parameter(name)
+  except ValueError:
+    return False
+  return True
+
+
 def parse_flags_and_gin(gin_bindings: Sequence[str], *, hint: str = "") -> None:
   """Parses --gin_file / --gin_bindings flags plus the split-off `--gin.X=` bindings."""
   parse(GIN_FILES.value, list(GIN_BINDINGS.value) + list(gin_bindings), hint=hint)

@@ -5,11 +5,14 @@
   teacher_cot     teacher_cot_* over every FLAN CoT set, leakage-filtered
 
 Student mixtures combine an original task with its annotated variant at chosen rates, per
-dataset (`register_student_mixture`) or across datasets (`register_multitask_student_mixture`).
+dataset (`register_student_mixture`) or across datasets (`register_multitask_student_mixture`);
+`student_mixture` (gin-configurable) does it for any annotation job's output directory, so a
+student trains from annotations with no pipeline (scripts/train.py).
 `register_all(vocabulary)` registers every task and fixed mixture; nothing happens at import.
 """
 from __future__ import annotations
 
+import pathlib
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 import gin
@@ -57,6 +60,62 @@ def register_student_mixture(dataset: str, shard_pattern: str, fmt: str,
   if annotated_rate > 0:
     parts.append((annotated, annotated_rate))
   return _add_mixture(name or f"student_mix_{dataset}_{fmt}", parts)
+
+
+# The annotation job's merged file, else its committed chunks (annotation/io.py's layout).
+_MERGED_FILES = ("annotations.jsonl", "merged.jsonl")
+_CHUNKS = "shard-*-of-*/chunk-*.jsonl"
+QC_ACTIONS = ("keep", "skip")
+
+
+def annotation_shards(annotations: str) -> str:
+  """The JSONL file pattern of an annotation job's output (a directory, a file or a glob)."""
+  path = pathlib.Path(annotations)
+  if not path.is_dir():
+    return str(path)
+  for name in _MERGED_FILES:
+    if (path / name).exists():
+      return str(path / name)
+  return str(path / _CHUNKS)
+
+
+@gin.configurable(denylist=["vocabulary"])
+def student_mixture(vocabulary: seqio.Vocabulary, *, annotations: Optional[str] = None,
+                    format: str = "CMF", original_rate: float = 1.0,  # pylint: disable=redefined-builtin
+                    annotated_rate: float = 1.0, qc_action: str = "keep",
+                    name: str = "student_annotations", seed: int = 0) -> Optional[str]:
+  """The student mixture of an annotation job's output, registered for `vocabulary` (the
+  student's own tokenizer); None when `annotations` is unset.
+
+  Args:
+    vocabulary: the student checkpoint's vocabulary.
+    annotations: the annotation output directory (merged file or committed chunks), a JSONL
+      file or a glob of them; its rows carry question, options and answer.
+    format: student format of the annotated part ('CMF', 'C', 'SHUFFLE', ...).
+    original_rate, annotated_rate: mixture rates of the same records in the original format
+      and in `format` (0 leaves a part out).
+    qc_action: 'keep' trains on every annotation; 'skip' leaves out rows whose annotations in
+      `format` carry a quality flag (counted in tasks.SKIPS). Rows with an annotation the
+      job dropped (null) are skipped and counted either way.
+    name: the mixture's name (its two tasks are named after it).
+    seed: SHUFFLE's per-example order.
+  """
+  if annotations is None:
+    return None
+  if qc_action not in QC_ACTIONS:
+    raise ValueError(f"student_mixture.qc_action={qc_action!r}: expected one of {QC_ACTIONS}")
+  if original_rate < 0 or annotated_rate < 0 or original_rate + annotated_rate <= 0:
+    raise ValueError("student_mixture.original_rate and annotated_rate must be >= 0 and not "
+                     f"both 0 (got {original_rate} and {annotated_rate})")
+  pattern = annotation_shards(annotations)
+  tasks.set_on_bad_row("skip")
+  parts: List[Tuple[str, float]] = []
+  for fmt, rate in (("original", original_rate), (format, annotated_rate)):
+    if rate > 0:
+      parts.append((tasks.register_student_task(
+          name, pattern, fmt, vocabulary, name=f"{name}_{fmt}", seed=seed,
+          skip_flagged=qc_action == "skip" and fmt == format), rate))
+  return _add_mixture(name, parts)
 
 
 def register_multitask_student_mixture(name: str, shards: Mapping[str, str], fmt: str,

@@ -1,0 +1,122 @@
+"""The vocabulary a checkpoint carries, and whether a vocabulary fits a model.
+
+A pretrained model is only meaningful with the tokenizer it was trained with: every stage
+started from a checkpoint (an HF directory or one of ours) tokenises with that checkpoint's
+tokenizer, and every checkpoint we write carries the tokenizer of its data beside it
+(`save_tokenizer`), so the next stage, annotation, evaluation and `AutoTokenizer` find it.
+
+A vocabulary is named by a spec, as `data.vocab.get_vocabulary` reads it: 'hf:<directory>'
+(an HF tokenizer saved there) or 'spm:<model file>' (SentencePiece).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+from typing import Optional, Sequence
+
+import numpy as np
+
+from teacherlm_jax.data.vocab import VocabularyMismatch  # pylint: disable=unused-import
+
+# Files `save_pretrained` writes for a fast tokenizer; either marks a tokenizer directory.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SPM_FILE = "spm.model"
+
+
+def tokenizer_spec(directory) -> Optional[str]:
+  """The spec of the tokenizer saved beside a checkpoint, or None.
+
+  `directory` is an HF directory, a trainer model_dir or params directory of ours, or one
+  checkpoint step inside a model_dir (its tokenizer lies one level up).
+  """
+  directory = pathlib.Path(directory)
+  for candidate in (directory, directory.parent):
+    if any((candidate / name).exists() for name in HF_TOKENIZER_FILES):
+      return f"hf:{candidate}"
+    if (candidate / SPM_FILE).exists():
+      return f"spm:{candidate / SPM_FILE}"
+  return None
+
+
+def spec_path(spec: str) -> pathlib.Path:
+  """The file or directory a vocabulary spec names (for error messages and copies)."""
+  kind, sep, path = spec.partition(":")
+  return pathlib.Path(path if sep and kind in ("hf", "spm") else spec)
+
+
+def save_tokenizer(spec: str, directory) -> None:
+  """Saves the vocabulary `spec` beside the checkpoint in `directory` (process 0 only)."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  kind, _, path = spec.partition(":")
+  source = pathlib.Path(path)
+  if kind == "spm":
+    if source.resolve() != (directory / SPM_FILE).resolve():
+      shutil.copyfile(source, directory / SPM_FILE)
+    return
+  if source.resolve() == directory.resolve():
+    return
+  from teacherlm_jax.data import hf_tokenizers  # pylint: disable=g-import-not-at-top
+  hf_tokenizers.load(source).save_pretrained(str(directory))
+
+
+def fingerprint(spec: str) -> str:
+  """A digest of the vocabulary's contents: equal for a tokenizer and its copies."""
+  kind, _, path = spec.partition(":")
+  if kind == "spm":
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+  from teacherlm_jax.data import hf_tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = hf_tokenizers.load(path)
+  contents = [sorted(tokenizer.get_vocab().items()), tokenizer.bos_token_id,
+              tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+  return hashlib.sha256(json.dumps(contents).encode()).hexdigest()
+
+
+def check_same(data_spec: str, checkpoint_spec: str, *, data_what: str, checkpoint: str,
+               fix: str) -> None:
+  """Raises unless the data's vocabulary is the checkpoint's own tokenizer (or a copy)."""
+  if data_spec == checkpoint_spec or fingerprint(data_spec) == fingerprint(checkpoint_spec):
+    return
+  raise VocabularyMismatch(
+      f"{data_what} tokenises with {spec_path(data_spec)} but the checkpoint {checkpoint} was "
+      f"trained with its own tokenizer {spec_path(checkpoint_spec)}: a pretrained model only "
+      f"understands its own token ids. {fix}")
+
+
+def check_fits(vocabulary, config, *, vocabulary_name: str, model_name: str) -> None:
+  """Raises unless every id of `vocabulary` (a seqio vocabulary) is a row of the model's
+  embedding and its special ids are the model's."""
+  size = int(vocabulary.vocab_size)
+  if size > config.vocab_size:
+    raise VocabularyMismatch(
+        f"the tokenizer {vocabulary_name} has {size} tokens but the model {model_name} has "
+        f"vocab_size={config.vocab_size}: ids {config.vocab_size}..{size - 1} have no embedding")
+  for name, vocab_id, model_id in (("eos", vocabulary.eos_id, config.eos_token_id),
+                                   ("pad", vocabulary.pad_id, config.pad_token_id)):
+    if vocab_id is not None and model_id is not None and int(vocab_id) != int(model_id):
+      raise VocabularyMismatch(
+          f"the tokenizer {vocabulary_name} has {name} id {vocab_id} but the model "
+          f"{model_name} has {name}_token_id={model_id}")
+
+
+def check_token_ids(token_ids: Sequence[int] | np.ndarray, vocab_size: int, *,
+                    source: str, model_name: str) -> None:
+  """Raises if any token id is negative or >= vocab_size (ids are never clamped)."""
+  ids = np.asarray(token_ids)
+  if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+    bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
+    raise VocabularyMismatch(
+        f"{source}: token id {bad} is outside the vocabulary of the model {model_name} "
+        f"(vocab_size={vocab_size}); the data was tokenised with another tokenizer")
+
+
+def vocabulary_spec(vocabulary) -> Optional[str]:
+  """The spec of a seqio vocabulary read from a file ('hf:' or 'spm:'), None for others (e.g.
+  the byte vocabulary, which no checkpoint carries)."""
+  if getattr(vocabulary, "tokenizer_dir", None):
+    return f"hf:{vocabulary.tokenizer_dir}"
+  if getattr(vocabulary, "sentencepiece_model_file", None):
+    return f"spm:{vocabulary.sentencepiece_model_file}"
+  return None
