@@ -29,10 +29,13 @@ def tokenizer_spec(directory) -> Optional[str]:
   """The spec of the tokenizer saved beside a checkpoint, or None.
 
   `directory` is an HF directory, a trainer model_dir or params directory of ours, or one
-  checkpoint step inside a model_dir (its tokenizer lies one level up).
+  checkpoint step inside a model_dir (model_dir/checkpoints/N: its tokenizer lies up there).
   """
   directory = pathlib.Path(directory)
-  for candidate in (directory, directory.parent):
+  is_model_dir = any((directory / name).exists() for name in ("config.json", "model_config.json"))
+  candidates = [directory] if is_model_dir else [directory, directory.parent,
+                                                 directory.parent.parent]
+  for candidate in candidates:
     if any((candidate / name).exists() for name in HF_TOKENIZER_FILES):
       return f"hf:{candidate}"
     if (candidate / SPM_FILE).exists():

@@ -176,7 +176,8 @@ def model_config_for(config: TrainConfig, model_dir: str, vocabulary=None) -> Mo
   if model_dir and os.path.exists(os.path.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE)):
     return checkpoint_io.read_model_config(model_dir).replace(**numerics)
   source = stage_vocab.init_source(config)
-  if config.init_checkpoint:
+  if config.init_checkpoint and os.path.exists(
+      os.path.join(config.init_checkpoint, checkpoint_io.MODEL_CONFIG_FILE)):
     model_config = checkpoint_io.read_model_config(config.init_checkpoint)
   elif config.init_hf_checkpoint:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
