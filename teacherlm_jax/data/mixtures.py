@@ -3,6 +3,8 @@
   mmlu            the 57 mmlu_{subject} tasks (reported as their macro average)
   teacherlm_eval  mmlu + creak + ecqa + strategyqa (macro average of the four)
   teacher_cot     teacher_cot_* over every FLAN CoT set, leakage-filtered
+  teacher_multitask  the teacher's stage 1 (multi-task): FLAN CoT, plus P3-Sense and Muffin
+                  once their data is in the data directory (`register_teacher_multitask`)
 
 Student mixtures combine an original task with its annotated variant at chosen rates, per
 dataset (`register_student_mixture`) or across datasets (`register_multitask_student_mixture`);
@@ -18,6 +20,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import gin
 import seqio
 
+from teacherlm_jax.data import sources
 from teacherlm_jax.data import tasks
 
 EVAL_MIXTURES = {"mmlu": tasks.MMLU_TASKS,
@@ -43,6 +46,39 @@ def register_fixed_mixtures() -> List[str]:
 def register_all(vocabulary: seqio.Vocabulary = gin.REQUIRED) -> List[str]:
   """Registers every fixed task and mixture for `vocabulary` (re-registers on change)."""
   return tasks.register_tasks(vocabulary) + register_fixed_mixtures()
+
+
+# The teacher's stage-1 collections (the paper: P3-Sense, Muffin and CoT data). Those with no
+# reader of their own are JSONL files of {'inputs', 'targets'} in the data directory.
+MULTITASK_COLLECTIONS = {"flan_cot": "teacher_cot", "p3_sense": "p3_sense/train.jsonl",
+                         "muffin": "muffin/train.jsonl"}
+
+
+def _inputs_targets_task(name: str, path: pathlib.Path, vocabulary: seqio.Vocabulary) -> str:
+  def make(split):
+    del split
+    for row in sources.read_jsonl(path, required=("inputs", "targets")):
+      yield {"id": f"{name}/{row['_line']}", "inputs": row["inputs"], "targets": row["targets"]}
+  return tasks.add_task(name, tasks.generator_source(make, ("train",), tasks.TRAIN_SIGNATURE),
+                        vocabulary, evaluation=False).name
+
+
+def register_teacher_multitask(vocabulary: seqio.Vocabulary,
+                               name: str = "teacher_multitask") -> Tuple[str, dict]:
+  """(mixture name, {collection: reason skipped}): the teacher's stage-1 mixture of every
+  collection whose data is present, at equal rates; absent ones are skipped with the reason."""
+  parts, skipped = [], {}
+  for collection, source in MULTITASK_COLLECTIONS.items():
+    if collection == "flan_cot":
+      register_all(vocabulary)
+      parts.append(source)
+      continue
+    path = sources.data_dir() / source
+    if not path.exists():
+      skipped[collection] = f"no data at {path} (JSONL of inputs/targets; not distributed here)"
+      continue
+    parts.append(_inputs_targets_task(f"teacher_{collection}", path, vocabulary))
+  return _add_mixture(name, parts, default_rate=1.0), skipped
 
 
 def register_student_mixture(dataset: str, shard_pattern: str, fmt: str,
