@@ -208,3 +208,20 @@ def test_student_mixture_mixes_original_and_annotated_rows(workdir):
   assert all(prompts.TRIGGERS["common_mistakes"] in bloom.decode(r["targets"]) for r in annotated)
   with pytest.raises(ValueError, match="qc_action"):
     mixtures.student_mixture(None, annotations="x", qc_action="drop")
+
+
+@pytest.mark.parametrize("variant", ["bloom_1b1", "bloom_3b", "bloom_7b1", "opt_1.3b",
+                                     "opt_2.7b"])
+def test_paper_student_variants_carry_the_paper_hyperparameters(variant):
+  import gin
+  from teacherlm_jax import cli
+  from teacherlm_jax.data import mixtures  # pylint: disable=unused-import  (student_mixture)
+  gin.clear_config()
+  try:
+    cli.parse([f"gin/students/{variant}.gin"], ["TrainConfig.init_hf_checkpoint = '/ckpt'"])
+    config = train_lib.TrainConfig()
+  finally:
+    gin.clear_config()
+  assert config.model == variant.replace("_", "-")
+  assert (config.learning_rate, config.batch_size, config.schedule) == (6e-6, 64, "constant")
+  assert (config.loss_on, config.seq_len) == ("all", 2048)
