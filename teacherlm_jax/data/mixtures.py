@@ -27,7 +27,7 @@ EVAL_MIXTURES = {"mmlu": tasks.MMLU_TASKS,
                  "teacherlm_eval": ("mmlu",) + tasks.QA_EVAL_TASKS}
 
 
-def _add_mixture(name: str, parts: Sequence, default_rate=None) -> str:
+def add_mixture(name: str, parts: Sequence, default_rate=None) -> str:
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
   seqio.MixtureRegistry.add(name, list(parts), default_rate=default_rate)
@@ -35,9 +35,9 @@ def _add_mixture(name: str, parts: Sequence, default_rate=None) -> str:
 
 
 def register_fixed_mixtures() -> List[str]:
-  names = [_add_mixture("mmlu", EVAL_MIXTURES["mmlu"], default_rate=1.0),
-           _add_mixture("teacherlm_eval", EVAL_MIXTURES["teacherlm_eval"], default_rate=1.0)]
-  names.append(_add_mixture("teacher_cot", [f"teacher_cot_{n}" for n in tasks.FLAN_COT_NAMES],
+  names = [add_mixture("mmlu", EVAL_MIXTURES["mmlu"], default_rate=1.0),
+           add_mixture("teacherlm_eval", EVAL_MIXTURES["teacherlm_eval"], default_rate=1.0)]
+  names.append(add_mixture("teacher_cot", [f"teacher_cot_{n}" for n in tasks.FLAN_COT_NAMES],
                             default_rate=1.0))
   return names
 
@@ -78,7 +78,7 @@ def register_teacher_multitask(vocabulary: seqio.Vocabulary,
       skipped[collection] = f"no data at {path} (JSONL of inputs/targets; not distributed here)"
       continue
     parts.append(_inputs_targets_task(f"teacher_{collection}", path, vocabulary))
-  return _add_mixture(name, parts, default_rate=1.0), skipped
+  return add_mixture(name, parts, default_rate=1.0), skipped
 
 
 def register_student_mixture(dataset: str, shard_pattern: str, fmt: str,
@@ -95,7 +95,7 @@ def register_student_mixture(dataset: str, shard_pattern: str, fmt: str,
     parts.append((tasks.get_task(f"original_{dataset}").name, original_rate))
   if annotated_rate > 0:
     parts.append((annotated, annotated_rate))
-  return _add_mixture(name or f"student_mix_{dataset}_{fmt}", parts)
+  return add_mixture(name or f"student_mix_{dataset}_{fmt}", parts)
 
 
 # The annotation job's merged file, else its committed chunks (annotation/io.py's layout).
@@ -151,7 +151,7 @@ def student_mixture(vocabulary: seqio.Vocabulary, *, annotations: Optional[str] 
       parts.append((tasks.register_student_task(
           name, pattern, fmt, vocabulary, name=f"{name}_{fmt}", seed=seed,
           skip_flagged=qc_action == "skip" and fmt == format), rate))
-  return _add_mixture(name, parts)
+  return add_mixture(name, parts)
 
 
 def register_multitask_student_mixture(name: str, shards: Mapping[str, str], fmt: str,
@@ -163,7 +163,7 @@ def register_multitask_student_mixture(name: str, shards: Mapping[str, str], fmt
                                     original_rate=original_rate, annotated_rate=annotated_rate,
                                     seed=seed)
            for dataset, pattern in sorted(shards.items())]
-  return _add_mixture(name, parts, default_rate=1.0)
+  return add_mixture(name, parts, default_rate=1.0)
 
 
 def leaf_tasks(name: str) -> List[str]:

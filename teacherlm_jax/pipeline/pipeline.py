@@ -6,12 +6,17 @@ checkpoints (training) or committed chunks (annotation), so a killed pipeline lo
 work since the last checkpoint/chunk.
 
   {exp}/data/          records: eval.jsonl, teacher.jsonl, student.jsonl   (synthetic task)
-  {exp}/vocab/         spm.model (SentencePiece trained on the data)
-  {exp}/teacher/       trainer model_dir (one teacher tuned on all three annotation kinds)
-  {exp}/teacher_hf/    the teacher exported as an HF directory (what annotate.py loads)
+  {exp}/vocab/         spm.model (SentencePiece trained on the data; only when the teacher
+                       starts from random weights: a pretrained one brings its tokenizer)
+  {exp}/teacher_multitask/  stage 1 (multi-task instruction data), when configured
+  {exp}/teacher/       stage 2: the teacher tuned on all three annotation kinds
+  {exp}/teacher_{kind}/     stage 3: one specialist per annotation kind, from stage 2
+  {exp}/teacher_hf[_{kind}]/  the annotating teacher(s) exported as HF directories with
+                       their tokenizer (what annotate.py and AutoTokenizer load)
   {exp}/annotations/   annotation shards + annotations.jsonl (merged, input order)
-  {exp}/students/{variant}_seed{s}/   trainer model_dirs, variant = original | annotated
-  {exp}/eval/{variant}_seed{s}.json   rank-classification results
+  {exp}/students/[{student}/]{variant}_seed{s}/   trainer model_dirs, variant = original |
+                       annotated; one set per student checkpoint, each with its own tokenizer
+  {exp}/eval/[{student}/]{variant}_seed{s}.json   rank-classification results
   {exp}/report/        report.md, loss.png, accuracy.png, report.json
 
 Datasets: 'synthetic' (the embedded arithmetic task: no data directory or internet needed) or
@@ -24,7 +29,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import gin
 import jax
@@ -34,12 +39,17 @@ from teacherlm_jax.annotation import annotate as annotate_lib
 from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.data import mixtures, prompts, record_tasks, synthetic, tasks, vocab
 from teacherlm_jax.evaluation import evaluate as evaluate_lib
-from teacherlm_jax.models import checkpoint_io, hf
+from teacherlm_jax.models import checkpoint_io, checkpoint_vocab, hf
 from teacherlm_jax.pipeline import report as report_lib
 from teacherlm_jax.training import train as train_lib
 
 DONE = "DONE.json"
 VARIANTS = ("original", "annotated")
+# The paper's teacher: 1. multi-task, 2. personalisation on all three kinds, 3. one specialist
+# per kind started from stage 2. Each has its gin scope for TrainConfig.
+TEACHER_STAGES = ("multitask", "personalise", "specialise")
+TEACHER_SCOPES = {"multitask": "teacher_multitask", "personalise": "teacher",
+                  "specialise": "teacher_specialist"}
 
 
 @gin.configurable
@@ -63,6 +73,14 @@ class PipelineConfig:
     eval_max_examples: per-task cap (None: all).
     creak_train_records: CREAK train records to annotate and train students on (None: all).
     num_samples_in_report: sample annotations shown in the report.
+    teacher_stages: which of TEACHER_STAGES the teacher goes through, in order; with
+      'specialise' each annotation kind has its own teacher.
+    teacher_checkpoint: the pretrained checkpoint (HF directory or ours) the first teacher
+      stage starts from; its tokenizer is then the teacher's vocabulary and no SentencePiece
+      model is trained. '' = random weights and a trained vocabulary.
+    students: {name: checkpoint} of pretrained students, each trained (original and annotated,
+      per seed) and evaluated with its own tokenizer; empty = one student from random weights
+      (student/TrainConfig.model) with the teacher's vocabulary.
   """
   dataset: str = "synthetic"
   seeds: Sequence[int] = (0, 1, 2)
@@ -77,6 +95,9 @@ class PipelineConfig:
   eval_max_examples: Optional[int] = None
   creak_train_records: Optional[int] = None
   num_samples_in_report: int = 3
+  teacher_stages: Sequence[str] = ("personalise",)
+  teacher_checkpoint: str = ""
+  students: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.dataset not in ("synthetic", "creak"):
@@ -84,6 +105,10 @@ class PipelineConfig:
     if not self.seeds:
       raise ValueError("PipelineConfig.seeds is empty: give at least one seed")
     prompts.annotation_order(self.student_format)  # Validates the format name.
+    stages = list(self.teacher_stages)
+    if not stages or stages != [s for s in TEACHER_STAGES if s in stages]:
+      raise ValueError(f"PipelineConfig.teacher_stages={tuple(self.teacher_stages)}: expected "
+                       f"a non-empty subsequence of {TEACHER_STAGES}, in that order")
 
 
 class Pipeline:
@@ -154,9 +179,11 @@ class Pipeline:
               for r in tasks.creak_records("train")]
     return texts
 
-  def register(self, data: dict, spm: str, annotations: Optional[str] = None) -> Dict[str, str]:
-    """Registers this experiment's seqio tasks for the trained vocabulary."""
-    vocabulary = vocab.get_vocabulary(f"spm:{spm}")
+  def register(self, data: dict, spec: str, annotations: Optional[str] = None
+               ) -> Dict[str, str]:
+    """Registers this experiment's seqio tasks for the vocabulary `spec` ('hf:<dir>' or
+    'spm:<model>'); each student re-registers them for its own tokenizer before it runs."""
+    vocabulary = vocab.get_vocabulary(spec)
     names = {}
     if self.config.dataset == "synthetic":
       names.update(record_tasks.register_record_tasks(
@@ -180,31 +207,103 @@ class Pipeline:
           name=f"student_mix_{dataset}")
     return names
 
-  def teacher(self, task: str, spm: str) -> dict:
-    with gin.config_scope("teacher"):
+  def teacher_vocabulary(self, data: dict) -> str:
+    """The teacher's vocabulary spec: its pretrained checkpoint's tokenizer, else a
+    SentencePiece model trained on the experiment's text (the 'vocab' stage)."""
+    checkpoint = self.config.teacher_checkpoint
+    if not checkpoint:
+      return "spm:" + self._stage("vocab", lambda: self.vocabulary(data))["spm"]
+    return _tokenizer_of(checkpoint, "PipelineConfig.teacher_checkpoint")
+
+  def teacher_task(self, data: dict, spec: str, stage: str, kind: Optional[str] = None) -> str:
+    """The seqio task or mixture of one teacher stage (a specialist's: its `kind` only)."""
+    vocabulary = vocab.get_vocabulary(spec)
+    if self.config.dataset == "synthetic":
+      teacher = data["paths"]["teacher"]
+      if stage == "multitask":  # Plain question answering and chains of thought.
+        qa = record_tasks.register_record_tasks("synthetic_teacher_qa", vocabulary,
+                                                student_path=teacher)["original"]
+        cot = record_tasks.register_record_tasks(
+            "synthetic_cot", vocabulary, teacher_path=teacher,
+            kinds=(prompts.CHAIN_OF_THOUGHT,))["teacher"]
+        return mixtures.add_mixture("teacher_multitask_synthetic", [qa, cot], default_rate=1.0)
+      kinds = prompts.ANNOTATION_KINDS if kind is None else (kind,)
+      return record_tasks.register_record_tasks(f"synthetic_{kind or 'all'}", vocabulary,
+                                                teacher_path=teacher, kinds=kinds)["teacher"]
+    mixtures.register_all(vocabulary)
+    if stage == "multitask":
+      name, skipped = mixtures.register_teacher_multitask(vocabulary)
+      for collection, reason in skipped.items():
+        print(f"[pipeline] teacher_multitask: {collection} skipped: {reason}", flush=True)
+      return name
+    if kind not in (None, prompts.CHAIN_OF_THOUGHT):
+      raise ValueError(f"dataset {self.config.dataset!r} has teacher data for chains of "
+                       f"thought only (FLAN CoT), so no {kind} specialist can be trained; set "
+                       "annotate.kinds = ('chain_of_thought',)")
+    return "teacher_cot"
+
+  def teachers(self, data: dict, spec: str) -> Dict[str, dict]:
+    """Runs the teacher stages in order, each started from the previous one (the first from
+    PipelineConfig.teacher_checkpoint); returns {kind: the stage result of its teacher}."""
+    stages = list(self.config.teacher_stages)
+    kinds = _annotation_kinds()
+    start = self.config.teacher_checkpoint
+    result = None
+    for stage in stages:
+      if stage == "specialise":
+        return {kind: self._stage(f"teacher_{kind}", lambda kind=kind: self.teacher(
+            stage, self.teacher_task(data, spec, stage, kind), spec, start,
+            f"teacher_{kind}", export=f"teacher_hf_{kind}")) for kind in kinds}
+      name = "teacher" if stage == "personalise" else "teacher_multitask"
+      last = stage == stages[-1]
+      result = self._stage(name, lambda: self.teacher(
+          stage, self.teacher_task(data, spec, stage), spec, start, name,
+          export="teacher_hf" if last else None))
+      start = result["model_dir"]
+    return {kind: result for kind in kinds}
+
+  def teacher(self, stage: str, task: str, spec: str, start: str, name: str,
+              export: Optional[str] = None) -> dict:
+    with gin.config_scope(TEACHER_SCOPES[stage]):
       config = train_lib.TrainConfig()
     # The held-out measurements of this pipeline are annotation QC and student accuracy; the
     # trainer's periodic eval reads a few batches of the training split as a sanity check.
-    config = config.replace(train_task=task, eval_task=task, eval_split="train")
-    config = self._with_vocab(config, spm)
-    result = train_lib.train(config, str(self.dir / "teacher"))
-    model = checkpoint_io.load_model(self.dir / "teacher")
-    hf.export_checkpoint(model, self.dir / "teacher_hf")
-    return {"final_step": result["step"], "hf_dir": str(self.dir / "teacher_hf"),
-            "final_loss": _last_loss(self.dir / "teacher")}
+    config = self._started_from(
+        config.replace(train_task=task, eval_task=task, eval_split="train"), start, spec)
+    model_dir = self.dir / name
+    result = train_lib.train(config, str(model_dir))
+    out = {"final_step": result["step"], "model_dir": str(model_dir),
+           "final_loss": _last_loss(model_dir)}
+    if export:
+      # The exported teacher carries its tokenizer (an HF one), so AutoTokenizer loads it.
+      tokenizer = checkpoint_vocab.spec_path(spec) if spec.startswith("hf:") else None
+      hf.export_checkpoint(checkpoint_io.load_model(model_dir), self.dir / export,
+                           tokenizer_dir=tokenizer)
+      out["hf_dir"] = str(self.dir / export)
+    return out
 
-  def _with_vocab(self, config, spm: str):
-    vocabulary = vocab.get_vocabulary(f"spm:{spm}")
+  def _started_from(self, config, checkpoint: str, spec: str):
+    """`config` started from `checkpoint` (HF or ours), or from random weights sized for the
+    vocabulary `spec` when there is none."""
+    if not checkpoint:
+      return self._with_vocab(config, spec)
+    if checkpoint_io.is_hf_directory(checkpoint):
+      return config.replace(init_hf_checkpoint=checkpoint, init_checkpoint="")
+    return config.replace(init_checkpoint=checkpoint, init_hf_checkpoint="")
+
+  def _with_vocab(self, config, spec: str):
+    vocabulary = vocab.get_vocabulary(spec)
     return config.replace(model_overrides={
         **dict(config.model_overrides), "vocab_size": vocabulary.vocab_size,
         "pad_token_id": vocabulary.pad_id, "eos_token_id": vocabulary.eos_id,
         "bos_token_id": vocabulary.eos_id})
 
-  def annotation(self, data: dict, spm: str, teacher_hf: str) -> dict:
+  def annotation(self, data: dict, spec: str, teachers: Dict[str, dict]) -> dict:
     out = self.dir / "annotations"
     summary = annotate_lib.annotate(
-        data["paths"]["student"], str(out), teachers=teacher_hf, tokenizer=f"spm:{spm}",
-        limit=self.config.annotate_limit, resume=True)
+        data["paths"]["student"], str(out),
+        teachers={kind: result["hf_dir"] for kind, result in teachers.items()},
+        tokenizer=spec, limit=self.config.annotate_limit, resume=True)
     merged = out / "annotations.jsonl"
     count = annotation_io.merge(out, merged)
     kinds = prompts.annotation_order(self.config.student_format)
@@ -219,19 +318,28 @@ class Pipeline:
     return {"summary": summary, "merged": str(merged), "records": count,
             "usable_for_student_format": usable}
 
-  def student(self, variant: str, seed: int, task: str, spm: str) -> dict:
+  def students(self, teacher_spec: str) -> Dict[str, tuple]:
+    """{name: (checkpoint, vocabulary spec)}: each pretrained student with its own tokenizer,
+    or one student '' from random weights with the teacher's vocabulary."""
+    if not self.config.students:
+      return {"": ("", teacher_spec)}
+    return {name: (checkpoint, _tokenizer_of(checkpoint, f"PipelineConfig.students[{name!r}]"))
+            for name, checkpoint in self.config.students.items()}
+
+  def student(self, variant: str, seed: int, task: str, spec: str, checkpoint: str,
+              model_dir: pathlib.Path) -> dict:
     with gin.config_scope("student"):
       config = train_lib.TrainConfig()
-    config = self._with_vocab(config.replace(train_task=task, eval_task=task, eval_split="train",
-                                             seed=seed, data_seed=seed), spm)
-    model_dir = self.dir / "students" / f"{variant}_seed{seed}"
+    config = self._started_from(config.replace(train_task=task, eval_task=task,
+                                               eval_split="train", seed=seed, data_seed=seed),
+                                checkpoint, spec)
     result = train_lib.train(config, str(model_dir))
     return {"final_step": result["step"], "model_dir": str(model_dir),
             "losses": _loss_curve(model_dir)}
 
-  def evaluation(self, model_dir: str, eval_tasks: Sequence[str], spm: str) -> dict:
+  def evaluation(self, model_dir: str, eval_tasks: Sequence[str], spec: str) -> dict:
     model = checkpoint_io.load_model(model_dir)
-    result = evaluate_lib.evaluate(model, vocab.get_vocabulary(f"spm:{spm}"), eval_tasks,
+    result = evaluate_lib.evaluate(model, vocab.get_vocabulary(spec), eval_tasks,
                                    max_examples=self.config.eval_max_examples, progress=False,
                                    model_source=str(model_dir))
     return result
@@ -241,27 +349,28 @@ class Pipeline:
   def run(self) -> pathlib.Path:
     start = time.time()
     data = self._stage("data", self.data)
-    spm = self._stage("vocab", lambda: self.vocabulary(data))["spm"]
-    names = self.register(data, spm)
-    teacher = self._stage("teacher", lambda: self.teacher(names["teacher"], spm))
-    annotation = self._stage("annotations",
-                             lambda: self.annotation(data, spm, teacher["hf_dir"]))
-    names = self.register(data, spm, annotations=annotation["merged"])
-    accuracy: Dict[str, Dict[str, List[float]]] = {v: {} for v in VARIANTS}
-    curves: Dict[str, List] = {v: [] for v in VARIANTS}
-    for seed in self.config.seeds:
-      for variant in VARIANTS:
-        name = f"{variant}_seed{seed}"
-        trained = self._stage(f"students/{name}",
-                              lambda: self.student(variant, seed, names[variant], spm))
-        curves[variant].append(trained["losses"])
-        result = self._stage(f"eval/{name}", lambda: self.evaluation(
-            trained["model_dir"], names["eval_tasks"], spm))
-        for task, metrics in result["tasks"].items():
-          accuracy[variant].setdefault(task, []).append(metrics["accuracy"] / 100.0)
-        for task, value in result.get("macro", {}).items():
-          accuracy[variant].setdefault(task, []).append(value / 100.0)
-    path = self.write_report(accuracy, curves, annotation, teacher)
+    spec = self.teacher_vocabulary(data)
+    teachers = self.teachers(data, spec)
+    annotation = self._stage("annotations", lambda: self.annotation(data, spec, teachers))
+    accuracy: Dict[str, Dict[str, List[float]]] = {}
+    curves: Dict[str, List] = {}
+    for student, (checkpoint, student_spec) in self.students(spec).items():
+      names = self.register(data, student_spec, annotations=annotation["merged"])
+      prefix = f"{student}/" if student else ""
+      for seed in self.config.seeds:
+        for variant in VARIANTS:
+          name, arm = f"{prefix}{variant}_seed{seed}", f"{prefix}{variant}"
+          trained = self._stage(f"students/{name}", lambda: self.student(
+              variant, seed, names[variant], student_spec, checkpoint,
+              self.dir / "students" / name))
+          curves.setdefault(arm, []).append(trained["losses"])
+          result = self._stage(f"eval/{name}", lambda: self.evaluation(
+              trained["model_dir"], names["eval_tasks"], student_spec))
+          for task, metrics in result["tasks"].items():
+            accuracy.setdefault(arm, {}).setdefault(task, []).append(metrics["accuracy"] / 100.0)
+          for task, value in result.get("macro", {}).items():
+            accuracy.setdefault(arm, {}).setdefault(task, []).append(value / 100.0)
+    path = self.write_report(accuracy, curves, annotation, next(iter(teachers.values())))
     print(f"[pipeline] finished in {time.time() - start:.0f} s; report: {path}", flush=True)
     return path
 
@@ -299,6 +408,23 @@ class Pipeline:
                                    sample_annotations=samples, notes=notes)
     print(report_lib.comparison_table(accuracy), flush=True)
     return path
+
+
+def _tokenizer_of(checkpoint: str, binding: str) -> str:
+  spec = checkpoint_vocab.tokenizer_spec(checkpoint)
+  if spec is None:
+    raise ValueError(f"{binding} = {checkpoint}: no tokenizer beside the checkpoint "
+                     "(tokenizer.json or spm.model); a pretrained model trains and is evaluated "
+                     "with its own tokenizer, so save it there")
+  return spec
+
+
+def _annotation_kinds() -> Sequence[str]:
+  """The kinds the annotation job writes (gin's annotate.kinds): one teacher each."""
+  try:
+    return tuple(gin.query_parameter("annotate.kinds"))
+  except ValueError:
+    return prompts.ANNOTATION_KINDS
 
 
 def _metrics_rows(model_dir: pathlib.Path) -> List[dict]:
