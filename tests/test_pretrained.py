@@ -225,3 +225,17 @@ def test_paper_student_variants_carry_the_paper_hyperparameters(variant):
   assert config.model == variant.replace("_", "-")
   assert (config.learning_rate, config.batch_size, config.schedule) == (6e-6, 64, "constant")
   assert (config.loss_on, config.seq_len) == ("all", 2048)
+
+
+def test_the_old_paper_config_32k_sentencepiece_with_bloom_7b1_fails(tmp_path):
+  """The paper-scale config used to train a 32k SentencePiece vocabulary and feed its ids to
+  BLOOM-7.1B (250,880 tokens): the override is refused before any weight is read."""
+  from teacherlm_jax.models import hf, presets
+  bloom = tmp_path / "bloom-7b1"
+  bloom.mkdir()
+  (bloom / "config.json").write_text(json.dumps(hf.config_to_hf(presets.get("bloom-7b1"))))
+  config = train_lib.TrainConfig(init_hf_checkpoint=str(bloom),
+                                 model_overrides={"vocab_size": 32000})
+  with pytest.raises(checkpoint_vocab.VocabularyMismatch,
+                     match=rf"vocab_size=32000.*{bloom}.*vocab_size=250880"):
+    train_lib.model_config_for(config, str(tmp_path / "teacher"))
