@@ -117,9 +117,10 @@ def annotation_shards(annotations: str) -> str:
 
 @gin.configurable(denylist=["vocabulary"])
 def student_mixture(vocabulary: seqio.Vocabulary, *, annotations: Optional[str] = None,
-                    format: str = "CMF", original_rate: float = 1.0,  # pylint: disable=redefined-builtin
-                    annotated_rate: float = 1.0, qc_action: str = "keep",
-                    name: str = "student_annotations", seed: int = 0) -> Optional[str]:
+                    format: str = "CMF",  # pylint: disable=redefined-builtin
+                    original_rate: float = 1.0, annotated_rate: float = 1.0,
+                    qc_action: str = "keep", name: str = "student_annotations",
+                    seed: int = 0) -> Optional[str]:
   """The student mixture of an annotation job's output, registered for `vocabulary` (the
   student's own tokenizer); None when `annotations` is unset.
 

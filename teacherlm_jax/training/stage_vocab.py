@@ -96,7 +96,8 @@ def data_vocabulary(config):
     try:
       return vocab.get_vocabulary()
     except TypeError as e:  # gin.REQUIRED left unbound.
-      raise ValueError(
-          f"no vocabulary for the data: {'the checkpoint ' + source + ' carries no tokenizer' if source else 'the model starts from random weights'}; "
-          "bind get_vocabulary.spec = 'hf:<dir>' or 'spm:<model>' in gin") from e
+      why = (f"the checkpoint {source} carries no tokenizer" if source
+             else "the model starts from random weights")
+      raise ValueError(f"no vocabulary for the data: {why}; bind get_vocabulary.spec = "
+                       "'hf:<dir>' or 'spm:<model>' in gin") from e
   return vocab.get_vocabulary(spec)
