@@ -76,8 +76,10 @@ def reference(workdir):
 
 def _script(workdir, output, *extra):
   _, teacher, records = workdir
+  # Greedy, as the in-process runs these are compared with (gin/annotate.gin samples).
   bindings = [f"--gin.annotate.teachers='{teacher}'",
-              f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}"] + [
+              f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}",
+              "--gin.SamplingConfig.temperature=0.0", "--gin.SamplingConfig.top_k=0"] + [
       f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen(

@@ -43,6 +43,7 @@ from teacherlm_jax.data import prompts
 from teacherlm_jax.data import sources
 from teacherlm_jax.data import vocab
 from teacherlm_jax.models import checkpoint_io
+from teacherlm_jax.models import checkpoint_vocab
 from teacherlm_jax.models import reconfigure
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
@@ -318,10 +319,12 @@ def annotate(input_path, output_dir, *,
     teachers: one checkpoint directory for every kind, or {kind: directory}; each an HF
       directory, a trainer model_dir (latest checkpoint) or a `save_params` directory.
     kinds: annotation kinds to produce.
-    tokenizer: 'hf:<dir>' or 'spm:<model>'; default the first teacher's directory.
+    tokenizer: 'hf:<dir>' or 'spm:<model>'; default the tokenizer saved beside the first
+      teacher (an HF directory's, or the one our trainer saved with its checkpoints).
     add_special_tokens: HF tokenizers only: add the tokenizer's special tokens (e.g. OPT BOS).
     sampling: max_new_tokens, temperature (0 = greedy), top_k, top_p; default
-      `SamplingConfig()`, i.e. the gin bindings `SamplingConfig.*`.
+      `SamplingConfig()`, i.e. the gin bindings `SamplingConfig.*` (gin/annotate.gin binds the
+      reference's: HF generate(do_sample=True, max_new_tokens=2048), top-k 50).
     num_samples: samples per prompt; the most confident one passing QC is kept.
     seed: sampling seed.
     num_slots: rows of the slot engine's cache (continuous batching).
@@ -357,10 +360,11 @@ def annotate(input_path, output_dir, *,
   teacher_of = _teacher_paths(teachers, kinds)
   if not tokenizer:
     first = teacher_of[kinds[0]]
-    if not checkpoint_io.is_hf_directory(first):
-      raise ValueError(f"no tokenizer given and teacher {first} is not an HF directory to take "
-                       "one from; set tokenizer='hf:<dir>' or 'spm:<model>'")
-    tokenizer = f"hf:{first}"
+    tokenizer = checkpoint_vocab.tokenizer_spec(first)
+    if tokenizer is None:
+      raise ValueError(f"no tokenizer given and teacher {first} has none beside it (an HF "
+                       "directory's tokenizer.json, or the one our trainer saves); set "
+                       "tokenizer='hf:<dir>' or 'spm:<model>'")
   tok = load_tokenizer(tokenizer, add_special_tokens)
   _check_tokenizer_fits(tok, teacher_of)
 
