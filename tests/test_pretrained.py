@@ -239,3 +239,18 @@ def test_the_old_paper_config_32k_sentencepiece_with_bloom_7b1_fails(tmp_path):
   with pytest.raises(checkpoint_vocab.VocabularyMismatch,
                      match=rf"vocab_size=32000.*{bloom}.*vocab_size=250880"):
     train_lib.model_config_for(config, str(tmp_path / "teacher"))
+
+
+def test_annotation_and_evaluation_refuse_a_tokenizer_that_does_not_fit(workdir, tmp_path):
+  from teacherlm_jax.annotation import annotate
+  from teacherlm_jax.evaluation import evaluate
+  from teacherlm_jax.models import hf
+  root, _ = workdir
+  # The OPT tokenizer's pad id (1) is not BLOOM's (3): same size, other special ids.
+  with pytest.raises(checkpoint_vocab.VocabularyMismatch, match=r"opt.*pad id 1.*bloom"):
+    annotate.annotate(root / "student.jsonl", tmp_path / "ann", teachers=str(root / "bloom"),
+                      tokenizer=f"hf:{root / 'opt'}", progress=False)
+  _, model = hf.import_checkpoint(root / "bloom")
+  with pytest.raises(checkpoint_vocab.VocabularyMismatch, match=r"opt.*bloom"):
+    evaluate.evaluate(model, vocab.get_vocabulary(f"hf:{root / 'opt'}"), ["creak"],
+                      model_source=str(root / "bloom"))

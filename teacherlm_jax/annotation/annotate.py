@@ -79,6 +79,7 @@ class HFTokenizer:
   def eos_id(self) -> Optional[int]:
     return self.tokenizer.eos_token_id
 
+
   @property
   def pad_id(self) -> Optional[int]:
     return self.tokenizer.pad_token_id
@@ -103,6 +104,7 @@ class SeqioTokenizer:
   @property
   def eos_id(self) -> Optional[int]:
     return self.vocabulary.eos_id
+
 
   @property
   def pad_id(self) -> Optional[int]:
@@ -226,11 +228,14 @@ def _check_tokenizer_fits(tok, teacher_of: Dict[str, str]) -> None:
   for path in sorted(set(teacher_of.values())):
     source = _model_source(path)
     try:
-      vocab_size = int(json.loads(pathlib.Path(source).read_text())["vocab_size"])
+      model_config = json.loads(pathlib.Path(source).read_text())
+      vocab_size = int(model_config["vocab_size"])
     except (OSError, ValueError, KeyError):
       continue  # An unreadable config is reported with its own message when the model loads.
     vocab.check_fits_model(tok.size, tok.name, vocab_size, source,
                            {"eos": tok.eos_id, "pad": tok.pad_id})
+    checkpoint_vocab.check_special_ids(tok.name, checkpoint_vocab.tokenizer_special_ids(tok),
+                                       source, checkpoint_vocab.model_special_ids(model_config))
 
 
 def _load_teachers(teacher_of: Dict[str, str], tok, mesh, dtype: str,

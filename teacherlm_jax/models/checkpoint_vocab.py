@@ -14,7 +14,7 @@ import hashlib
 import json
 import pathlib
 import shutil
-from typing import Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -88,20 +88,28 @@ def check_same(data_spec: str, checkpoint_spec: str, *, data_what: str, checkpoi
       f"understands its own token ids. {fix}")
 
 
-def check_fits(vocabulary, config, *, vocabulary_name: str, model_name: str) -> None:
-  """Raises unless every id of `vocabulary` (a seqio vocabulary) is a row of the model's
-  embedding and its special ids are the model's."""
-  size = int(vocabulary.vocab_size)
-  if size > config.vocab_size:
-    raise VocabularyMismatch(
-        f"the tokenizer {vocabulary_name} has {size} tokens but the model {model_name} has "
-        f"vocab_size={config.vocab_size}: ids {config.vocab_size}..{size - 1} have no embedding")
-  for name, vocab_id, model_id in (("eos", vocabulary.eos_id, config.eos_token_id),
-                                   ("pad", vocabulary.pad_id, config.pad_token_id)):
-    if vocab_id is not None and model_id is not None and int(vocab_id) != int(model_id):
+def check_special_ids(tokenizer_source: str, tokenizer_ids: Mapping[str, Optional[int]],
+                      model_source: str, model_ids: Mapping[str, Optional[int]]) -> None:
+  """Raises unless the tokenizer's special ids ({'eos': id, 'pad': id}) are the model's: a
+  model trained to end texts with its eos id stops at no other. (The tokenizer's size is
+  checked by `data.vocab.check_fits_model`.)"""
+  for name, token_id in tokenizer_ids.items():
+    model_id = model_ids.get(name)
+    if token_id is not None and model_id is not None and int(token_id) != int(model_id):
       raise VocabularyMismatch(
-          f"the tokenizer {vocabulary_name} has {name} id {vocab_id} but the model "
-          f"{model_name} has {name}_token_id={model_id}")
+          f"tokenizer {tokenizer_source} has {name} id {token_id} but model {model_source} has "
+          f"{name}_token_id={model_id}; use the tokenizer saved with that model")
+
+
+def tokenizer_special_ids(vocabulary) -> Dict[str, Optional[int]]:
+  """{'eos', 'pad'} ids of a seqio vocabulary or an annotation tokenizer."""
+  return {"eos": vocabulary.eos_id, "pad": vocabulary.pad_id}
+
+
+def model_special_ids(config) -> Dict[str, Optional[int]]:
+  """{'eos', 'pad'} ids of a ModelConfig or a config.json / model_config.json mapping."""
+  get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
+  return {"eos": get("eos_token_id"), "pad": get("pad_token_id")}
 
 
 def check_token_ids(token_ids: Sequence[int] | np.ndarray, vocab_size: int, *,
