@@ -28,7 +28,7 @@ SHRUNKEN = [
     "TrainConfig.seq_len = 64",
     "TrainConfig.eval_batches = 1",
     "TrainConfig.mesh_devices = 1",
-    "annotate.max_new_tokens = 8",
+    "SamplingConfig.max_new_tokens = 8",
     "annotate.num_slots = 8",
 ]
 
