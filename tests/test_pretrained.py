@@ -254,3 +254,31 @@ def test_annotation_and_evaluation_refuse_a_tokenizer_that_does_not_fit(workdir,
   with pytest.raises(checkpoint_vocab.VocabularyMismatch, match=r"opt.*bloom"):
     evaluate.evaluate(model, vocab.get_vocabulary(f"hf:{root / 'opt'}"), ["creak"],
                       model_source=str(root / "bloom"))
+
+
+def test_paper_pipeline_config_holds_the_paper_recipe():
+  import gin
+  from teacherlm_jax import cli
+  from teacherlm_jax.pipeline import pipeline
+  gin.clear_config()
+  try:
+    cli.parse(["gin/pipeline_teacherlm_7b1_tpu.gin"], [
+        "PipelineConfig.teacher_checkpoint = '/ckpt/bloom-7b1'",
+        "PipelineConfig.students = {'opt-1.3b': '/ckpt/opt-1.3b'}"])
+    config = pipeline.PipelineConfig()
+    stages = {}
+    for scope in ("teacher_multitask", "teacher", "teacher_specialist", "student"):
+      with gin.config_scope(scope):
+        stages[scope] = train_lib.TrainConfig()
+  finally:
+    gin.clear_config()
+  assert config.teacher_stages == ("multitask", "personalise", "specialise")
+  assert config.eval_tasks == ("teacherlm_eval",)
+  for scope in ("teacher_multitask", "teacher", "teacher_specialist"):
+    teacher = stages[scope]
+    assert teacher.learning_rate == 2e-5
+    assert teacher.batch_size * teacher.grad_accum_steps == 768
+    assert not teacher.model_overrides  # The vocabulary is the checkpoint's.
+  student = stages["student"]
+  assert (student.learning_rate, student.batch_size, student.schedule) == (6e-6, 64, "constant")
+  assert (student.loss_on, student.seq_len) == ("all", 2048)
