@@ -146,7 +146,7 @@ def main(argv):
   print_table(rows)
   import jax
   import torch
-  from teacherlm_jax.models import matmul
+  from teacherlm_jax.runtime import backend
   today = datetime.date.today().isoformat()
   platform_name = jax.devices()[0].platform
   record = {"title": f"{', '.join(_ONLY.value)} on {platform_name}: ours vs PyTorch transformers",
@@ -156,7 +156,7 @@ def main(argv):
                         "cpus": os.cpu_count(), "jax_devices": len(jax.devices()),
                         "device_kind": jax.devices()[0].device_kind,
                         # Train steps on CPU use oneDNN dots only where True.
-                        "onednn_dots": matmul.onednn_dots_supported(),
+                        "onednn_dots": backend.onednn_dots_supported(),
                         # glibc malloc settings move both sides' CPU steps alike.
                         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
             "versions": {"jax": jax.__version__, "torch": torch.__version__},

@@ -10,12 +10,13 @@ r"""Converts checkpoints between a local HF directory and teacherlm_jax.
 
 Hub names are not fetched: pass a local directory (`huggingface-cli download` it beforehand).
 """
-import pathlib
+import tempfile
 
 from absl import app, flags, logging
 
 from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.models import checkpoint_io, hf
+from teacherlm_jax.storage import files
 
 _DIRECTION = flags.DEFINE_enum("direction", "import", ["import", "export"],
                                "import: HF dir -> orbax params; export: orbax params -> HF dir.")
@@ -38,7 +39,9 @@ def main(argv):
     out = checkpoint_io.save_params(model, _OUTPUT_DIR.value)
     tokenizer_dir = _TOKENIZER_DIR.value or _HF_DIR.value
     try:
-      hf_tokenizers.load(tokenizer_dir).save_pretrained(str(pathlib.Path(out) / "tokenizer"))
+      with tempfile.TemporaryDirectory() as local:  # HF writes local files; out may be gs://.
+        hf_tokenizers.load(files.local_copy(tokenizer_dir)).save_pretrained(local)
+        files.upload(local, files.join(out, "tokenizer"))
     except hf_tokenizers.TokenizerError as e:
       logging.warning("no tokenizer copied: %s", e)
     logging.info("imported %s (%s, %.1fM params) -> %s", _HF_DIR.value, config.family,

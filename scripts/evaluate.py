@@ -26,6 +26,14 @@ _SKIP_BAD_ROWS = flags.DEFINE_bool("skip_bad_rows", False, "count and skip unrea
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 _ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "", ["", "xla", "pallas", "cudnn"],
                                     "attention kernel ('' = this platform's default)")
+_MESH = cli.define_mesh_flag("evaluate.mesh_shape")
+
+
+def configure(gin_bindings=()) -> None:
+  """Parses what the flags name: gin files, bindings, --gin.X= and --mesh."""
+  from teacherlm_jax.evaluation import evaluate  # pylint: disable=unused-import  (registers it)
+  cli.parse_flags_and_gin(list(gin_bindings)
+                          + cli.mesh_bindings(_MESH.value, "evaluate.mesh_shape"))
 
 
 def main(argv, gin_bindings=()):
@@ -38,7 +46,7 @@ def main(argv, gin_bindings=()):
   from teacherlm_jax.models import reconfigure
   from teacherlm_jax.runtime import kernels
 
-  cli.parse_flags_and_gin(gin_bindings)
+  configure(gin_bindings)
   if _DATA_DIR.value:
     sources.set_data_dir(_DATA_DIR.value)
   if _SKIP_BAD_ROWS.value:
@@ -60,10 +68,10 @@ def main(argv, gin_bindings=()):
   report = evaluate.evaluate(model, vocabulary, model_source=_CHECKPOINT.value)
   report["checkpoint"] = _CHECKPOINT.value
   json_path, md_path = evaluate.write_report(report, _OUTPUT_DIR.value)
-  print(evaluate.markdown_table(report))
+  print(evaluate.markdown_table(report))  # The result, on stdout; progress is in the log.
   if tasks.SKIPS.total:
-    print(tasks.SKIPS.summary())
-  print(f"wrote {json_path} and {md_path}")
+    logging.warning("%s", tasks.SKIPS.summary())
+  logging.info("wrote %s and %s", json_path, md_path)
 
 
 if __name__ == "__main__":

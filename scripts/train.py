@@ -2,14 +2,13 @@ r"""Trains a model: teacher specialisations, multi-stage SFT, or a student (one 
 
   python scripts/train.py --gin_file=gin/teacher_sft_tiny.gin --model_dir=/tmp/teacher \
       --gin.TrainConfig.num_steps=200
-
-A student from an annotation job's output, with no pipeline (the data is tokenised with the
-student checkpoint's own tokenizer):
-
-  python scripts/train.py --gin_file=gin/student.gin --model_dir=/tmp/student \
-      --gin.TrainConfig.init_hf_checkpoint="'/ckpt/opt-1.3b'" \
-      --gin.student_mixture.annotations="'/tmp/annotations'" \
-      --gin.student_mixture.format="'CMF'" [--gin.student_mixture.qc_action="'skip'"]
+  # A pretrained student on an annotation run's output, tokenised with the student
+  # checkpoint's own tokenizer (the original:annotated rates and QC action from gin):
+  python scripts/train.py --gin_file=gin/students/opt_1.3b.gin --input=/tmp/annotations \
+      --model_dir=/tmp/student --gin.TrainConfig.init_hf_checkpoint="'/ckpt/opt-1.3b'" \
+      --gin.student_input_mixture.fmt="'CMF'" --gin.student_input_mixture.qc_action="'skip'"
+  # A student from random weights takes its vocabulary from gin instead:
+  #   --gin.get_vocabulary.spec="'hf:/ckpt/opt-1.3b'"
 
 Re-running with the same --model_dir resumes from its latest checkpoint. SIGTERM saves a
 checkpoint at the current step and exits 0. Multi-host: pass --coordinator_address,
@@ -25,25 +24,22 @@ from absl import logging
 from teacherlm_jax import cli
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "checkpoints, metrics and configs")
+_INPUT = flags.DEFINE_string(
+    "input", None, "train a student on annotation output: an annotate.py --output directory "
+    "(its merged.jsonl, from annotate.py --merge) or a JSONL glob, mixed with the original data "
+    "by student_input_mixture (gin); sets TrainConfig.train_task")
+MESH_BINDINGS = ("TrainConfig.mesh_data", "TrainConfig.mesh_fsdp", "TrainConfig.mesh_tensor")
+_MESH = cli.define_mesh_flag(*MESH_BINDINGS)
 
 
-def parse_gin(gin_files, bindings):
-  """Parses gin files and bindings; an unknown name lists the TrainConfig fields."""
-  from teacherlm_jax.data import mixtures  # pylint: disable=unused-import  (student_mixture)
-  from teacherlm_jax.training import train  # Registers TrainConfig.
-  known = ", ".join(f.name for f in train.dataclasses.fields(train.TrainConfig))
-  cli.parse(gin_files, bindings, hint=f"TrainConfig fields are: {known}")
-
-
-def with_student_mixture(config):
-  """`config` training on `student_mixture.annotations` when gin sets it, registered for the
-  student's own vocabulary."""
-  from teacherlm_jax.data import mixtures
-  from teacherlm_jax.training import stage_vocab
-  if not cli.is_bound("student_mixture.annotations"):
-    return config
-  task = mixtures.student_mixture(stage_vocab.data_vocabulary(config))
-  return config if task is None else config.replace(train_task=task)
+def configure(gin_bindings=()) -> None:
+  """Parses what the flags name: gin files, bindings, --gin.X=, --mesh and --input."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from teacherlm_jax.data import mixtures  # pylint: disable=g-import-not-at-top
+  from teacherlm_jax.training import train  # pylint: disable=g-import-not-at-top,unused-import
+  cli.parse_flags_and_gin(list(gin_bindings) + cli.mesh_bindings(_MESH.value, *MESH_BINDINGS))
+  if _INPUT.value:
+    gin.bind_parameter("TrainConfig.train_task", mixtures.STUDENT_INPUT_MIXTURE)
 
 
 def main(argv, gin_bindings=()):
@@ -51,14 +47,21 @@ def main(argv, gin_bindings=()):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _MODEL_DIR.value:
     raise app.UsageError("--model_dir is required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
   cli.initialize_distributed()
-  from teacherlm_jax.training import train
-  parse_gin(cli.GIN_FILES.value, list(cli.GIN_BINDINGS.value) + list(gin_bindings))
-  result = train.train(with_student_mixture(train.TrainConfig()), _MODEL_DIR.value)
+  from teacherlm_jax.training import train  # Registers TrainConfig before gin parses.
+  configure(gin_bindings)
+  config = train.TrainConfig()
+  if _INPUT.value:
+    from teacherlm_jax.data import mixtures  # pylint: disable=g-import-not-at-top
+    from teacherlm_jax.training import stage_vocab  # pylint: disable=g-import-not-at-top
+    # The student's data is tokenised with its checkpoint's tokenizer unless gin names one.
+    vocabulary = (None if cli.is_bound("student_input_mixture.vocabulary")
+                  else stage_vocab.data_vocabulary(config))
+    mixtures.student_input_mixture(_INPUT.value, **(
+        {"vocabulary": vocabulary} if vocabulary is not None else {}))
+  result = train.train(config, _MODEL_DIR.value)
   status = "preempted" if result["preempted"] else "done"
-  print(f"{status}: step {result['step']} in {_MODEL_DIR.value}", flush=True)
+  logging.info("%s: step %d in %s", status, result["step"], _MODEL_DIR.value)
 
 
 if __name__ == "__main__":

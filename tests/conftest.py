@@ -11,8 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # Test helpers: gcs_emulator, recipes.
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +41,34 @@ def shared_data() -> pathlib.Path:
 
 @pytest.fixture
 def onednn_dots() -> None:
-  """Skips unless the train step compiles with oneDNN dots here (matmul.onednn_dots_supported)."""
-  from teacherlm_jax.models import matmul
-  if not matmul.onednn_dots_supported():
+  """Skips unless the train step compiles with oneDNN dots here (backend.onednn_dots_supported)."""
+  from teacherlm_jax.runtime import backend
+  if not backend.onednn_dots_supported():
     pytest.skip("not an Intel CPU with AVX-512 and AMX: the train step keeps YNNPACK dots")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """A GCS API server on 127.0.0.1 for this session; this process's clients point at it."""
+  import gcs_emulator as emulator_lib  # pylint: disable=g-import-not-at-top
+  emulator = emulator_lib.start()
+  previous = {name: os.environ.get(name) for name in emulator.env}
+  os.environ.update(emulator.env)
+  try:
+    yield emulator
+  finally:
+    emulator.stop()
+    for name, value in previous.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
+@pytest.fixture
+def gcs_dir(gcs_emulator, request):
+  """A fresh gs:// prefix of the emulator's bucket, one per test."""
+  import re  # pylint: disable=g-import-not-at-top
+  import uuid  # pylint: disable=g-import-not-at-top
+  name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40]  # No glob characters.
+  return gcs_emulator.uri(f"{name}-{uuid.uuid4().hex[:8]}")

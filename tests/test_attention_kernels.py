@@ -206,7 +206,7 @@ def test_a_loaded_model_takes_the_launch_choice_with_its_parameters():
   model = transformer.DecoderLM(_config("opt", "xla"), rngs=transformer.nnx.Rngs(0))
   served = reconfigure.with_config_fields(model, attention_impl="pallas")
   assert served.config.attention_impl == "pallas"
-  assert served.layers[0].attention.config.attention_impl == "pallas"
+  assert served.layers.attention.config.attention_impl == "pallas"  # The stacked blocks.
   for got, want in zip(jax.tree.leaves(transformer.nnx.state(served)),
                        jax.tree.leaves(transformer.nnx.state(model))):
     assert got is want

@@ -162,7 +162,8 @@ def test_tokenizer_larger_than_the_model_is_refused_naming_both(teacher, tmp_pat
 
 def test_train_refuses_a_task_vocabulary_larger_than_the_model():
   from teacherlm_jax.training import train_data
-  task = train_data.register_flan_cot_bytes_task("/nonexistent")  # Registering reads nothing.
+  # Registering reads nothing; its own name, so later tests register the real-data task.
+  task = train_data.register_flan_cot_bytes_task("/nonexistent", name="flan_cot_bytes_vocab_check")
   size = train_data.get_task(task).output_features["targets"].vocabulary.vocab_size
   with pytest.raises(vocab.VocabularyMismatch, match=rf"has {size} tokens but model preset "
                                                      r"'tiny' has vocab_size=100"):
@@ -241,8 +242,8 @@ def test_disk_full_names_the_path_and_says_resume(teacher, tmp_path, monkeypatch
     return real_write(path, text)
 
   monkeypatch.setattr(annotation_io, "write_atomic", full_disk)
-  with pytest.raises(OSError, match=r"chunk-000001.jsonl: cannot write \(No space left on "
-                                    r"device\): the disk is full.*rerun with --resume"):
+  with pytest.raises(OSError, match=r"chunk-000001-[0-9a-f]+.jsonl: cannot write \(No space "
+                                    r"left on device\): the disk is full.*rerun with --resume"):
     _annotate(RECORDS, tmp_path / "out", teacher_dir, reject_bad_input=True, chunk_size=1)
   monkeypatch.setattr(annotation_io, "write_atomic", real_write)
   summary = _annotate(RECORDS, tmp_path / "out", teacher_dir, reject_bad_input=True,
@@ -253,7 +254,7 @@ def test_disk_full_names_the_path_and_says_resume(teacher, tmp_path, monkeypatch
 def test_damaged_committed_chunk_says_how_to_recover(teacher, tmp_path):
   _, teacher_dir = teacher
   _annotate(RECORDS, tmp_path / "out", teacher_dir, reject_bad_input=True, chunk_size=1)
-  chunk = annotation_io.shard_dir(tmp_path / "out", 0, 1) / "chunk-000001.jsonl"
+  (chunk,) = annotation_io.shard_dir(tmp_path / "out", 0, 1).glob("chunk-000001-*.jsonl")
   chunk.write_text(chunk.read_text()[:40] + "\n")
   with pytest.raises(ValueError, match=rf"{chunk}:1: is not JSON.*delete {chunk} and rerun "
                                        r"with --resume"):

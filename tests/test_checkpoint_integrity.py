@@ -2,6 +2,7 @@
 checksums saved with it; training falls back to the previous good step and says so; the
 stages that load a model refuse the damaged one."""
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -79,11 +80,11 @@ def test_annotate_refuses_the_damaged_model(damaged_run, tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_training_falls_back_to_the_previous_good_step_and_says_why(damaged_run, capsys):
+def test_training_falls_back_to_the_previous_good_step_and_says_why(damaged_run, caplog):
   model_dir, first = damaged_run
-  capsys.readouterr()
-  resumed = train.train(_config(num_steps=6), str(model_dir), train_batches=_batches)
-  out = capsys.readouterr().out
+  with caplog.at_level(logging.INFO, logger="absl"):  # The trainer logs through absl.
+    resumed = train.train(_config(num_steps=6), str(model_dir), train_batches=_batches)
+  out = "\n".join(record.getMessage() for record in caplog.records)
   assert resumed["start_step"] == 2 and resumed["step"] == 6
   assert f"skipping checkpoint step 4: {model_dir}/checkpoints/4: checkpoint fails " \
          "verification" in out

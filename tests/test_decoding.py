@@ -148,8 +148,9 @@ def test_sharded_decoding_matches_one_device(tmp_path):
   mesh = partitioning.make_mesh(data=2, fsdp=1, tensor=4)
   sharded = decoding.Decoder(model, eos_id=-1, mesh=mesh)
   assert len(jax.devices()) == 8
-  kernel = sharded.state["layers"][0]["mlp"]["up"]["kernel"][...]
-  assert kernel.sharding.spec == partitioning.logical_to_spec(("embed", "mlp"), mesh=mesh)
+  kernel = sharded.params["layers"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding.spec == partitioning.logical_to_spec(("layers", "embed", "mlp"),
+                                                              mesh=mesh)
   one = single.generate(prompts, hot, seed=5)
   many = sharded.generate(prompts, hot, seed=5)
   for a, b in zip(one, many):
@@ -169,13 +170,15 @@ def test_prompt_longer_than_context_is_refused(bloom):
     decoder.generate([[5] * 10], decoding.SamplingConfig(max_new_tokens=7))
 
 
-def test_bfloat16_model_decodes_with_a_float32_cache_on_cpu(tmp_path):
+def test_bfloat16_model_decodes_with_the_cache_dtype_its_config_fixes(tmp_path):
   make_hf_model("bloom", tmp_path, seed=2)
   config, model = hf.import_checkpoint(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
   decoder = decoding.Decoder(model, eos_id=-1)
-  # XLA:CPU has no bf16 batched dot: a bf16 cache would be widened at every step.
-  assert decoder.cache_dtype == np.float32
-  assert decoding.Decoder(model, cache_dtype="bfloat16").cache_dtype == jax.numpy.bfloat16
+  # The config fixes the numerics, whichever platform runs them: the compute dtype by default.
+  assert decoder.cache_dtype == jax.numpy.bfloat16
+  wide = model.config.replace(cache_dtype="float32")
+  assert wide.kv_cache_dtype == np.float32
+  assert decoding.Decoder(model, cache_dtype="float32").cache_dtype == np.float32
   _, _, prompts = _prompts(config)
   generations = decoder.generate(prompts, decoding.SamplingConfig(max_new_tokens=MAX_NEW))
   for prompt, generation in zip(prompts, generations):

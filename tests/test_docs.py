@@ -33,3 +33,16 @@ def test_readme_links_resolve():
   readme = (REPO_ROOT / "README.md").read_text()
   for target in re.findall(r"\]\(([^)#:]+)\)", readme):
     assert (REPO_ROOT / target).exists(), f"README links to missing {target}"
+
+
+def test_code_carries_no_work_log_or_ab_figures():
+  """Comments say why in a line; one machine's A/B figures live in benchmarks/results/."""
+  pattern = re.compile(r"\b(A/B|same-process|\w+th session)\b|\b20\d\d-\d\d-\d\d\b", re.IGNORECASE)
+  found = []
+  for folder in ("teacherlm_jax", "scripts", "gin", "tpu"):
+    for path in sorted((REPO_ROOT / folder).rglob("*")):
+      if path.suffix in (".py", ".gin"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+          if pattern.search(line):
+            found.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
+  assert not found, "\n".join(found)

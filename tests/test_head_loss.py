@@ -6,7 +6,7 @@ import pytest
 
 from teacherlm_jax.models import head_loss
 from teacherlm_jax.models import losses
-from teacherlm_jax.models import matmul
+from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import partitioning
 
 B, L, D, V = 2, 12, 8, 50
@@ -79,7 +79,7 @@ def test_chunk_length_keeps_enough_tokens_for_the_head_matmuls():
   # tensor=2 too, a device holds 1/8 of the logits, and 32 MiB 8x the positions.
   assert head_loss.chunk_length(8, 1024, 250880, mib32, 1024) == 128
   assert head_loss.chunk_length(8, 1024, 250880, mib32, 0) == 4
-  with partitioning.activate(partitioning.make_mesh(data=2, fsdp=2, tensor=2)):
+  with jax.set_mesh(partitioning.make_mesh(data=2, fsdp=2, tensor=2)):
     assert head_loss.chunk_length(8, 1024, 250880, mib32, 1024) == 512
     assert head_loss.chunk_length(8, 1024, 250880, mib32, 0) == 32
 
@@ -109,7 +109,7 @@ def test_the_train_step_never_holds_the_whole_logits():
 
 
 def test_gradients_hold_under_the_train_steps_compiler_options(onednn_dots):
-  # The train step compiles with matmul.large_matmul_compiler_options (oneDNN dots on CPU);
+  # The train step compiles with the backend's training options (oneDNN dots on this CPU);
   # with oneDNN's DOT fusion type the gradient scaling in this loss's backward was folded into
   # the GEMM and came out wrong (one chunk: d hidden off by 0.17), and the tiny teacher stopped
   # learning.
@@ -118,7 +118,7 @@ def test_gradients_hold_under_the_train_steps_compiler_options(onednn_dots):
   table = jnp.asarray(rng.standard_normal((1000, 64)), jnp.float32) * 0.1
   targets, weights = jnp.asarray(rng.integers(0, 1000, (4, 32))), jnp.ones((4, 32), jnp.float32)
   loss = lambda x, t: head_loss.head_loss(x, t, targets, weights, vocab_major=True)[0]
-  options = matmul.large_matmul_compiler_options(jnp.float32, jax.default_backend())
+  options = backend.Backend.current().compiler_options(backend.TRAIN, jnp.float32)
   got = jax.jit(jax.grad(loss, (0, 1)), compiler_options=options or None)(x, table)
   want = jax.jit(jax.grad(loss, (0, 1)))(x, table)
   for g, w in zip(got, want):
@@ -129,15 +129,15 @@ def test_chunks_are_sized_per_device_on_a_mesh():
   # The logits are split over the mesh's batch (data, fsdp) and vocabulary (tensor) axes, so
   # the chunk budget counts one device's part: 8 devices hold 8x the positions a chunk.
   mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
-  with partitioning.activate(mesh):
+  with jax.set_mesh(mesh):
     assert partitioning.shard_count(head_loss._LOGITS_AXES) == 8
-  assert partitioning.shard_count(head_loss._LOGITS_AXES) == 1  # No mesh active.
+  assert partitioning.shard_count(head_loss._LOGITS_AXES) == 1  # No mesh set.
   x, table, targets, weights = _inputs()
   loss = lambda x, t: head_loss.head_loss(x, t, targets, weights, vocab_major=True,
                                           chunk_bytes=B * V * 4,  # One position a device.
                                           min_chunk_tokens=1)[0]
   want = jax.value_and_grad(loss, (0, 1))(x, table)
-  with partitioning.activate(mesh):
+  with jax.set_mesh(mesh):
     got = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, table)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   for g, w in zip(got[1], want[1]):

@@ -9,6 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "teacherlm_jax"
 # Lowest first. A module may import its own layer's package and any lower layer, never a higher
 # one; the three stages sit side by side and do not import one another.
 LAYERS = (
+    ("storage",),
     ("data", "runtime"),
     ("models",),
     ("training", "annotation", "evaluation"),

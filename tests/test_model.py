@@ -4,6 +4,7 @@ backward included, on bf16 operands, and gives gradients that do not depend on a
 query blocks."""
 import functools
 import re
+import time
 
 import jax
 import jax.extend
@@ -13,9 +14,11 @@ import pytest
 from flax import nnx
 
 from teacherlm_jax.models import attention
+from teacherlm_jax.models import config as config_lib
 from teacherlm_jax.models import matmul
 from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
+from teacherlm_jax.runtime import backend
 
 
 def _loss_and_grads(config, tokens, compiler_options=None):
@@ -30,7 +33,7 @@ def _loss_and_grads(config, tokens, compiler_options=None):
   return jax.jit(jax.value_and_grad(loss_fn), compiler_options=compiler_options)(params)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "save_projections", "save_attention"])
 def test_remat_gives_the_same_gradients(remat):
   config = presets.get("tiny-llama")
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 12)))
@@ -143,60 +146,6 @@ def test_float32_weight_gradient_copies_no_activation():
   assert re.findall(r"= \S+ (transpose|copy)\(", einsum_hlo)  # What product() avoids.
 
 
-_CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: x\nflags\t\t: fpu sse2 avx2 {extra}\n"
-
-
-def test_onednn_dots_only_on_intel_cpus_with_avx512_and_amx():
-  supported = lambda vendor, flags: matmul.onednn_dots_supported(
-      _CPUINFO.format(vendor=vendor, extra=flags))
-  assert supported("GenuineIntel", "avx512f avx512bw amx_bf16 amx_tile")
-  assert not supported("GenuineIntel", "avx512f avx512bw")  # Before Sapphire Rapids.
-  assert not supported("GenuineIntel", "avx512fp16 amx_tile")  # Flags match whole words.
-  assert not supported("AuthenticAMD", "avx512f amx_tile")
-  assert not matmul.onednn_dots_supported("")  # No vendor or flags line: not assumed.
-  if not matmul.onednn_dots_supported():
-    assert matmul.large_matmul_compiler_options(jnp.float32, "cpu") == {}
-
-
-def test_large_matmul_options_route_float32_cpu_dots_through_onednn(onednn_dots):
-  # The trainer compiles its step with these options; a jaxlib that drops the flags or its
-  # oneDNN fusions fails here rather than silently losing the speed-up.
-  x, w = jnp.ones((64, 32), jnp.float32), jnp.ones((32, 16), jnp.float32)
-  options = matmul.large_matmul_compiler_options(jnp.float32, "cpu")
-  compiled = jax.jit(lambda x, w: jnp.tanh(x @ w), compiler_options=options).lower(x, w).compile()
-  assert "onednn_fusion" in compiled.as_text()
-  np.testing.assert_allclose(compiled(x, w), np.tanh(np.ones((64, 16)) * 32), rtol=1e-6)
-  # A dot scaled by a broadcast operand: what oneDNN's DOT fusion type miscomputes (~1e4 off).
-  rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((128, 1000), np.float32), rng.standard_normal((1000, 64), np.float32)
-  scaled = {"times a constant": lambda a, b: 0.125 * (a @ b),
-            "over a constant": lambda a, b: (a @ b) / np.float32(8.0),
-            "times a runtime scalar": lambda a, b: jnp.sum(a[0, :1]) * (a @ b),
-            "times a row": lambda a, b: (a @ b) * b[0]}
-  for name, fn in scaled.items():
-    np.testing.assert_allclose(jax.jit(fn, compiler_options=options)(a, b), fn(a, b),
-                               rtol=1e-4, atol=1e-3, err_msg=name)
-  assert matmul.large_matmul_compiler_options(jnp.float32, "tpu") == {}
-  assert matmul.large_matmul_compiler_options(jnp.bfloat16, "tpu") == {}
-
-
-def test_bfloat16_step_options_give_onednn_only_the_float32_dots(onednn_dots):
-  rng = np.random.default_rng(1)
-  x, w = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in ((64, 32), (32, 16)))
-  q, k = (jnp.asarray(rng.standard_normal((4, 64, 16)), jnp.float32) for _ in range(2))
-
-  def fn(x, w, q, k):  # A weight matmul on bf16 operands and an attention-like batched one.
-    return (jnp.dot(x, w, preferred_element_type=jnp.float32),
-            jnp.einsum("bqd,bkd->bqk", q, k))
-
-  options = matmul.large_matmul_compiler_options(jnp.bfloat16, "cpu")
-  compiled = jax.jit(fn, compiler_options=options).lower(x, w, q, k).compile()
-  fusions = re.findall(r"(onednn_fusion|ynn_fusion)[.\d]* = f32\[([\d,]+)\]", compiled.as_text())
-  assert ("onednn_fusion", "4,64,64") in fusions and ("ynn_fusion", "64,16") in fusions
-  for got, want in zip(compiled(x, w, q, k), jax.jit(fn)(x, w, q, k)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-llama"])
 def test_bfloat16_training_runs_every_weight_matmul_on_bfloat16_operands(name):
   # Plain autodiff of a float32-accumulating dot promotes the bf16 operand in the backward
@@ -208,10 +157,8 @@ def test_bfloat16_training_runs_every_weight_matmul_on_bfloat16_operands(name):
   assert len(dots) >= 3 * (6 + 1)
   bf16 = jnp.dtype(jnp.bfloat16)
   assert {(lhs, rhs) for lhs, rhs, batched in dots if not batched} == {(bf16, bf16)}
-  # Attention's products take float32 operands on CPU only.
-  attention = matmul.batched_operand_dtype(bf16, jax.default_backend())
-  assert attention == (jnp.float32 if jax.default_backend() == "cpu" else bf16)
-  assert {(lhs, rhs) for lhs, rhs, batched in dots if batched} == {(attention, attention)}
+  # Attention's products too: the config fixes the numerics, on every platform.
+  assert {(lhs, rhs) for lhs, rhs, batched in dots if batched} == {(bf16, bf16)}
 
 
 def _flat(grads) -> np.ndarray:
@@ -235,7 +182,7 @@ def test_bfloat16_gradients_run_and_track_float32(name, remat):
   # Runs, not just traces, and under the train step's compiler options: XLA:CPU rejected
   # some bf16 batched dots at run time.
   config = presets.get(name, remat=remat, dtype="bfloat16")
-  options = matmul.large_matmul_compiler_options(config.dtype, jax.default_backend())
+  options = backend.Backend.current().compiler_options(backend.TRAIN, config.dtype)
   _, grads16 = _loss_and_grads(config, _gradient_tokens(config), options or None)
   flat32 = _float32_gradients(name)
   flat16 = _flat(grads16)
@@ -256,3 +203,44 @@ def test_dots_remat_recomputes_no_weight_matmul():
   # recomputes the whole block.
   assert count["dots"][0] == count["none"][0] < count["full"][0]
   assert count["none"][1] == count["dots"][1] < count["full"][1]
+
+
+def test_every_remat_name_has_a_policy():
+  assert set(transformer.REMAT_POLICIES) == set(config_lib.REMAT_POLICIES)
+
+
+def test_layers_are_stored_stacked_with_a_layers_axis():
+  config = presets.get("tiny-opt", num_layers=3)
+  abstract = nnx.eval_shape(lambda: transformer.DecoderLM(config, rngs=nnx.Rngs(0)))
+  for path, variable in nnx.to_flat_state(nnx.state(abstract.layers, nnx.Param)):
+    assert variable.shape[0] == 3 and variable.logical_axes[0] == "layers", path
+  cache = jax.eval_shape(lambda: transformer.init_cache(config, 2, 8))
+  assert cache["layers"]["key"].shape[0] == 3  # The KV cache is stacked the same way.
+  # Each layer is initialised from its own key.
+  kernels = transformer.DecoderLM(config, rngs=nnx.Rngs(0)).layers.mlp.up.kernel[...]
+  assert not np.allclose(kernels[0], kernels[1])
+
+
+def _train_compile_seconds(config) -> float:
+  """Seconds to lower and compile the gradient of a forward over 2 x 16 tokens."""
+  abstract = nnx.eval_shape(lambda: transformer.DecoderLM(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  tokens = jnp.zeros((2, 16), jnp.int32)
+
+  def loss_fn(params):
+    logits, _ = nnx.merge(graphdef, params)(tokens)
+    return jnp.mean(logits)
+
+  start = time.perf_counter()
+  jax.jit(jax.grad(loss_fn)).lower(nnx.to_pure_dict(state)).compile()
+  return time.perf_counter() - start
+
+
+def test_compile_time_stays_flat_in_depth():
+  # The blocks are one scanned body: 70 layers compile the same program as 2.
+  config = presets.get("tiny-bloom", remat="dots")
+  _train_compile_seconds(config.replace(num_layers=3))  # Warms up JAX and XLA.
+  shallow = _train_compile_seconds(config.replace(num_layers=2))
+  deep = _train_compile_seconds(config.replace(num_layers=70))
+  print(f"lower+compile: 2 layers {shallow:.2f} s, 70 layers {deep:.2f} s")
+  assert deep < 3 * shallow, (shallow, deep)

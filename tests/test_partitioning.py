@@ -1,4 +1,5 @@
-"""Sharded abstract init, batch placement and mesh errors on 8 simulated CPU devices."""
+"""Sharded abstract init, activation constraints from the mesh JAX provides, batch placement
+and mesh errors on 8 simulated CPU devices."""
 import jax
 import numpy as np
 import pytest
@@ -7,7 +8,9 @@ from jax.sharding import PartitionSpec as P
 
 from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
+from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import program
 
 
 def _model_fn():
@@ -15,13 +18,15 @@ def _model_fn():
 
 
 def test_sharded_init_creates_params_in_their_shards_with_the_same_values():
-  mesh = partitioning.make_mesh(data=1, fsdp=4, tensor=2)
-  _, shapes, axes = partitioning.abstract_params(_model_fn)
-  shardings = partitioning.logical_shardings(axes, mesh)
-  params = partitioning.sharded_init(_model_fn, shardings)
-  up = params["layers"][0]["mlp"]["up"]["kernel"]  # ('embed', 'mlp') -> ('fsdp', 'tensor')
-  assert up.sharding.spec == P("fsdp", "tensor")
-  assert {s.data.shape for s in up.addressable_shards} == {(64 // 4, 172 // 2)}
+  runtime = program.Program(partitioning.make_mesh(data=1, fsdp=4, tensor=2))
+  _, shapes = runtime.split(nnx.eval_shape(_model_fn))
+  shardings = jax.tree.map(lambda x: x.sharding, shapes)
+  params = runtime.jit(lambda: nnx.to_pure_dict(nnx.split(_model_fn())[1]),
+                       program=backend.INIT, out_shardings=shardings)()
+  # ('layers', 'embed', 'mlp') -> (None, 'fsdp', 'tensor'): every device holds every layer.
+  up = params["layers"]["mlp"]["up"]["kernel"]
+  assert up.sharding.spec == P(None, "fsdp", "tensor")
+  assert {s.data.shape for s in up.addressable_shards} == {(2, 64 // 4, 172 // 2)}
   assert params["token_embedding"].sharding.spec == P("tensor", "fsdp")
   assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
       lambda x: (x.shape, x.dtype), shapes)
@@ -30,6 +35,17 @@ def test_sharded_init_creates_params_in_their_shards_with_the_same_values():
   reference = nnx.to_pure_dict(nnx.state(_model_fn(), nnx.Param))
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-9)
+
+
+def test_constrain_reads_the_mesh_jax_provides():
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  constrained = lambda x: partitioning.constrain(x, ("activation_batch", "activation_mlp"))
+  x = np.ones((8, 4), np.float32)
+  assert jax.jit(constrained)(x).sharding.num_devices == 1  # No mesh: the identity.
+  with jax.set_mesh(mesh):
+    assert jax.jit(constrained)(x).sharding.spec == P(("data", "fsdp"), "tensor")
+    assert partitioning.shard_count(("activation_batch", "activation_mlp")) == 8
+  assert partitioning.shard_count(("activation_batch",)) == 1
 
 
 def test_shard_batch_places_rows_on_the_batch_axes():

@@ -15,7 +15,11 @@ from test_pretrained import make_pretrained
 
 SHRUNKEN = [
     "PipelineConfig.seeds = (0,)",
-    "PipelineConfig.synthetic_sizes = {'eval': 12, 'teacher': 24, 'student': 8}",
+    "PipelineConfig.arms = ('original', 'teacher_annotated')",
+    "PipelineConfig.synthetic_creatures = 64",
+    "PipelineConfig.annotate_limit = 8",
+    "PipelineConfig.eval_max_examples = 12",
+    "PipelineConfig.student_epochs = None",
     "teacher_multitask/TrainConfig.num_steps = 2",
     "teacher/TrainConfig.num_steps = 2",
     "teacher_specialist/TrainConfig.num_steps = 2",
@@ -38,8 +42,7 @@ def experiment(tmp_path_factory):
   from teacherlm_jax.data import synthetic
   from teacherlm_jax.pipeline import pipeline
   root = tmp_path_factory.mktemp("recipe")
-  records = [r for split in synthetic.make_splits(
-      {"eval": 12, "teacher": 24, "student": 8}, seed=0).values() for r in split]
+  records = [r for split in synthetic.make_splits(64, seed=0).values() for r in split]
   texts = list(synthetic.iter_text(records)) + [
       prompts.sample_text(r["question"], r["options"], r["answer"]) for r in records]
   make_pretrained(root / "bloom", "bloom", texts)
@@ -98,7 +101,9 @@ def test_each_student_uses_its_own_tokenizer_and_starts_from_its_checkpoint(expe
   import transformers
   root, exp, _ = experiment
   own = hf_tokenizers.load(root / student)
-  for variant in ("original", "annotated"):
+  # Each student's arms are compared with each other in a report of its own.
+  assert (exp / "report" / student / "report.md").exists()
+  for variant in ("original", "teacher_annotated"):
     model_dir = exp / "students" / student / f"{variant}_seed0"
     assert hf_tokenizers.load(model_dir).get_vocab() == own.get_vocab()
     assert (exp / "eval" / student / f"{variant}_seed0" / "DONE.json").exists()

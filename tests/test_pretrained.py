@@ -38,8 +38,7 @@ def make_pretrained(directory: pathlib.Path, family: str, texts, **model_overrid
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   root = tmp_path_factory.mktemp("pretrained")
-  splits = synthetic.make_splits({"eval": 4, "teacher": 4, "student": 24}, seed=0)
-  records = splits["student"]
+  records = synthetic.make_splits(64, seed=0)["student"][:24]
   texts = list(synthetic.iter_text(records)) + [
       prompts.sample_text(r["question"], r["options"], r["answer"]) for r in records]
   make_pretrained(root / "bloom", "bloom", texts)
@@ -48,7 +47,7 @@ def workdir(tmp_path_factory):
   (root / "annotations").mkdir()
   rows = [{**r, "qc": {k: [] for k in prompts.ANNOTATION_KINDS}} for r in records]
   rows[0]["qc"]["chain_of_thought"] = ["repetition"]
-  synthetic.write_jsonl(rows, root / "annotations" / "annotations.jsonl")
+  synthetic.write_jsonl(rows, root / "annotations" / "merged.jsonl")
   synthetic.write_jsonl(records, root / "student.jsonl")
   spm = vocab.train_sentencepiece(texts, str(root / "spm" / "spm"), 120, "bpe")
   return root, spm
@@ -164,9 +163,10 @@ def test_student_trains_from_an_annotation_directory_with_scripts_train(workdir,
   model_dir = tmp_path / "student"
   bindings = {
       "TrainConfig.init_hf_checkpoint": repr(str(root / "opt")),
-      "student_mixture.annotations": repr(str(root / "annotations")),
-      "student_mixture.format": "'CMF'", "student_mixture.qc_action": "'skip'",
-      "student_mixture.original_rate": "1.0", "student_mixture.annotated_rate": "3.0",
+      "student_input_mixture.dataset": "None",
+      "student_input_mixture.fmt": "'CMF'", "student_input_mixture.qc_action": "'skip'",
+      "student_input_mixture.original_rate": "1.0",
+      "student_input_mixture.annotated_rate": "3.0",
       "TrainConfig.compute_dtype": "'float32'", "TrainConfig.mesh_fsdp": "1",
       "TrainConfig.num_steps": "2", "TrainConfig.learning_rate": "0.0",
       "TrainConfig.eval_batches": "0", "TrainConfig.seq_len": "64",
@@ -176,12 +176,13 @@ def test_student_trains_from_an_annotation_directory_with_scripts_train(workdir,
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
       [sys.executable, str(REPO / "scripts" / "train.py"), "--gin_file=gin/student.gin",
-       f"--model_dir={model_dir}"] + [f"--gin.{k}={v}" for k, v in bindings.items()],
+       f"--model_dir={model_dir}", f"--input={root / 'annotations'}"]
+      + [f"--gin.{k}={v}" for k, v in bindings.items()],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "done: step 2" in result.stdout
+  assert "done: step 2" in result.stdout + result.stderr
   saved = json.loads((model_dir / train_lib.TRAIN_CONFIG_FILE).read_text())
-  assert saved["train_task"] == "student_annotations"
+  assert saved["train_task"] == "student_input"
   # The student carries the OPT tokenizer it trained with; AutoTokenizer loads it.
   import transformers
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
@@ -189,25 +190,25 @@ def test_student_trains_from_an_annotation_directory_with_scripts_train(workdir,
   _step0_logits_match_transformers(model_dir, root / "opt")
 
 
-def test_student_mixture_mixes_original_and_annotated_rows(workdir):
+def test_student_input_mixture_mixes_original_and_annotated_rows(workdir):
   import seqio
   from teacherlm_jax.data import mixtures, tasks
   root, _ = workdir
   skipped_before = tasks.SKIPS.total
-  name = mixtures.student_mixture(vocab.get_vocabulary(f"hf:{root / 'bloom'}"),
-                                  annotations=str(root / "annotations"), format="CM",
-                                  original_rate=1.0, annotated_rate=2.0, qc_action="skip",
-                                  name="mix_test")
+  name = mixtures.student_input_mixture(
+      str(root / "annotations"), dataset=None, fmt="CM",
+      vocabulary=vocab.get_vocabulary(f"hf:{root / 'bloom'}"), original_rate=1.0,
+      annotated_rate=2.0, qc_action="skip")
   mixture = seqio.get_mixture_or_task(name)
-  assert {t.name for t in mixture.tasks} == {"mix_test_original", "mix_test_CM"}
-  assert mixture.get_rate(seqio.get_mixture_or_task("mix_test_CM")) == 2.0
-  annotated = list(tasks.task_records("mix_test_CM"))
+  assert {t.name for t in mixture.tasks} == {"student_input_original", "student_input_CM"}
+  assert mixture.get_rate(seqio.get_mixture_or_task("student_input_CM")) == 2.0
+  annotated = list(tasks.task_records("student_input_CM"))
   assert len(annotated) == 23  # Row 0's chain of thought carries a quality flag.
   assert tasks.SKIPS.total == skipped_before + 1
   bloom = vocab.get_vocabulary(f"hf:{root / 'bloom'}")
   assert all(prompts.TRIGGERS["common_mistakes"] in bloom.decode(r["targets"]) for r in annotated)
   with pytest.raises(ValueError, match="qc_action"):
-    mixtures.student_mixture(None, annotations="x", qc_action="drop")
+    mixtures.student_input_mixture("x", dataset=None, vocabulary=None, qc_action="drop")
 
 
 @pytest.mark.parametrize("variant", ["bloom_1b1", "bloom_3b", "bloom_7b1", "opt_1.3b",
@@ -215,7 +216,7 @@ def test_student_mixture_mixes_original_and_annotated_rows(workdir):
 def test_paper_student_variants_carry_the_paper_hyperparameters(variant):
   import gin
   from teacherlm_jax import cli
-  from teacherlm_jax.data import mixtures  # pylint: disable=unused-import  (student_mixture)
+  from teacherlm_jax.data import mixtures  # pylint: disable=unused-import  (student.gin's)
   gin.clear_config()
   try:
     cli.parse([f"gin/students/{variant}.gin"], ["TrainConfig.init_hf_checkpoint = '/ckpt'"])

@@ -5,6 +5,7 @@ The launch command is executed by a local bash against a fake worker home, with
 tpu/run_multihost.py initializing a 2-process CPU JAX job, so the quoting and the multi-host
 entry point are checked end to end, not by string matching alone.
 """
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -114,8 +115,18 @@ def test_install_ships_head_to_all_workers():
   remote = flag_value(ssh, "--command")
   assert "tar xzf teacherlm_jax.tar.gz" in remote
   install = next(part for part in remote.split(" && ") if part.startswith("uv pip install"))
-  assert shlex.split(install)[-2:] == ["-e ./teacherlm_jax", "jax[tpu]"]
+  # The workers get the jax (and libtpu) this clone runs with, not whatever is newest.
+  jax_version = importlib.metadata.version("jax")
+  assert shlex.split(install)[-3:-1] == ["-e ./teacherlm_jax", f"jax[tpu]=={jax_version}"]
+  assert shlex.split(install)[-1] == f"libtpu=={importlib.metadata.version('libtpu')}"
   assert "torch" not in remote
+
+
+def test_install_takes_an_explicit_jax_spec():
+  *_, ssh = gcloud_commands(dry_run("install", *LOCATION, "--jax_spec=jax[tpu]==0.9.0"))
+  install = next(part for part in flag_value(ssh, "--command").split(" && ")
+                 if part.startswith("uv pip install"))
+  assert shlex.split(install)[-1] == "jax[tpu]==0.9.0"
 
 
 def test_install_from_git_checks_out_the_ref():
@@ -227,3 +238,57 @@ def test_detached_launch_logs_to_the_worker(fake_worker_home):
     time.sleep(0.2)
   last_line = log.read_text().strip().splitlines()[-1]
   assert json.loads(last_line)["argv"] == ["scripts/echo_args.py", "--x=1"]
+
+
+def run_remote(command: str, home: pathlib.Path) -> str:
+  result = subprocess.run(["bash", "-c", command], env={**os.environ, "HOME": str(home)},
+                          capture_output=True, text=True, timeout=30)
+  assert result.returncode == 0, result.stderr
+  return result.stdout
+
+
+def remote_commands(action: str, *args: str) -> list[str]:
+  return [flag_value(ssh, "--command")
+          for ssh in gcloud_commands(dry_run(action, "--accelerator_type=v4-32", *LOCATION, *args))
+          if ssh[4] == "ssh"]
+
+
+def test_status_logs_and_stop_follow_a_detached_job(fake_worker_home):
+  (fake_worker_home / "teacherlm_jax" / "scripts" / "wait_for_term.py").write_text(
+      "import signal, sys, time\n"
+      "signal.signal(signal.SIGTERM, lambda *_: (print('saved at step 7', flush=True), "
+      "sys.exit(0)))\n"
+      "print('step 1', flush=True)\n"
+      "for _ in range(600):\n  time.sleep(0.1)\n")
+  (status,) = remote_commands("status")
+  assert "no job launched" in run_remote(status, fake_worker_home)
+  launch = remote_command("--detach", "--log_name=job1",
+                          f"--env=JAX_COORDINATOR_ADDRESS=localhost:{free_port()}",
+                          "--env=JAX_NUM_PROCESSES=1", "--env=JAX_PROCESS_ID=0", "--",
+                          "scripts/wait_for_term.py")
+  run_remote(launch, fake_worker_home)
+  pid = int((fake_worker_home / "teacherlm_logs" / "job1.pid").read_text())
+  log = fake_worker_home / "teacherlm_logs" / "job1.log"
+  deadline = time.time() + 60
+  while time.time() < deadline and "step 1" not in (log.read_text() if log.exists() else ""):
+    time.sleep(0.2)
+  try:
+    host = socket.gethostname()
+    assert run_remote(status, fake_worker_home).strip() == f"{host} job1: running pid {pid}"
+    (logs,) = remote_commands("logs", "--log_name=job1", "--lines=5")
+    assert f"{host}: step 1" in run_remote(logs, fake_worker_home).splitlines()
+    (stop,) = remote_commands("stop", "--log_name=job1")
+    assert f"sent SIGTERM to job1, pid {pid}" in run_remote(stop, fake_worker_home)
+    while time.time() < deadline and "exited" not in run_remote(status, fake_worker_home):
+      time.sleep(0.2)
+    assert run_remote(status, fake_worker_home).strip() == f"{host} job1: exited"
+    assert "saved at step 7" in log.read_text()  # The job saw SIGTERM, not SIGKILL.
+    assert "job1 is not running" in run_remote(stop, fake_worker_home)
+  finally:
+    if "running" in run_remote(status, fake_worker_home):
+      os.kill(pid, 9)
+
+
+def test_stop_needs_the_job_name():
+  result = tpu_vm("stop", "--dry_run", check=False)
+  assert result.returncode != 0 and "stop needs --log_name" in result.stderr

@@ -4,7 +4,6 @@ Every run is the same tiny config on real FLAN CoT data (constant learning rate,
 different lengths agree step by step). One uninterrupted single-process run is the reference.
 """
 import dataclasses
-import json
 import os
 import pathlib
 import shutil
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from teacherlm_jax.runtime import checkpointing
+from teacherlm_jax.training import metrics
 from teacherlm_jax.training import train
 from teacherlm_jax.training import train_data
 
@@ -66,8 +66,8 @@ def _wait(process, log_path, timeout=240):
 
 
 def _train_losses(model_dir):
-  records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r["loss"] for r in records if r["split"] == "train"}, records
+  """step -> training loss, from the run's TensorBoard event files."""
+  return metrics.read_scalars(metrics.tensorboard_dir(str(model_dir)))["train/loss"]
 
 
 def _params(state):
@@ -88,7 +88,7 @@ def reference(data, tmp_path_factory):
   shared_data = data
   model_dir = tmp_path_factory.mktemp("reference")
   result = train.train(_config(shared_data), str(model_dir))
-  losses, _ = _train_losses(model_dir)
+  losses = _train_losses(model_dir)
   assert sorted(losses) == list(range(1, NUM_STEPS + 1))
   return model_dir, losses, _params(result["state"])
 
@@ -109,16 +109,19 @@ def test_two_processes_train_like_one_and_checkpoints_move_between_settings(
   codes = [_wait(p, log) for p, log in zip(processes, logs)]
   assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
   assert "2 process(es)" in logs[0].read_text()
-  assert "step 8/8" in logs[0].read_text() and "step 8/8" not in logs[1].read_text()
-  losses, records = _train_losses(model_dir)
-  assert [r["step"] for r in records if r["split"] == "train"] == [5, 6, 7, 8]  # Written once.
+  assert "(8/8)" in logs[0].read_text()  # clu's progress report.
+  # Event files from process 0 only; process 1 logs its metrics.
+  assert len(os.listdir(model_dir / "tensorboard")) == 1
+  assert "train/loss=" in logs[1].read_text()
+  losses = _train_losses(model_dir)
+  assert sorted(losses) == [5, 6, 7, 8]
   for step in (5, 6, 7, 8):
     np.testing.assert_allclose(losses[step], ref_losses[step], rtol=1e-5)
   assert checkpointing.Checkpointer(str(model_dir)).all_steps() == [4, 8]
   # ... and finish in one process from the 2-process checkpoint.
   result = train.train(config.replace(num_steps=NUM_STEPS), str(model_dir))
   assert result["start_step"] == 8
-  losses, _ = _train_losses(model_dir)
+  losses = _train_losses(model_dir)
   np.testing.assert_allclose([losses[s] for s in range(5, NUM_STEPS + 1)],
                              [ref_losses[s] for s in range(5, NUM_STEPS + 1)], rtol=1e-5)
   final = _params(result["state"])
@@ -164,7 +167,7 @@ def _sigterm_two_processes(config, model_dir, tmp_path, after_step: int) -> int:
   processes = [_launch(config, model_dir, logs[i], devices=4, process_id=i, num_processes=2,
                        port=port) for i in range(2)]
   deadline = time.time() + 240
-  while f"step {after_step}/{config.num_steps}" not in logs[0].read_text():
+  while f"({after_step}/{config.num_steps})" not in logs[0].read_text():  # clu's progress.
     assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
     assert time.time() < deadline, f"training did not reach step {after_step} in time"
     time.sleep(0.05)
@@ -188,7 +191,7 @@ def test_sigterm_to_both_processes_saves_one_checkpoint_at_the_step_they_agree_o
   model_dir = tmp_path / "run"
   config = _config(shared_data, num_steps=1000, checkpoint_every=1000)
   saved = _sigterm_two_processes(config, model_dir, tmp_path, after_step=3)
-  losses, _ = _train_losses(model_dir)
+  losses = _train_losses(model_dir)
   steps = range(1, min(saved, NUM_STEPS) + 1)  # The same run as the reference's so far.
   np.testing.assert_allclose([losses[s] for s in steps], [ref_losses[s] for s in steps],
                              rtol=1e-5)
@@ -227,7 +230,7 @@ def test_per_process_input_builds_the_global_batch_from_each_process_shard(
                        num_processes=2, port=port) for i in range(2)]
   codes = [_wait(p, log) for p, log in zip(processes, logs)]
   assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
-  losses, _ = _train_losses(tmp_path / "run")
+  losses = _train_losses(tmp_path / "run")
 
   task = train_data.register_flan_cot_bytes_task(str(shared_data))
   half = config.batch_size // 2

@@ -1,4 +1,4 @@
-r"""Cloud TPU VMs and pod slices for teacherlm_jax: create, install, launch, copy out, delete.
+r"""Cloud TPU VMs and pod slices for teacherlm_jax: create, install, launch, watch, stop, delete.
 
 One action per call, each a short list of `gcloud` commands; `--dry_run` prints them as a shell
 script instead of running them (tests check those). Usage:
@@ -7,6 +7,9 @@ script instead of running them (tests check those). Usage:
   python tpu/tpu_vm.py install   --name=tlm --accelerator_type=v4-32 [--repo=URL --git_ref=main]
   python tpu/tpu_vm.py launch    --name=tlm --accelerator_type=v4-32 [--detach] -- \
       scripts/annotate.py --gin_file=gin/annotate.gin --gin.MODEL_DIR="'gs://b/x'" ...
+  python tpu/tpu_vm.py status    --name=tlm --accelerator_type=v4-32 [--log_name=annotate]
+  python tpu/tpu_vm.py logs      --name=tlm --accelerator_type=v4-32 [--lines=50] [--follow]
+  python tpu/tpu_vm.py stop      --name=tlm --accelerator_type=v4-32 [--log_name=annotate]
   python tpu/tpu_vm.py copy_out  --name=tlm --src=gs://b/x/report --dest=./report
   python tpu/tpu_vm.py delete    --name=tlm [--queued]
 
@@ -14,6 +17,7 @@ Every worker of a slice runs the same launch command; tpu/run_multihost.py calls
 jax.distributed.initialize(), which finds the other workers from the TPU metadata.
 """
 import dataclasses
+import importlib.metadata
 import os
 import pathlib
 import re
@@ -33,7 +37,7 @@ REMOTE_REPO = "teacherlm_jax"
 REMOTE_VENV = "teacherlm_venv"
 REMOTE_LOGS = "teacherlm_logs"
 REMOTE_TARBALL = "teacherlm_jax.tar.gz"
-ACTIONS = ("create", "install", "launch", "copy_out", "delete")
+ACTIONS = ("create", "install", "launch", "status", "logs", "stop", "copy_out", "delete")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,21 @@ def create_steps(target: Target, spec: SliceSpec, runtime_version: str, queued: 
   ]
 
 
+def pinned_jax_spec() -> str:
+  """jax[tpu] at this machine's jax version, and libtpu at its version when installed: the
+  workers then run the JAX this clone was tested with (and compiles for, ahead of time)."""
+  try:
+    specs = [f"jax[tpu]=={importlib.metadata.version('jax')}"]
+  except importlib.metadata.PackageNotFoundError as e:
+    raise ValueError("jax is not installed here, so there is no version to pin: pass "
+                     "--jax_spec='jax[tpu]==X.Y.Z'") from e
+  try:
+    specs.append(f"libtpu=={importlib.metadata.version('libtpu')}")
+  except importlib.metadata.PackageNotFoundError:
+    pass  # jax[tpu]==X already pins a libtpu release series.
+  return " ".join(specs)
+
+
 def install_steps(target: Target, repo: str, git_ref: str, python_version: str, jax_spec: str,
                   extras: str) -> list[Step]:
   """Puts the code on every worker and installs it into a venv with jax[tpu] (no torch)."""
@@ -178,7 +197,7 @@ def install_steps(target: Target, repo: str, git_ref: str, python_version: str, 
       "export PATH=$HOME/.local/bin:$PATH",
       f"uv venv --quiet --allow-existing --python {shlex.quote(python_version)} {REMOTE_VENV}",
       f"uv pip install --quiet --python {REMOTE_VENV}/bin/python {shlex.quote(package)} "
-      f"{shlex.quote(jax_spec)}",
+      + " ".join(shlex.quote(spec) for spec in jax_spec.split()),
       f"{REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'",
   ])
   steps.append(Step(ssh_all(target, remote), comment="install on every worker"))
@@ -220,10 +239,25 @@ def launch_command(script_argv: Sequence[str], env: Sequence[str], detach: bool,
   ])
   if detach:
     # Survives the ssh session: long annotation runs must not die with the laptop's connection.
-    log = f"$HOME/{REMOTE_LOGS}/{shlex.quote(log_name)}.log"
-    command = (f"mkdir -p $HOME/{REMOTE_LOGS} && nohup {command} > {log} 2>&1 < /dev/null & "
-               f"echo \"$(hostname): logging to {log}\"")
+    # The pid file lets `stop` signal exactly this job and `status` ask whether it still runs.
+    log, pid = _log_path(log_name), _pid_path(log_name)
+    command = (f"mkdir -p $HOME/{REMOTE_LOGS} && {{ nohup {command} > {log} 2>&1 < /dev/null & "
+               f"echo $! > {pid}; }} && echo \"$(hostname): logging to {log}\"")
   return f"cd $HOME/{REMOTE_REPO} && {command}"
+
+
+def _check_log_name(log_name: str) -> str:
+  if not re.fullmatch(r"[\w.-]+", log_name or ""):
+    raise ValueError(f"--log_name={log_name!r}: expected letters, digits, '_', '.' or '-'")
+  return log_name
+
+
+def _log_path(log_name: str) -> str:
+  return f"$HOME/{REMOTE_LOGS}/{_check_log_name(log_name)}.log"
+
+
+def _pid_path(log_name: str) -> str:
+  return f"$HOME/{REMOTE_LOGS}/{_check_log_name(log_name)}.pid"
 
 
 def launch_steps(target: Target, spec: SliceSpec, script_argv: Sequence[str], env: Sequence[str],
@@ -232,6 +266,56 @@ def launch_steps(target: Target, spec: SliceSpec, script_argv: Sequence[str], en
   remote = launch_command(script_argv, env, detach, log_name)
   return [Step(ssh_all(target, remote),
                comment=f"same command on all {spec.num_workers} workers of {spec.accelerator_type}")]
+
+
+def job_state_command(log_name: str | None) -> str:
+  """Prints '<host> <job>: running pid N' or '... exited' per launched job on one worker."""
+  pids = _pid_path(log_name) if log_name else f"$HOME/{REMOTE_LOGS}/*.pid"
+  return (f"for p in {pids}; do test -f \"$p\" || {{ echo \"$(hostname): no job launched\"; "
+          f"continue; }}; job=$(basename \"$p\" .pid); "
+          f"if kill -0 $(cat \"$p\") 2>/dev/null; "
+          f"then echo \"$(hostname) $job: running pid $(cat \"$p\")\"; "
+          f"else echo \"$(hostname) $job: exited\"; fi; done")
+
+
+def status_steps(target: Target, queued: bool, log_name: str | None) -> list[Step]:
+  """The node's state (and the queued resource's), then which jobs run on each worker."""
+  steps = []
+  if queued:
+    steps.append(Step(_queued(target, "describe", "--format=value(state.state)"),
+                      comment="queued resource state"))
+  steps.append(Step(_tpu_vm(target, "describe", target.name,
+                            "--format=value(state,acceleratorType,health)"),
+                    comment="node state, accelerator type, health"))
+  steps.append(Step(ssh_all(target, job_state_command(log_name)),
+                    comment=f"is {log_name or 'each detached job'} running on each worker"))
+  return steps
+
+
+def logs_steps(target: Target, log_name: str | None, lines: int, follow: bool) -> list[Step]:
+  """Tails each worker's log(s) of detached launches, every line prefixed with its host."""
+  if lines < 1:
+    raise ValueError(f"--lines={lines}: expected a count >= 1")
+  log = _log_path(log_name) if log_name else f"$HOME/{REMOTE_LOGS}/*.log"
+  tail = f"tail -n {lines}" + (" -F" if follow else "")
+  # A host prefix on every line tells apart the interleaved output of --worker=all.
+  remote = f"{tail} {log} 2>&1 | sed -u \"s/^/$(hostname): /\""
+  return [Step(ssh_all(target, remote), comment=f"last {lines} lines of "
+               f"{(log_name + '.log') if log_name else 'every log'} on every worker"
+               + (", following" if follow else ""))]
+
+
+def stop_steps(target: Target, log_name: str | None) -> list[Step]:
+  """SIGTERM to one detached job on every worker: the trainer saves a checkpoint and exits."""
+  if not log_name:
+    raise ValueError("stop needs --log_name (the job's log stem, e.g. --log_name=train); "
+                     "`status` lists the jobs")
+  pid = _pid_path(log_name)
+  remote = (f"if test -f {pid} && kill -TERM $(cat {pid}) 2>/dev/null; "
+            f"then echo \"$(hostname): sent SIGTERM to {log_name}, pid $(cat {pid})\"; "
+            f"else echo \"$(hostname): {log_name} is not running\"; fi")
+  return [Step(ssh_all(target, remote), comment=f"stop {log_name} on every worker (SIGTERM: "
+               "the trainer checkpoints, then exits)")]
 
 
 def copy_out_steps(target: Target, src: str, dest: str, worker: int) -> list[Step]:
@@ -299,12 +383,18 @@ _REPO = flags.DEFINE_string("repo", "", "install: git URL to clone on the worker
                             "this clone's HEAD with git archive + scp.")
 _GIT_REF = flags.DEFINE_string("git_ref", "main", "install: branch, tag or commit for --repo.")
 _PYTHON_VERSION = flags.DEFINE_string("python_version", "3.11", "install: venv Python (via uv).")
-_JAX_SPEC = flags.DEFINE_string("jax_spec", "jax[tpu]", "install: pip spec of JAX for TPU.")
+_JAX_SPEC = flags.DEFINE_string(
+    "jax_spec", None, "install: pip specs of JAX for TPU, space-separated; default: this "
+    "machine's jax as jax[tpu]==VERSION plus its libtpu==VERSION when installed.")
 _EXTRAS = flags.DEFINE_string("extras", "", "install: package extras, e.g. 'hf' (pulls torch).")
 _ENV = flags.DEFINE_multi_string("env", [], "launch: NAME=VALUE set for the script.")
 _DETACH = flags.DEFINE_bool("detach", False, "launch: run under nohup, log to "
                             f"~/{REMOTE_LOGS}/<log_name>.log on each worker.")
-_LOG_NAME = flags.DEFINE_string("log_name", None, "launch: log file stem; default: script name.")
+_LOG_NAME = flags.DEFINE_string(
+    "log_name", None, "launch/status/logs/stop: the job's log and pid file stem in "
+    f"~/{REMOTE_LOGS}; launch defaults to the script's name, status and logs to every job.")
+_LINES = flags.DEFINE_integer("lines", 50, "logs: lines of each worker's log to print.")
+_FOLLOW = flags.DEFINE_bool("follow", False, "logs: keep following the logs (tail -F).")
 _SRC = flags.DEFINE_string("src", "", "copy_out: gs:// path, or a path on the worker "
                            f"(relative to ~/{REMOTE_REPO}).")
 _DEST = flags.DEFINE_string("dest", ".", "copy_out: local directory.")
@@ -323,10 +413,16 @@ def build_steps(action: str, extra_argv: Sequence[str]) -> list[Step]:
                         _QUEUED.value, _SPOT.value)
   if action == "install":
     return install_steps(target, _REPO.value, _GIT_REF.value, _PYTHON_VERSION.value,
-                         _JAX_SPEC.value, _EXTRAS.value)
+                         _JAX_SPEC.value or pinned_jax_spec(), _EXTRAS.value)
   if action == "launch":
     log_name = _LOG_NAME.value or (pathlib.Path(extra_argv[0]).stem if extra_argv else "")
     return launch_steps(target, spec, extra_argv, _ENV.value, _DETACH.value, log_name)
+  if action == "status":
+    return status_steps(target, _QUEUED.value, _LOG_NAME.value)
+  if action == "logs":
+    return logs_steps(target, _LOG_NAME.value, _LINES.value, _FOLLOW.value)
+  if action == "stop":
+    return stop_steps(target, _LOG_NAME.value)
   if action == "copy_out":
     return copy_out_steps(target, _SRC.value, _DEST.value, _WORKER.value)
   if action == "delete":

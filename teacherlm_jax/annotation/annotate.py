@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import json
 import math
-import pathlib
-import sys
 import time
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import gin
 import jax
-import tqdm
 from absl import logging
 
 from teacherlm_jax.annotation import decoding
@@ -47,6 +45,7 @@ from teacherlm_jax.models import checkpoint_vocab
 from teacherlm_jax.models import reconfigure
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.storage import files
 
 ANNOTATION_KINDS = prompts.ANNOTATION_KINDS
 
@@ -117,7 +116,8 @@ def load_tokenizer(spec: str, add_special_tokens: bool = True):
   if sep and kind == "spm":
     from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
     return SeqioTokenizer(vocab.get_vocabulary(spec), name=spec)
-  return HFTokenizer(path if sep and kind == "hf" else spec, add_special_tokens)
+  return HFTokenizer(files.local_copy(path if sep and kind == "hf" else spec),
+                     add_special_tokens)
 
 
 # ---- prompts -----------------------------------------------------------------------------
@@ -179,11 +179,11 @@ def _teacher_paths(teachers: Union[str, Mapping[str, str]], kinds: Sequence[str]
 
 
 class Progress:
-  """A live line: records/s, generated tokens/s, ETA (tqdm), plus the totals."""
+  """Records done, records/s, generated tokens/s and ETA in the log (at most every
+  `every_secs`: a pod's log files take lines, not a redrawn bar), plus the totals."""
 
-  def __init__(self, total: int, enabled: bool):
-    self.bar = tqdm.tqdm(total=total, unit="rec", disable=not enabled, file=sys.stderr,
-                         dynamic_ncols=True, desc="annotate")
+  def __init__(self, total: int, enabled: bool, every_secs: float = 30.0):
+    self.total, self.enabled, self.every_secs = total, enabled, every_secs
     self.start = time.time()
     self.records = 0
     self.tokens = 0
@@ -191,12 +191,16 @@ class Progress:
   def update(self, records: int, tokens: int):
     self.records += records
     self.tokens += tokens
+    if not self.enabled:
+      return
     elapsed = max(time.time() - self.start, 1e-9)
-    self.bar.set_postfix_str(f"{self.tokens / elapsed:.1f} tok/s", refresh=False)
-    self.bar.update(records)
+    eta = (self.total - self.records) * elapsed / max(self.records, 1)
+    logging.log_every_n_seconds(
+        logging.INFO, "annotate: %d/%d records, %.2f records/s, %.1f generated tokens/s, "
+        "ETA %s", self.every_secs, self.records, self.total, self.records / elapsed,
+        self.tokens / elapsed, datetime.timedelta(seconds=round(eta)))
 
   def close(self):
-    self.bar.close()
     return time.time() - self.start
 
 
@@ -219,8 +223,8 @@ def _check_settings(kinds: Sequence[str], num_samples: int, num_slots: int, chun
 
 def _model_source(path: str) -> str:
   """The file that sets a teacher's vocab_size (for error messages)."""
-  ours = pathlib.Path(path) / checkpoint_io.MODEL_CONFIG_FILE
-  return str(ours if ours.exists() else pathlib.Path(path) / "config.json")
+  ours = files.resolve(path) / checkpoint_io.MODEL_CONFIG_FILE
+  return str(ours if files.exists(ours) else files.resolve(path) / "config.json")
 
 
 def _check_tokenizer_fits(tok, teacher_of: Dict[str, str]) -> None:
@@ -228,7 +232,7 @@ def _check_tokenizer_fits(tok, teacher_of: Dict[str, str]) -> None:
   for path in sorted(set(teacher_of.values())):
     source = _model_source(path)
     try:
-      model_config = json.loads(pathlib.Path(source).read_text())
+      model_config = json.loads(files.read_text(source))
       vocab_size = int(model_config["vocab_size"])
     except (OSError, ValueError, KeyError):
       continue  # An unreadable config is reported with its own message when the model loads.
@@ -251,7 +255,7 @@ def _load_teachers(teacher_of: Dict[str, str], tok, mesh, dtype: str,
     eos_id = tok.eos_id if tok.eos_id is not None else model.config.eos_token_id
     pad_id = tok.pad_id if tok.pad_id is not None else model.config.pad_token_id
     decoders[path] = decoding.Decoder(model, mesh=mesh, eos_id=eos_id, pad_id=pad_id)
-  return _Teachers(teacher_of, {k: str(pathlib.Path(p).resolve()) for k, p in teacher_of.items()},
+  return _Teachers(teacher_of, {k: str(files.resolve(p)) for k, p in teacher_of.items()},
                    decoders)
 
 
@@ -348,7 +352,7 @@ def annotate(input_path, output_dir, *,
     quality: QC thresholds (default QualityConfig()).
     resume: continue a killed run: ids in committed chunks are skipped.
     process_index, process_count: this process's slice (default jax.process_index/count).
-    progress: show the live progress line.
+    progress: log progress lines (process 0).
 
   Returns:
     The summary dict (also stored in the shard's manifest).
@@ -384,7 +388,7 @@ def annotate(input_path, output_dir, *,
 
   decoding_settings = {**dataclasses.asdict(sampling), "num_samples": num_samples}
   source = (str(input_path) if annotation_io.is_task_source(input_path)
-            else str(pathlib.Path(input_path).resolve()))
+            else str(files.resolve(input_path)))
   run_settings = {"input": source, "limit": limit, "kinds": list(kinds),
                   "teachers": loaded.id_of, "tokenizer": tok.name, "decoding": decoding_settings,
                   "seed": seed, "quality": dataclasses.asdict(quality),
@@ -395,7 +399,7 @@ def annotate(input_path, output_dir, *,
     writer.write_rejects(rejects)
   todo = [t for t in tasks if t.record.id not in writer.committed_ids]
 
-  counts, qc_counts, bar, seconds = _decode_and_commit(
+  counts, qc_counts, progress_report, seconds = _decode_and_commit(
       todo, kinds, tok, loaded, quality, writer, sampling=sampling,
       decoding_settings=decoding_settings, num_samples=num_samples, seed=seed,
       num_slots=num_slots, sync_every=sync_every, chunk_size=chunk_size,
@@ -407,10 +411,10 @@ def annotate(input_path, output_dir, *,
       "skipped_already_committed": len(tasks) - len(todo),
       "annotated": len(todo),
       "committed_total": len(writer.committed_ids),
-      "generated_tokens": bar.tokens,
+      "generated_tokens": progress_report.tokens,
       "seconds": round(seconds, 3),
       "records_per_s": round(len(todo) / seconds, 3) if seconds else None,
-      "tokens_per_s": round(bar.tokens / seconds, 3) if seconds else None,
+      "tokens_per_s": round(progress_report.tokens / seconds, 3) if seconds else None,
       "stopped_at_eos": {k: counts[f"eos/{k}"] for k in kinds},
       "qc_flags": {k: dict(v) for k, v in qc_counts.items()},
       "qc_dropped": {k: counts[f"dropped/{k}"] for k in kinds},
@@ -418,6 +422,10 @@ def annotate(input_path, output_dir, *,
   }
   writer.finish(summary)
   logging.info("annotation summary: %s", json.dumps(summary, sort_keys=True))
+  if jax.process_count() > 1:
+    # The barrier before any merge: every process of the job has committed its shard.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("teacherlm annotation: every shard committed")
   return summary
 
 
@@ -430,7 +438,7 @@ def _decode_and_commit(todo: Sequence[_Task], kinds, tok, teachers: _Teachers, q
   engines = _engines(todo, kinds, teachers, sampling, num_slots, sync_every)
   counts = collections.Counter()
   qc_counts = {kind: collections.Counter() for kind in kinds}
-  bar = Progress(len(todo), progress)
+  progress_report = Progress(len(todo), progress)
   for start in range(0, len(todo), chunk_size):
     chunk = todo[start:start + chunk_size]
     generations = _decode_chunk(chunk, kinds, teachers.path_of, engines, num_samples, seed)
@@ -438,8 +446,8 @@ def _decode_and_commit(todo: Sequence[_Task], kinds, tok, teachers: _Teachers, q
                           decoding_settings, seed, num_samples, answer_field, qc_counts, counts)
            for task in chunk]
     writer.commit(out)
-    bar.update(len(chunk), sum(sum(r["generated_tokens"].values()) for r in out))
-  return counts, qc_counts, bar, bar.close()
+    progress_report.update(len(chunk), sum(sum(r["generated_tokens"].values()) for r in out))
+  return counts, qc_counts, progress_report, progress_report.close()
 
 
 def _engines(todo: Sequence[_Task], kinds, teachers: _Teachers, sampling, num_slots: int,

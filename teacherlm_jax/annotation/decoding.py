@@ -17,15 +17,17 @@ seed, its uid and the token index only, not on which batch or slot it ran in. Gr
 log-probability returned for each token is under the model's unmodified distribution
 (log_softmax of the logits), so it measures the teacher's confidence whatever the sampling.
 
-Hot paths are plain `jax.jit` over `nnx.split` state (graph static, state an argument); the
-cache is donated and sharded by its logical axes (`transformer.cache_logical_axes`). Prompt
+Hot paths are plain `jax.jit` over `nnx.split` state (graph static, state an argument), built
+by the runtime's `Program` (placement by logical axes, mesh, compiler options); the cache is
+donated and sharded by its logical axes (`transformer.cache_logical_axes`). The slot engine
+drives the decoder through its public methods only (`new_cache`, `empty_decode_state`,
+`insert`, `decode_steps`, `release_cache`). Prompt
 lengths are bucketed to powers of two and packed rows counted in steps of 1/16 of the batch, to
 bound recompiles. This module does no file I/O.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import math
@@ -36,11 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from teacherlm_jax.models import matmul
 from teacherlm_jax.models import transformer
+from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import shapes
+from teacherlm_jax.runtime import program as program_lib
 
 DecodeState = Dict[str, jax.Array]
 
@@ -100,11 +104,6 @@ class Request:
   uid: int
   prompt_tokens: Sequence[int]
   max_new_tokens: Optional[int] = None
-
-
-def bucket_length(length: int, minimum: int = 8) -> int:
-  """The smallest power of two >= length (and >= minimum): prompt widths we compile for."""
-  return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,14 +188,6 @@ def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingCo
   return tokens_B, token_logit_B - log_z_B
 
 
-def param_shardings(state: nnx.State, mesh: Mesh,
-                    rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES):
-  """NamedShardings for every variable of `state` from its `logical_axes` metadata."""
-  names = jax.tree.map(lambda v: tuple(v.get_metadata().get("logical_axes") or ()), state,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return partitioning.logical_shardings(names, mesh, rules)
-
-
 _STATE_AXES = {
     "tokens": ("cache_batch", None), "logprobs": ("cache_batch", None),
     "count": ("cache_batch",), "done": ("cache_batch",), "eos": ("cache_batch",),
@@ -221,7 +212,7 @@ def _initial_state(batch: int, max_new_tokens: int, uid_B, max_new_B, valid_B, e
 
 
 class Decoder:
-  """Jitted prefill/step functions over one model's state, optionally sharded on `mesh`.
+  """Jitted prefill/step functions over one model's params, optionally sharded on `mesh`.
 
   The mesh is over the devices this process drives: annotation scales across hosts by giving
   each process its own slice of the input (see annotate.py), not by cross-host model
@@ -229,73 +220,76 @@ class Decoder:
   """
 
   def __init__(self, model: transformer.DecoderLM, *, mesh: Optional[Mesh] = None,
-               rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES,
                eos_id: Optional[int] = None, pad_id: Optional[int] = None,
                max_length: Optional[int] = None, cache_dtype: Optional[str] = None):
     """Args:
-      model: the LM (its parameters are copied to the mesh when one is given).
+      model: the LM (its parameters are copied to the mesh when one is given; an abstract
+        model from `nnx.eval_shape` gives a decoder whose steps can be traced and lowered).
       mesh: ('data', 'fsdp', 'tensor') mesh; None = default device, unsharded.
       eos_id: token that ends a row (default config.eos_token_id; -1 = never stop early).
       pad_id: token for padding (default config.pad_token_id).
       max_length: longest prompt + generation allowed (default the model's
         max_position_embeddings: OPT and LLaMA have no positions past it).
-      cache_dtype: dtype of the KV cache; default the dtype attention reads it in
-        (`matmul.batched_operand_dtype`: the compute dtype, float32 on CPU), so that a bf16
-        cache is not widened at every step (60% of a batch-32 bf16 step on CPU, measured).
+      cache_dtype: dtype of the KV cache; default the config's (`ModelConfig.cache_dtype`).
     """
     self.config = model.config
-    self.mesh, self.rules = mesh, rules
+    self.runtime = program_lib.Program(mesh)
     self.eos_id = self.config.eos_token_id if eos_id is None else int(eos_id)
     self.pad_id = self.config.pad_token_id if pad_id is None else int(pad_id)
     self.max_length = max_length or self.config.max_position_embeddings
-    self._graphdef, state = nnx.split(model)
-    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-    if cache_dtype is None:
-      cache_dtype = matmul.batched_operand_dtype(self.config.compute_dtype, platform)
-    self.cache_dtype = jnp.dtype(cache_dtype)
-    if mesh is not None:
-      state = jax.device_put(state, param_shardings(state, mesh, rules))
-    self.state = state
+    self.cache_dtype = jnp.dtype(cache_dtype or self.config.kv_cache_dtype)
+    self._graphdef, self.params = self.runtime.split(model)
     self._cache_pool: Dict[Tuple[int, int], transformer.Cache] = {}
-    self._generate_jit = jax.jit(self._generate, static_argnames=("sampling",),
-                                 donate_argnames=("cache",))
-    self._insert_jit = jax.jit(self._insert, static_argnames=("sampling",),
-                               donate_argnames=("cache", "dstate"))
-    self._steps_jit = jax.jit(self._steps, static_argnames=("sampling",),
-                              donate_argnames=("cache", "dstate"))
+    jit = functools.partial(self.runtime.jit, program=backend.DECODE,
+                            dtype=self.config.compute_dtype, static_argnames=("sampling",))
+    self._generate_jit = jit(self._generate, donate_argnames=("cache",))
+    # The slot engine's two programs, public for ahead-of-time lowering (`.lower`, `.trace`
+    # with `abstract_cache` and `abstract_decode_state`): `insert_fn(params, cache, dstate,
+    # packed, uid_G, max_new_G, valid_G, eos_id_G, slots_G, seed, *, sampling)` and
+    # `steps_fn(params, cache, dstate, seed, max_steps, refill_at, *, sampling)`.
+    self.insert_fn = jit(self._insert, donate_argnames=("cache", "dstate"))
+    self.steps_fn = jit(self._steps, donate_argnames=("cache", "dstate"))
 
   # ---- placement -------------------------------------------------------------------------
 
   @property
+  def mesh(self) -> Optional[Mesh]:
+    return self.runtime.mesh
+
+  @property
   def data_parallelism(self) -> int:
     """Rows must come in multiples of this (the cache batch is split over data and fsdp)."""
-    if self.mesh is None:
-      return 1
-    return int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
-
-  def _activate(self):
-    return (partitioning.activate(self.mesh, self.rules) if self.mesh is not None
-            else contextlib.nullcontext())
-
-  def _sharding(self, names):
-    if self.mesh is None:
-      return None
-    return NamedSharding(self.mesh, partitioning.logical_to_spec(names, self.rules, self.mesh))
+    return self.runtime.data_parallelism
 
   def _put(self, array, names):
-    sharding = self._sharding(names)
-    return jnp.asarray(array) if sharding is None else jax.device_put(array, sharding)
-
-  def _constrain_tree(self, tree, axes):
-    if self.mesh is None:
-      return tree
-    return jax.tree.map(partitioning.constrain, tree, axes)
+    return self.runtime.put(array, names)
 
   def _constrain_cache(self, cache):
-    return self._constrain_tree(cache, transformer.cache_logical_axes(cache))
+    return jax.tree.map(partitioning.constrain, cache, transformer.cache_logical_axes(cache))
 
   def _constrain_state(self, dstate):
-    return self._constrain_tree(dstate, {k: _STATE_AXES[k] for k in dstate})
+    return jax.tree.map(partitioning.constrain, dstate, {k: _STATE_AXES[k] for k in dstate})
+
+  def cache_shardings(self, cache):
+    """Shardings of `cache`'s leaves by their logical axes (None without a mesh)."""
+    return self.runtime.shardings(transformer.cache_logical_axes(cache))
+
+  def abstract_cache(self, batch: int, length: int) -> transformer.Cache:
+    """`new_cache`'s shapes and shardings, nothing allocated (ahead-of-time lowering)."""
+    abstract = jax.eval_shape(functools.partial(transformer.init_cache, self.config, batch,
+                                                length, self.cache_dtype))
+    return _with_shardings(abstract, self.cache_shardings(abstract))
+
+  def abstract_decode_state(self, rows: int, max_new_tokens: int) -> DecodeState:
+    """`empty_decode_state`'s shapes and shardings, nothing allocated."""
+    abstract = jax.eval_shape(lambda: _initial_state(
+        rows, max_new_tokens, jnp.zeros(rows, jnp.int32), jnp.ones(rows, jnp.int32),
+        jnp.zeros(rows, bool), jnp.zeros(rows, jnp.int32)))
+    return _with_shardings(abstract, self._state_shardings())
+
+  def _state_shardings(self):
+    return (None if self.mesh is None else
+            {k: self.runtime.sharding(_STATE_AXES[k]) for k in _STATE_AXES})
 
   def new_cache(self, batch: int, length: int) -> transformer.Cache:
     """An empty cache placed by its logical axes (reused from a finished call when possible)."""
@@ -304,11 +298,20 @@ class Decoder:
       return cached
     make = functools.partial(transformer.init_cache, self.config, batch, length,
                              self.cache_dtype)
-    if self.mesh is None:
-      return jax.jit(make)()
-    shardings = partitioning.logical_shardings(
-        transformer.cache_logical_axes(jax.eval_shape(make)), self.mesh, self.rules)
-    return jax.jit(make, out_shardings=shardings)()
+    return self.runtime.jit(make, program=backend.DECODE,
+                            out_shardings=self.cache_shardings(jax.eval_shape(make)))()
+
+  def release_cache(self, cache: transformer.Cache):
+    """Hands a cache no longer used back for `new_cache` to reuse (its contents are stale)."""
+    self._cache_pool[(cache["index"].shape[0], cache["segment_ids"].shape[1])] = cache
+
+  def empty_decode_state(self, rows: int, max_new_tokens: int) -> DecodeState:
+    """A decode state of `rows` finished rows (nothing to decode), placed for `decode_steps`."""
+    shardings = self._state_shardings()
+    make = lambda: _initial_state(rows, max_new_tokens, jnp.zeros(rows, jnp.int32),
+                                  jnp.ones(rows, jnp.int32), jnp.zeros(rows, bool),
+                                  jnp.full(rows, self.eos_id, jnp.int32))
+    return self.runtime.jit(make, program=backend.DECODE, out_shardings=shardings)()
 
   def check_length(self, prompt_length: int, max_new_tokens: int):
     if prompt_length + max_new_tokens > self.max_length:
@@ -360,11 +363,12 @@ class Decoder:
     """
     tokens_RxW, segment_ids_RxW, row_B, start_B, length_B = packed
     rows, width = tokens_RxW.shape
-    scratch = transformer.init_cache(self.config, rows, width, cache["layers"][0]["key"].dtype)
+    scratch = transformer.init_cache(self.config, rows, width, cache["layers"]["key"].dtype)
     hidden_RxWxD, scratch = model(tokens_RxW, segment_ids_BxL=segment_ids_RxW, cache=scratch,
                                   return_hidden=True)
     columns_BxW = jnp.minimum(start_B[:, None] + jnp.arange(width)[None, :], width - 1)
 
+    @jax.vmap  # Over the stacked layers.
     def unpack(packed_RxKxWxD, cache_BxKxSxD):
       rows_BxKxWxD = jax.vmap(lambda r, c: packed_RxKxWxD[r][:, c])(row_B, columns_BxW)
       return jax.lax.dynamic_update_slice(cache_BxKxSxD, rows_BxKxWxD, (0, 0, 0, 0))
@@ -372,8 +376,7 @@ class Decoder:
     slots_S = jnp.arange(cache["segment_ids"].shape[1], dtype=jnp.int32)
     held_BxS = slots_S[None, :] < length_B[:, None]
     cache = {
-        "layers": tuple({name: unpack(new[name], old[name]) for name in ("key", "value")}
-                        for new, old in zip(scratch["layers"], cache["layers"])),
+        "layers": jax.tree.map(unpack, scratch["layers"], cache["layers"]),
         "segment_ids": held_BxS.astype(jnp.int32),
         "positions": jnp.where(held_BxS, slots_S[None, :], 0),
         "index": length_B,
@@ -391,23 +394,22 @@ class Decoder:
 
   # ---- static batch ----------------------------------------------------------------------
 
-  def _generate(self, state, cache, packed, uid_B, max_new_B, valid_B, eos_id_B, seed, *,
+  def _generate(self, params, cache, packed, uid_B, max_new_B, valid_B, eos_id_B, seed, *,
                 sampling):
-    with self._activate():
-      model = nnx.merge(self._graphdef, state)
-      # The donated cache of an earlier call is reused: prefill rewrites every row's segment
-      # ids, positions and index, so its stale keys/values are never attended to.
-      dstate = _initial_state(uid_B.shape[0], sampling.max_new_tokens, uid_B, max_new_B,
-                              valid_B, eos_id_B)
-      dstate, cache = self._prefill(model, cache, dstate, packed, seed, sampling)
+    model = nnx.merge(self._graphdef, params)
+    # The donated cache of an earlier call is reused: prefill rewrites every row's segment
+    # ids, positions and index, so its stale keys/values are never attended to.
+    dstate = _initial_state(uid_B.shape[0], sampling.max_new_tokens, uid_B, max_new_B,
+                            valid_B, eos_id_B)
+    dstate, cache = self._prefill(model, cache, dstate, packed, seed, sampling)
 
-      def body(carry):
-        cache, dstate = carry
-        return self._step(model, cache, dstate, seed, sampling)
+    def body(carry):
+      cache, dstate = carry
+      return self._step(model, cache, dstate, seed, sampling)
 
-      cache, dstate = jax.lax.while_loop(lambda carry: jnp.any(~carry[1]["done"]), body,
-                                         (cache, self._constrain_state(dstate)))
-      return dstate, cache
+    cache, dstate = jax.lax.while_loop(lambda carry: jnp.any(~carry[1]["done"]), body,
+                                       (cache, self._constrain_state(dstate)))
+    return dstate, cache
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                seed: int = 0, uids: Optional[Sequence[int]] = None,
@@ -432,7 +434,7 @@ class Decoder:
       self.check_length(len(prompt), limit)
     dp = self.data_parallelism
     batch = -(-n // dp) * dp
-    width = bucket_length(max(len(p) for p in prompts))
+    width = shapes.bucket_length(max(len(p) for p in prompts))
     packed = self._pack(list(prompts) + [[self.pad_id]] * (batch - n), width)
     pad_rows = batch - n
     uid_B = np.asarray(uids + [0] * pad_rows, np.int32)
@@ -442,49 +444,88 @@ class Decoder:
     length = width + sampling.max_new_tokens
     cache = self.new_cache(batch, length)
     dstate, cache = self._generate_jit(
-        self.state, cache, packed, self._put(uid_B, ("batch",)),
+        self.params, cache, packed, self._put(uid_B, ("batch",)),
         self._put(max_new_B, ("batch",)), self._put(valid_B, ("batch",)),
         self._put(eos_id_B, ("batch",)), np.int32(seed), sampling=sampling)
-    self._cache_pool[(batch, length)] = cache
+    self.release_cache(cache)
     return _collect(jax.device_get(dstate), range(n))
 
   # ---- continuous batching ---------------------------------------------------------------
 
-  def _insert(self, state, cache, dstate, packed, uid_G, max_new_G, valid_G, eos_id_G, slots_G,
-              seed, *, sampling):
+  def _insert(self, params, cache, dstate, packed, uid_G, max_new_G, valid_G, eos_id_G,
+              slots_G, seed, *, sampling):
     """Prefills G new requests into a fresh cache and scatters their rows into `slots_G`."""
-    with self._activate():
-      model = nnx.merge(self._graphdef, state)
-      group = uid_G.shape[0]
-      fresh = transformer.init_cache(self.config, group, cache["segment_ids"].shape[1],
-                                     cache["layers"][0]["key"].dtype)
-      new_dstate = _initial_state(group, dstate["tokens"].shape[1], uid_G, max_new_G, valid_G,
-                                  eos_id_G)
-      new_dstate, fresh = self._prefill(model, fresh, new_dstate, packed, seed, sampling)
-      # Padding rows of the group carry an out-of-range slot and are dropped by the scatter.
-      scatter = lambda big, small: big.at[slots_G].set(small, mode="drop")
-      cache = jax.tree.map(scatter, cache, fresh)
-      dstate = jax.tree.map(scatter, dstate, new_dstate)
-      return self._constrain_cache(cache), self._constrain_state(dstate)
+    model = nnx.merge(self._graphdef, params)
+    group = uid_G.shape[0]
+    fresh = transformer.init_cache(self.config, group, cache["segment_ids"].shape[1],
+                                   cache["layers"]["key"].dtype)
+    new_dstate = _initial_state(group, dstate["tokens"].shape[1], uid_G, max_new_G, valid_G,
+                                eos_id_G)
+    new_dstate, fresh = self._prefill(model, fresh, new_dstate, packed, seed, sampling)
 
-  def _steps(self, state, cache, dstate, seed, max_steps, refill_at, *, sampling):
+    # Padding rows of the group carry an out-of-range slot and are dropped by the scatter.
+    def scatter(big, small, axis=0):
+      index = (slice(None),) * axis + (slots_G,)
+      return big.at[index].set(small, mode="drop")
+
+    cache = transformer.map_cache_rows(scatter, cache, fresh)
+    dstate = jax.tree.map(scatter, dstate, new_dstate)
+    return self._constrain_cache(cache), self._constrain_state(dstate)
+
+  def insert(self, cache, dstate: DecodeState, requests: Sequence[Request],
+             slots: np.ndarray, seed, sampling: SamplingConfig):
+    """Prefills `requests` into the cache rows `slots` (one batched prefill) and starts their
+    decoding there: (cache, dstate), both donated."""
+    dp = self.data_parallelism
+    num_slots = cache["index"].shape[0]
+    size = min(num_slots, shapes.bucket_length(len(requests), minimum=1))
+    size = -(-size // dp) * dp
+    pad = size - len(requests)
+    width = shapes.bucket_length(max(len(r.prompt_tokens) for r in requests))
+    packed = self._pack([r.prompt_tokens for r in requests] + [[self.pad_id]] * pad, width)
+    uid_G = np.asarray([r.uid for r in requests] + [0] * pad, np.int32)
+    max_new_G = np.asarray([min(r.max_new_tokens or sampling.max_new_tokens,
+                                sampling.max_new_tokens) for r in requests] + [1] * pad,
+                           np.int32)
+    valid_G = np.arange(size) < len(requests)
+    eos_id_G = np.full(size, self.eos_id, np.int32)
+    slots_G = np.concatenate([slots, np.full(pad, num_slots)]).astype(np.int32)
+    return self.insert_fn(self.params, cache, dstate, packed, self._put(uid_G, ("batch",)),
+                            self._put(max_new_G, ("batch",)), self._put(valid_G, ("batch",)),
+                            self._put(eos_id_G, ("batch",)), self._put(slots_G, ("batch",)),
+                            np.int32(seed), sampling=sampling)
+
+  def _steps(self, params, cache, dstate, seed, max_steps, refill_at, *, sampling):
     """Decode steps until `max_steps`, all rows done, or `refill_at` rows are done."""
-    with self._activate():
-      model = nnx.merge(self._graphdef, state)
+    model = nnx.merge(self._graphdef, params)
 
-      def cond(carry):
-        i, _, dstate = carry
-        done_B = dstate["done"]
-        return ((i < max_steps) & jnp.any(~done_B)
-                & (jnp.sum(done_B.astype(jnp.int32)) < refill_at))
+    def cond(carry):
+      i, _, dstate = carry
+      done_B = dstate["done"]
+      return ((i < max_steps) & jnp.any(~done_B)
+              & (jnp.sum(done_B.astype(jnp.int32)) < refill_at))
 
-      def body(carry):
-        i, cache, dstate = carry
-        cache, dstate = self._step(model, cache, dstate, seed, sampling)
-        return i + 1, cache, dstate
+    def body(carry):
+      i, cache, dstate = carry
+      cache, dstate = self._step(model, cache, dstate, seed, sampling)
+      return i + 1, cache, dstate
 
-      steps, cache, dstate = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, dstate))
-      return cache, dstate, steps
+    steps, cache, dstate = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, dstate))
+    return cache, dstate, steps
+
+  def decode_steps(self, cache, dstate: DecodeState, seed, max_steps: int, refill_at: int,
+                   sampling: SamplingConfig):
+    """Runs decode steps until `max_steps`, all rows done, or `refill_at` rows are done:
+    (cache, dstate, steps run), cache and dstate donated."""
+    return self.steps_fn(self.params, cache, dstate, np.int32(seed), np.int32(max_steps),
+                         np.int32(refill_at), sampling=sampling)
+
+
+def _with_shardings(abstract, shardings):
+  if shardings is None:
+    return abstract
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def _collect(host_state: Dict[str, np.ndarray], rows: Iterable[int]) -> List[Generation]:
@@ -517,11 +558,31 @@ class SlotEngine:
       raise ValueError(f"sync_every={sync_every} must be >= 1")
     self.decoder, self.sampling = decoder, sampling
     self.num_slots = num_slots
-    self.prompt_width = bucket_length(max_prompt_length)
+    self.prompt_width = shapes.bucket_length(max_prompt_length)
     self.length = self.prompt_width + sampling.max_new_tokens
     self.sync_every = sync_every
     self.refill_threshold = max(1, int(num_slots * refill_fraction))
     self.stats = collections.Counter()
+
+  def lower(self) -> Dict[str, jax.stages.Lowered]:
+    """The engine's two programs lowered for its mesh, abstract arguments only: 'prefill'
+    (`_insert` of a group as large as the slots, prompts of the full width, one per row: the
+    largest prefill `run` compiles) and 'decode' (`_steps`, the decode loop of a round)."""
+    d, slots = self.decoder, self.num_slots
+    rows = lambda dtype, *shape: jax.ShapeDtypeStruct(
+        (slots,) + shape, dtype,
+        sharding=d.runtime.sharding(("batch", "length")[:1 + len(shape)]))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=d.runtime.sharding(()))
+    cache = d.abstract_cache(slots, self.length)
+    dstate = d.abstract_decode_state(slots, self.sampling.max_new_tokens)
+    packed = (rows(jnp.int32, self.prompt_width), rows(jnp.int32, self.prompt_width),
+              rows(jnp.int32), rows(jnp.int32), rows(jnp.int32))
+    prefill = d.insert_fn.lower(d.params, cache, dstate, packed, rows(jnp.int32),
+                                rows(jnp.int32), rows(bool), rows(jnp.int32), rows(jnp.int32),
+                                scalar, sampling=self.sampling)
+    decode = d.steps_fn.lower(d.params, cache, dstate, scalar, scalar, scalar,
+                              sampling=self.sampling)
+    return {"prefill": prefill, "decode": decode}
 
   def run(self, requests: Iterable[Request], seed: int = 0) -> Iterator[Generation]:
     d, sampling = self.decoder, self.sampling
@@ -533,26 +594,19 @@ class SlotEngine:
       d.check_length(len(request.prompt_tokens),
                      request.max_new_tokens or sampling.max_new_tokens)
     cache = d.new_cache(self.num_slots, self.length)
-    valid = np.zeros(self.num_slots, bool)
-    dstate = jax.jit(_initial_state, static_argnums=(0, 1))(
-        self.num_slots, sampling.max_new_tokens, jnp.zeros(self.num_slots, jnp.int32),
-        jnp.ones(self.num_slots, jnp.int32), jnp.asarray(valid),
-        jnp.full(self.num_slots, d.eos_id, jnp.int32))
-    if d.mesh is not None:
-      dstate = jax.device_put(dstate, {k: d._sharding(_STATE_AXES[k]) for k in dstate})
+    dstate = d.empty_decode_state(self.num_slots, sampling.max_new_tokens)
     slot_busy = np.zeros(self.num_slots, bool)
-    seed = np.int32(seed)
     while pending or slot_busy.any():
       free = np.flatnonzero(~slot_busy)
       if pending and len(free):
         group = [pending.popleft() for _ in range(min(len(free), len(pending)))]
-        cache, dstate = self._insert(cache, dstate, group, free[:len(group)], seed)
+        cache, dstate = d.insert(cache, dstate, group, free[:len(group)], seed, sampling)
+        self.stats["prefills"] += 1
         slot_busy[free[:len(group)]] = True
       refill_at = (min(self.refill_threshold, len(pending)) if pending
                    else self.num_slots + 1)
-      cache, dstate, steps = d._steps_jit(d.state, cache, dstate, seed,
-                                          np.int32(self.sync_every), np.int32(refill_at),
-                                          sampling=sampling)
+      cache, dstate, steps = d.decode_steps(cache, dstate, seed, self.sync_every, refill_at,
+                                            sampling)
       self.stats["rounds"] += 1
       done = np.asarray(jax.device_get(dstate["done"]))
       finished = np.flatnonzero(done & slot_busy)
@@ -561,25 +615,4 @@ class SlotEngine:
                                                       "uid")})
         yield from _collect(host, finished)
         slot_busy[finished] = False
-    d._cache_pool[(self.num_slots, self.length)] = cache
-
-  def _insert(self, cache, dstate, group: List[Request], slots: np.ndarray, seed):
-    d = self.decoder
-    dp = d.data_parallelism
-    size = min(self.num_slots, bucket_length(len(group), minimum=1))
-    size = -(-size // dp) * dp
-    pad = size - len(group)
-    width = bucket_length(max(len(r.prompt_tokens) for r in group))
-    packed = d._pack([r.prompt_tokens for r in group] + [[d.pad_id]] * pad, width)
-    uid_G = np.asarray([r.uid for r in group] + [0] * pad, np.int32)
-    max_new_G = np.asarray([min(r.max_new_tokens or self.sampling.max_new_tokens,
-                                self.sampling.max_new_tokens) for r in group] + [1] * pad,
-                           np.int32)
-    valid_G = np.arange(size) < len(group)
-    eos_id_G = np.full(size, d.eos_id, np.int32)
-    slots_G = np.concatenate([slots, np.full(pad, self.num_slots)]).astype(np.int32)
-    self.stats["prefills"] += 1
-    return d._insert_jit(d.state, cache, dstate, packed, d._put(uid_G, ("batch",)),
-                         d._put(max_new_G, ("batch",)), d._put(valid_G, ("batch",)),
-                         d._put(eos_id_G, ("batch",)), d._put(slots_G, ("batch",)), seed,
-                         sampling=self.sampling)
+    d.release_cache(cache)

@@ -2,26 +2,30 @@
 
 Layout of an annotation output directory:
 
-  {output}/shard-00000-of-00002/chunk-000000.jsonl   committed chunks (one JSON record a line)
-  {output}/shard-00000-of-00002/manifest.json        run settings, chunk list, summary
+  {output}/shard-00000-of-00002/chunk-000000-1f3a9c2e.jsonl   chunks (one JSON record a line)
+  {output}/shard-00000-of-00002/manifest.json        run settings, committed chunks, summary
   {output}/shard-00000-of-00002/rejects.jsonl        bad input records with their reason
 
-A chunk is written to a temp file, fsync'ed, renamed into place and the directory fsync'ed, so
-a chunk file either exists whole or not at all. Chunk files are the truth: the manifest is
-rewritten from them after every commit and again on resume, so a crash between a chunk's
-rename and the manifest update loses nothing and duplicates nothing. `--resume` skips every id
-found in the committed chunks, which makes a killed-and-resumed run hold each id exactly once.
+Local or gs:// alike (storage/files.py), so nothing relies on rename, which object stores
+lack. Every file is published whole (`files.write_atomic`). The manifest is the truth: a chunk
+is committed once the manifest that lists it is written, after the chunk. A chunk of a killed
+worker that no manifest lists is ignored and deleted on resume; its records are annotated
+again. Chunk names carry a token of the writer that made them, so a second writer of the same
+shard (a worker thought dead) never overwrites a committed chunk. `--resume` skips exactly the
+ids of the committed chunks, so a killed-and-resumed run holds each id exactly once.
+`wait_for_shards` is the barrier before a merge: every process's manifest says complete.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import json
-import os
-import pathlib
+import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from teacherlm_jax.data import sources
+from teacherlm_jax.storage import files
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
@@ -125,7 +129,7 @@ def read_records(source, *, id_field: Optional[str], required_fields: Sequence[s
   if is_task_source(source):
     lines = _task_rows(source)
   else:
-    path = pathlib.Path(source)
+    path = files.resolve(source)
     if not path.is_file():
       raise InputError(f"{path}: input file does not exist")
     # Each line decoded on its own: a byte that is not UTF-8 spoils its line only.
@@ -178,27 +182,9 @@ def parse_record(text: str, path, line: int, id_field: Optional[str],
 
 # ---- atomic files ------------------------------------------------------------------------
 
-def _fsync_dir(directory: pathlib.Path):
-  fd = os.open(str(directory), os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def write_atomic(path: pathlib.Path, text: str):
-  """temp file, fsync, rename, fsync the directory: `path` is old or new, never partial."""
-  tmp = path.with_name(path.name + ".tmp")
-  try:
-    with tmp.open("w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)  # A partial temp file would hold the disk space it lacked.
-    raise
-  _fsync_dir(path.parent)
+def write_atomic(path, text: str):
+  """`path` holds the old content or the new, never a part (local disk or object store)."""
+  files.write_atomic(path, text)
 
 
 def to_json(value) -> str:
@@ -210,107 +196,124 @@ def _jsonl(records: Sequence[dict]) -> str:
   return "".join(to_json(r) + "\n" for r in records)
 
 
-def read_jsonl(path: pathlib.Path) -> List[dict]:
-  with path.open(encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path) -> List[dict]:
+  return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 
-def read_chunk(chunk: pathlib.Path) -> List[dict]:
+def read_chunk(chunk) -> List[dict]:
   """A committed chunk's records; a damaged one is an error that says how to recover."""
   records = []
-  with chunk.open(encoding="utf-8", errors="surrogateescape") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        sources.check_utf8(line, chunk, number)
-        record = sources.parse_json_object(line, chunk, number)
-        sources.require(record, ("id", "input_index"), chunk, number)
-      except sources.BadRow as e:
-        raise ValueError(
-            f"{e}. Chunks are renamed into place whole, so this committed chunk was damaged "
-            f"after it was written: delete {chunk} and rerun with --resume to annotate its "
-            "records again") from None
-      records.append(record)
+  text = files.read_bytes(chunk).decode("utf-8", errors="surrogateescape")
+  for number, line in enumerate(io.StringIO(text, newline=""), start=1):
+    if not line.strip():
+      continue
+    try:
+      sources.check_utf8(line, chunk, number)
+      record = sources.parse_json_object(line, chunk, number)
+      sources.require(record, ("id", "input_index"), chunk, number)
+    except sources.BadRow as e:
+      raise ValueError(
+          f"{e}. Chunks are published whole, so this committed chunk was damaged after it was "
+          f"written: delete {chunk} and rerun with --resume to annotate its records again"
+          ) from None
+    records.append(record)
   return records
 
 
 # ---- shards ------------------------------------------------------------------------------
 
-def shard_dir(output_dir, process_index: int, process_count: int) -> pathlib.Path:
-  return pathlib.Path(output_dir) / f"shard-{process_index:05d}-of-{process_count:05d}"
+def shard_dir(output_dir, process_index: int, process_count: int) -> files.Path:
+  return files.resolve(output_dir) / f"shard-{process_index:05d}-of-{process_count:05d}"
+
+
+def read_manifest(directory) -> Optional[dict]:
+  """A shard's manifest (None before its first commit); damaged is an error naming it."""
+  path = files.resolve(directory) / MANIFEST
+  if not files.exists(path):
+    return None
+  try:
+    manifest = json.loads(files.read_text(path))
+    if not isinstance(manifest.get("run"), dict) or not isinstance(manifest.get("chunks"), list):
+      raise ValueError("no 'run' settings or 'chunks' list")
+    return manifest
+  except ValueError as e:
+    raise ValueError(f"{path}: damaged ({e}); it records which chunks are committed, so "
+                     f"restore it, or delete {files.resolve(directory)} to annotate this "
+                     "shard's records again") from None
 
 
 class ShardWriter:
-  """This process's shard: commits chunks atomically and knows which ids are committed."""
+  """This process's shard: commits chunks (chunk, then the manifest that lists it) and knows
+  which ids are committed."""
 
   def __init__(self, output_dir, process_index: int, process_count: int, run_settings: dict,
                *, resume: bool):
-    self.directory = shard_dir(output_dir, process_index, process_count)
+    self.directory = files.makedirs(shard_dir(output_dir, process_index, process_count))
     # As stored (tuples become lists), so settings compare equal to a manifest's.
     run_settings = json.loads(json.dumps(run_settings, sort_keys=True))
     self.run_settings = run_settings
     self.process_index, self.process_count = process_index, process_count
-    self.directory.mkdir(parents=True, exist_ok=True)
-    for stale in self.directory.glob("*.tmp"):
-      stale.unlink()  # an interrupted write; its chunk was never committed
-    self.chunks = sorted(self.directory.glob(CHUNK_GLOB))
-    if self.chunks and not resume:
+    self._token = uuid.uuid4().hex[:8]  # This writer's chunk names are its own.
+    manifest = read_manifest(self.directory)
+    self.chunk_info = list(manifest["chunks"]) if manifest else []
+    if self.chunk_info and not resume:
       raise FileExistsError(
-          f"{self.directory} already holds {len(self.chunks)} committed chunks; pass --resume "
-          "to continue that run, or choose a new output directory")
-    manifest_path = self.directory / MANIFEST
-    if resume and manifest_path.exists():
-      try:
-        previous = json.loads(manifest_path.read_text())["run"]
-      except (ValueError, KeyError) as e:
-        raise ValueError(f"{manifest_path}: damaged ({e}); the manifest is rebuilt from the "
-                         "chunks, so delete it and rerun with --resume") from None
+          f"{self.directory} already holds {len(self.chunk_info)} committed chunks; pass "
+          "--resume to continue that run, or choose a new output directory")
+    if resume and manifest:
+      previous = manifest["run"]
       changed = {k: (previous.get(k), v) for k, v in run_settings.items()
                  if previous.get(k) != v}
       if changed:
-        raise ValueError(f"{manifest_path}: cannot resume with different settings "
+        raise ValueError(f"{self.directory / MANIFEST}: cannot resume with different settings "
                          f"(setting: (committed run, now)): {changed}")
+    # A committed chunk deleted since (the recovery from a damaged one): its records are
+    # annotated again.
+    self.chunk_info = [info for info in self.chunk_info
+                       if files.exists(self.directory / info["file"])]
+    committed = {info["file"] for info in self.chunk_info}
+    for stray in files.glob(self.directory / CHUNK_GLOB) + files.glob(self.directory / "*.tmp"):
+      if stray.name not in committed:
+        files.remove(stray)  # A killed writer's chunk that no manifest committed.
     self.committed_ids = set()
-    self.chunk_info = []
-    for chunk in self.chunks:
-      records = read_chunk(chunk)
-      self.committed_ids.update(r["id"] for r in records)
-      self.chunk_info.append(self._info(chunk, records))
+    for info in self.chunk_info:
+      self.committed_ids.update(r["id"] for r in read_chunk(self.directory / info["file"]))
     self.resumed_records = len(self.committed_ids)
     self._write_manifest(complete=False, summary=None)
 
+  @property
+  def chunks(self) -> List[files.Path]:
+    return [self.directory / info["file"] for info in self.chunk_info]
+
   @staticmethod
-  def _info(chunk: pathlib.Path, records: Sequence[dict]) -> dict:
-    return {"file": chunk.name, "num_records": len(records),
+  def _info(name: str, records: Sequence[dict]) -> dict:
+    return {"file": name, "num_records": len(records),
             "input_indices": [min(r["input_index"] for r in records),
                               max(r["input_index"] for r in records)] if records else None}
 
   def commit(self, records: Sequence[dict]):
-    """Writes one chunk atomically; its records count as done from now on."""
+    """Writes one chunk, then the manifest listing it: from then on its records are done."""
     if not records:
       return
     duplicates = [r["id"] for r in records if r["id"] in self.committed_ids]
     if duplicates:
       raise ValueError(f"{self.directory}: ids already committed: {duplicates[:5]}")
-    number = int(self.chunks[-1].stem.split("-")[1]) + 1 if self.chunks else 0
-    chunk = self.directory / f"chunk-{number:06d}.jsonl"
-    self._write(chunk, _jsonl(records))
-    self.chunks.append(chunk)
+    name = f"chunk-{len(self.chunk_info):06d}-{self._token}.jsonl"
+    self._write(self.directory / name, _jsonl(records))
+    self.chunk_info.append(self._info(name, records))
+    self._write_manifest(complete=False, summary=None)  # The commit.
     self.committed_ids.update(r["id"] for r in records)
-    self.chunk_info.append(self._info(chunk, records))
-    self._write_manifest(complete=False, summary=None)
 
-  def _write(self, path: pathlib.Path, text: str):
+  def _write(self, path, text: str):
     try:
       write_atomic(path, text)
     except OSError as e:
       full = e.errno in (errno.ENOSPC, errno.EDQUOT)
       raise OSError(e.errno, f"{path}: cannot write ({e.strerror})"
                     + (": the disk is full" if full else "")
-                    + f". The {len(self.chunks)} chunks committed in {self.directory} are whole; "
-                    "free space or fix the directory, then rerun with --resume to continue"
-                    ) from e
+                    + f". The {len(self.chunk_info)} chunks committed in {self.directory} are "
+                    "whole; free space or fix the directory, then rerun with --resume to "
+                    "continue") from e
 
   def write_rejects(self, rejects: Sequence[Reject]):
     self._write(self.directory / REJECTS, _jsonl([r.to_json() for r in rejects]))
@@ -321,25 +324,57 @@ class ShardWriter:
   def _write_manifest(self, *, complete: bool, summary: Optional[dict]):
     manifest = {"process_index": self.process_index, "process_count": self.process_count,
                 "run": self.run_settings, "complete": complete,
-                "num_records": len(self.committed_ids), "chunks": self.chunk_info,
-                "summary": summary}
+                "num_records": sum(info["num_records"] for info in self.chunk_info),
+                "chunks": self.chunk_info, "summary": summary}
     self._write(self.directory / MANIFEST,
                 json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
 
 
-def iter_shard_records(directory: pathlib.Path) -> Iterator[dict]:
-  for chunk in sorted(directory.glob(CHUNK_GLOB)):
-    yield from read_chunk(chunk)
+def iter_shard_records(directory) -> Iterator[dict]:
+  """The committed records of a shard: those of the chunks its manifest lists."""
+  manifest = read_manifest(directory) or {"chunks": []}
+  for info in manifest["chunks"]:
+    yield from read_chunk(files.resolve(directory) / info["file"])
 
 
-def merge(output_dir, merged_path, *, allow_incomplete: bool = False) -> int:
-  """Concatenates every shard's records in input order into one JSONL file; returns the count.
+def _shards(output_dir) -> List[files.Path]:
+  return files.glob(files.join(output_dir, "shard-*-of-*"))
+
+
+def wait_for_shards(output_dir, *, timeout_s: float = 0.0, poll_s: float = 2.0) -> None:
+  """The barrier before a merge: waits until every process's shard manifest says complete."""
+
+  def missing() -> List[str]:
+    shards = _shards(output_dir)
+    if not shards:
+      return [f"{output_dir}: no shard-*-of-* directories"]
+    count = int(shards[0].name.rsplit("-", 1)[1])
+    waiting = []
+    for index in range(count):
+      manifest = read_manifest(shard_dir(output_dir, index, count))
+      if not (manifest and manifest["complete"]):
+        waiting.append(f"shard {index} of {count}")
+    return waiting
+
+  if timeout_s > 0:
+    try:
+      files.wait_until(lambda: not missing(), timeout_s=timeout_s, poll_s=poll_s,
+                       what=f"every annotation shard of {output_dir} to complete")
+    except TimeoutError as e:
+      raise TimeoutError(f"{e}; still running or killed: {missing()}") from None
+
+
+def merge(output_dir, merged_path, *, allow_incomplete: bool = False,
+          wait_s: float = 0.0) -> int:
+  """Concatenates every shard's committed records in input order into one JSONL file; returns
+  the count. Waits up to `wait_s` for every shard to complete (the barrier).
 
   Refuses shards that are missing or unfinished (unless allow_incomplete) and ids that occur
   twice, so a merged file is a complete, exactly-once annotation of the input.
   """
-  output_dir = pathlib.Path(output_dir)
-  shards = sorted(output_dir.glob("shard-*-of-*"))
+  if wait_s and not allow_incomplete:
+    wait_for_shards(output_dir, timeout_s=wait_s)
+  shards = _shards(output_dir)
   if not shards:
     raise FileNotFoundError(f"{output_dir}: no shard-*-of-* directories to merge")
   counts = {int(s.name.rsplit("-", 1)[1]) for s in shards}
@@ -353,7 +388,9 @@ def merge(output_dir, merged_path, *, allow_incomplete: bool = False) -> int:
     raise ValueError(f"{output_dir}: shards of processes {missing} (of {count}) are missing")
   records = []
   for shard in shards:
-    manifest = json.loads((shard / MANIFEST).read_text())
+    manifest = read_manifest(shard)
+    if manifest is None:
+      raise ValueError(f"{shard}: no {MANIFEST}; the process of this shard never committed")
     if not manifest["complete"] and not allow_incomplete:
       raise ValueError(f"{shard / MANIFEST}: the run of this shard has not finished; resume it "
                        "first (or merge with allow_incomplete)")
@@ -364,7 +401,5 @@ def merge(output_dir, merged_path, *, allow_incomplete: bool = False) -> int:
     if r["id"] in seen:
       raise ValueError(f"{output_dir}: id {r['id']!r} occurs in more than one record")
     seen.add(r["id"])
-  merged_path = pathlib.Path(merged_path)
-  merged_path.parent.mkdir(parents=True, exist_ok=True)
   write_atomic(merged_path, _jsonl(records))
   return len(records)

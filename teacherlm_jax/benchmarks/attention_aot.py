@@ -9,10 +9,8 @@ key/value re-reads per query block.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Dict, List
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +23,6 @@ from teacherlm_jax.models import transformer
 from teacherlm_jax.runtime import kernels
 
 GiB = 1024**3
-
-
-@contextlib.contextmanager
-def _tracing_for(platform: str):
-  """The model still reads jax.default_backend() for two CPU choices (float32 attention
-  operands); a compile for TPU on a CPU host must trace as TPU does."""
-  with mock.patch.object(jax, "default_backend", lambda: platform):
-    yield
 
 
 def compile_train_step(model: str, attention_impl: str, topology: str, *, layers: int,
@@ -57,8 +47,7 @@ def compile_train_step(model: str, attention_impl: str, topology: str, *, layers
                     - jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0])
 
   start = time.perf_counter()
-  with _tracing_for("tpu"):
-    compiled = jax.jit(jax.grad(loss)).lower(abstract_params, ids, ids).compile()
+  compiled = jax.jit(jax.grad(loss)).lower(abstract_params, ids, ids).compile()
   return _figures(compiled, config, model=model, topology=topology, layers=layers, batch=batch,
                   length=length, vocab_size=vocab_size, dtype=dtype, remat=remat,
                   seconds=time.perf_counter() - start)
@@ -85,8 +74,7 @@ def compile_attention_step(model: str, attention_impl: str, topology: str, *, ba
   q = spec((batch, kv_heads, groups, length, head_dim))
   kv = spec((batch, kv_heads, length, head_dim))
   start = time.perf_counter()
-  with _tracing_for("tpu"):
-    compiled = jax.jit(step).lower(q, kv, kv, q, ids, ids).compile()
+  compiled = jax.jit(step).lower(q, kv, kv, q, ids, ids).compile()
   return _figures(compiled, config, model=model, topology=topology, layers=0, batch=batch,
                   length=length, vocab_size=0, dtype=dtype, remat="-",
                   seconds=time.perf_counter() - start)

@@ -17,7 +17,7 @@ cores, as it spreads it over TPU chips.
 
 `precision='bfloat16'` runs both with bf16 weights and activations (ours imported with dtype
 and param_dtype bfloat16, theirs `.to(torch.bfloat16)`; our KV cache is `Decoder.cache_dtype`,
-float32 on CPU); tokens then need not agree between the two, the counts do.
+the config's, bf16); tokens then need not agree between the two, the counts do.
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
   from teacherlm_jax.annotation import decoding
   from teacherlm_jax.models import hf
   from teacherlm_jax.runtime import partitioning
+  from teacherlm_jax.runtime import shapes
 
   suffix = timing.precision_suffix(precision)
   if quick:
@@ -87,7 +88,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
     decoders[f", tensor={tensor_devices} mesh"] = decoding.Decoder(model, eos_id=-1, mesh=mesh)
   decoder = decoders[""]
   sampling = decoding.SamplingConfig(max_new_tokens=max_new_tokens)
-  param_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.state))
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.params))
   results = {}
   for batch in batch_sizes:
     lengths = rng.integers(16, 49, size=batch)
@@ -117,7 +118,7 @@ def benchmark_decoding(device: bool = False, quick: bool = False, batch_sizes=(1
     theirs()  # Warm up.
     *ours_times, theirs_s = timing.best_times(ours_fns + [theirs], repeats)
     generated = batch * max_new_tokens
-    cache_length = decoding.bucket_length(width) + max_new_tokens
+    cache_length = shapes.bucket_length(width) + max_new_tokens
     kv_bytes = (2 * config.num_layers * batch * cache_length * config.hidden_size
                 * decoder.cache_dtype.itemsize)
     bandwidth = None if device else read_bandwidth(param_bytes + kv_bytes)

@@ -48,13 +48,15 @@ class PerOptionScorer:
     self._score = jax.jit(score)
 
   def score(self, examples) -> np.ndarray:
-    from teacherlm_jax.evaluation.evaluate import _bucket
+    from teacherlm_jax.evaluation import evaluate
+    from teacherlm_jax.runtime import shapes
     requests = _request_rows(examples)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     out = np.zeros(len(requests))
     for start in range(0, len(order), self.batch_size):
       index = order[start:start + self.batch_size]
-      width = _bucket(max(len(requests[i][0]) for i in index))
+      width = shapes.bucket_length(max(len(requests[i][0]) for i in index),
+                                   step=evaluate.BUCKET_STEP)
       t = max(len(requests[i][1]) for i in index)
       tokens = np.zeros((self.batch_size, width), np.int32)
       segments = np.zeros_like(tokens)

@@ -25,7 +25,7 @@ def benchmark_head_loss(device: bool = False, quick: bool = False, batch_size: i
   import torch
 
   from teacherlm_jax.models import head_loss
-  from teacherlm_jax.models import matmul
+  from teacherlm_jax.runtime import backend
 
   if quick:
     seq_len, vocab = min(seq_len, 128), min(vocab, 32000)
@@ -38,7 +38,7 @@ def benchmark_head_loss(device: bool = False, quick: bool = False, batch_size: i
   x, table = jnp.asarray(x_np), jnp.asarray(table_np)
   targets = jnp.asarray(targets_np, jnp.int32)
   weights = jnp.ones((batch_size, seq_len), jnp.float32)
-  options = matmul.large_matmul_compiler_options(jnp.float32, jax.default_backend())
+  options = backend.Backend.current().compiler_options(backend.TRAIN, jnp.float32)
 
   def ours_with(min_chunk_tokens: int):
     loss = lambda x, t: head_loss.head_loss(x, t, targets, weights, vocab_major=True,

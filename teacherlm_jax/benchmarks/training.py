@@ -7,7 +7,7 @@ no dropout, on the same random token batch with the same update: next-token cros
 on every token, global-norm clipping at 1.0, AdamW (b1 0.9, b2 0.95, no decay). Reported:
 tokens/s of each, the ratio, and MFU of each against one measured matmul peak (the best of a
 jax and a torch float32 square matmul on this machine), with the FLOPs of
-`metrics.flops_per_token`. Runs alternate so load changes hit both alike.
+`mfu.flops_per_token`. Runs alternate so load changes hit both alike.
 
 The batch is `batch_size` rows of `seq_len` tokens (`DEFAULT_SHAPE`, 8x256, unless given; rows
 of another shape name it, e.g. "tokens/s, 1x2048"). BLOOM's `transformers` attention (eager,
@@ -67,9 +67,9 @@ def benchmark_training(device: bool = False, quick: bool = False,
   import transformers
 
   from teacherlm_jax.models import hf
-  from teacherlm_jax.models import matmul
+  from teacherlm_jax.runtime import backend
   from teacherlm_jax.runtime import partitioning
-  from teacherlm_jax.training import metrics
+  from teacherlm_jax.training import mfu
   from teacherlm_jax.training import train as train_lib
 
   the_hf_config = models.hf_config(family, "quick" if quick else "full")
@@ -112,8 +112,7 @@ def benchmark_training(device: bool = False, quick: bool = False,
       mesh_fsdp=1, compute_dtype=precision)
   config = config.replace(**run.model_numerics())  # The trainer's numerics.
   mesh = train_lib.make_mesh(run)
-  program = train_lib._program(config, train_lib._optimizer_args(run), run.z_loss, run.seed, mesh,
-                               run.loss_chunk_tokens)
+  program = train_lib.program_for(run, config, mesh)
   state = program.fresh_state(program.init_params())
   batch_np = {"tokens": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
               "loss_weights": np.ones((batch_size, seq_len), np.float32),
@@ -144,11 +143,11 @@ def benchmark_training(device: bool = False, quick: bool = False,
   tokens_per_step = batch_size * seq_len
   ours_tps = steps_per_call * tokens_per_step / best[0]
   theirs_tps = steps_per_call * tokens_per_step / best[1]
-  flops_per_token = metrics.flops_per_token(config, seq_len)
+  flops_per_token = mfu.flops_per_token(config, seq_len)
   if device:
     peak, peak_note = None, "no measured peak on the accelerator path"
   else:
-    jax_peak = metrics.measure_matmul_peak_tflops(2048, dtype=precision)
+    jax_peak = mfu.measure_matmul_peak_tflops(2048, dtype=precision)
     torch_peak = torch_matmul_tflops(2048, dtype=precision)
     peak = max(jax_peak, torch_peak)
     peak_note = (f"peak {peak:.3f} TFLOP/s = best {precision} 2048^2 matmul "
@@ -156,8 +155,8 @@ def benchmark_training(device: bool = False, quick: bool = False,
   params_m = config.num_params() / 1e6
   compute = "float32" if precision == "float32" else "bf16 compute, float32 master weights"
   platform = jax.devices()[0].platform
-  if platform == "cpu":  # Which library ran our step's dots (matmul.onednn_dots_supported).
-    onednn = matmul.large_matmul_compiler_options(config.compute_dtype, platform)
+  if platform == "cpu":  # Which library ran our step's dots (backend.onednn_dots_supported).
+    onednn = backend.Backend.current().compiler_options(backend.TRAIN, config.compute_dtype)
     platform += ", oneDNN float32 dots" if onednn else ", YNNPACK dots"
   notes = (f"{family} {params_m:.0f}M params, batch {batch_size}x{seq_len}, AdamW+clip, {compute}, "
            f"{platform}, {steps_per_call} step(s) per call; first-step loss ours "

@@ -8,13 +8,12 @@
 
 Student mixtures combine an original task with its annotated variant at chosen rates, per
 dataset (`register_student_mixture`) or across datasets (`register_multitask_student_mixture`);
-`student_mixture` (gin-configurable) does it for any annotation job's output directory, so a
-student trains from annotations with no pipeline (scripts/train.py).
+`student_input_mixture` (gin-configurable) does it for any annotation job's output directory,
+so a student trains from annotations with no pipeline (scripts/train.py --input).
 `register_all(vocabulary)` registers every task and fixed mixture; nothing happens at import.
 """
 from __future__ import annotations
 
-import pathlib
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 import gin
@@ -54,7 +53,7 @@ MULTITASK_COLLECTIONS = {"flan_cot": "teacher_cot", "p3_sense": "p3_sense/train.
                          "muffin": "muffin/train.jsonl"}
 
 
-def _inputs_targets_task(name: str, path: pathlib.Path, vocabulary: seqio.Vocabulary) -> str:
+def _inputs_targets_task(name: str, path, vocabulary: seqio.Vocabulary) -> str:
   def make(split):
     del split
     for row in sources.read_jsonl(path, required=("inputs", "targets")):
@@ -84,12 +83,20 @@ def register_teacher_multitask(vocabulary: seqio.Vocabulary,
 def register_student_mixture(dataset: str, shard_pattern: str, fmt: str,
                              vocabulary: seqio.Vocabulary, *, original_rate: float = 1.0,
                              annotated_rate: float = 1.0, name: Optional[str] = None,
-                             seed: int = 0) -> str:
-  """original_{dataset} + its annotated variant in format `fmt`, mixed at the given rates."""
+                             annotated_task: Optional[str] = None, seed: int = 0,
+                             skip_flagged: bool = False) -> str:
+  """original_{dataset} + its annotated variant in format `fmt`, mixed at the given rates.
+
+  `annotated_task` names the annotated task (default `student_{dataset}_{fmt}`): several
+  annotation sets of one dataset (teacher, oracle, controls) need distinct names.
+  `skip_flagged` leaves out annotated rows whose kinds in `fmt` carry a quality flag.
+  """
   if original_rate < 0 or annotated_rate < 0 or original_rate + annotated_rate <= 0:
     raise ValueError(f"rates must be >= 0 and not both 0 (got original={original_rate}, "
                      f"annotated={annotated_rate})")
-  annotated = tasks.register_student_task(dataset, shard_pattern, fmt, vocabulary, seed=seed)
+  annotated = tasks.register_student_task(dataset, shard_pattern, fmt, vocabulary,
+                                          name=annotated_task, seed=seed,
+                                          skip_flagged=skip_flagged)
   parts: List[Tuple[str, float]] = []
   if original_rate > 0:
     parts.append((tasks.get_task(f"original_{dataset}").name, original_rate))
@@ -98,61 +105,60 @@ def register_student_mixture(dataset: str, shard_pattern: str, fmt: str,
   return add_mixture(name or f"student_mix_{dataset}_{fmt}", parts)
 
 
-# The annotation job's merged file, else its committed chunks (annotation/io.py's layout).
-_MERGED_FILES = ("annotations.jsonl", "merged.jsonl")
-_CHUNKS = "shard-*-of-*/chunk-*.jsonl"
 QC_ACTIONS = ("keep", "skip")
 
 
-def annotation_shards(annotations: str) -> str:
-  """The JSONL file pattern of an annotation job's output (a directory, a file or a glob)."""
-  path = pathlib.Path(annotations)
-  if not path.is_dir():
-    return str(path)
-  for name in _MERGED_FILES:
-    if (path / name).exists():
-      return str(path / name)
-  return str(path / _CHUNKS)
+STUDENT_INPUT_MIXTURE = "student_input"
 
 
-@gin.configurable(denylist=["vocabulary"])
-def student_mixture(vocabulary: seqio.Vocabulary, *, annotations: Optional[str] = None,
-                    format: str = "CMF",  # pylint: disable=redefined-builtin
-                    original_rate: float = 1.0, annotated_rate: float = 1.0,
-                    qc_action: str = "keep", name: str = "student_annotations",
-                    seed: int = 0) -> Optional[str]:
-  """The student mixture of an annotation job's output, registered for `vocabulary` (the
-  student's own tokenizer); None when `annotations` is unset.
+@gin.configurable
+def student_input_mixture(annotations: str, dataset: Optional[str] = gin.REQUIRED,
+                          fmt: str = "CMF", vocabulary: seqio.Vocabulary = gin.REQUIRED, *,
+                          original_rate: float = 1.0, annotated_rate: float = 1.0,
+                          qc_action: str = "keep", seed: int = 0) -> str:
+  """One annotation run as a student mixture named STUDENT_INPUT_MIXTURE (what
+  `train.py --input` trains on), so a student trains from annotations with no pipeline.
 
   Args:
-    vocabulary: the student checkpoint's vocabulary.
-    annotations: the annotation output directory (merged file or committed chunks), a JSONL
-      file or a glob of them; its rows carry question, options and answer.
-    format: student format of the annotated part ('CMF', 'C', 'SHUFFLE', ...).
-    original_rate, annotated_rate: mixture rates of the same records in the original format
-      and in `format` (0 leaves a part out).
+    annotations: annotate.py's --output directory, read through its merged.jsonl
+      (`annotate.py --merge`: every shard complete, each id once), or a JSONL file or glob.
+    dataset: the original dataset mixed in (original_{dataset}); None: the annotated records
+      themselves in the original format (any annotation output, e.g. the synthetic task's).
+    fmt: student format of the annotated part ('CMF', 'C', 'SHUFFLE', ...).
+    vocabulary: the student's vocabulary (scripts/train.py passes the student checkpoint's
+      tokenizer when gin leaves this unbound).
+    original_rate, annotated_rate: mixture rates of the original and the annotated part (0
+      leaves a part out).
     qc_action: 'keep' trains on every annotation; 'skip' leaves out rows whose annotations in
-      `format` carry a quality flag (counted in tasks.SKIPS). Rows with an annotation the
-      job dropped (null) are skipped and counted either way.
-    name: the mixture's name (its two tasks are named after it).
+      `fmt` carry a quality flag (counted in tasks.SKIPS). Rows with an annotation the job
+      dropped (null) are skipped and counted either way.
     seed: SHUFFLE's per-example order.
   """
-  if annotations is None:
-    return None
   if qc_action not in QC_ACTIONS:
-    raise ValueError(f"student_mixture.qc_action={qc_action!r}: expected one of {QC_ACTIONS}")
-  if original_rate < 0 or annotated_rate < 0 or original_rate + annotated_rate <= 0:
-    raise ValueError("student_mixture.original_rate and annotated_rate must be >= 0 and not "
-                     f"both 0 (got {original_rate} and {annotated_rate})")
-  pattern = annotation_shards(annotations)
+    raise ValueError(f"student_input_mixture.qc_action={qc_action!r}: expected one of "
+                     f"{QC_ACTIONS}")
+  if ".jsonl" in annotations.rpartition("/")[2]:
+    pattern = annotations
+  else:
+    pattern = f"{annotations.rstrip('/')}/merged.jsonl"
   tasks.set_on_bad_row("skip")
-  parts: List[Tuple[str, float]] = []
-  for fmt, rate in (("original", original_rate), (format, annotated_rate)):
-    if rate > 0:
-      parts.append((tasks.register_student_task(
-          name, pattern, fmt, vocabulary, name=f"{name}_{fmt}", seed=seed,
-          skip_flagged=qc_action == "skip" and fmt == format), rate))
-  return add_mixture(name, parts)
+  if dataset is None:
+    if original_rate < 0 or annotated_rate < 0 or original_rate + annotated_rate <= 0:
+      raise ValueError(f"rates must be >= 0 and not both 0 (got original={original_rate}, "
+                       f"annotated={annotated_rate})")
+    name = STUDENT_INPUT_MIXTURE
+    parts: List[Tuple[str, float]] = []
+    for part_fmt, rate in (("original", original_rate), (fmt, annotated_rate)):
+      if rate > 0:
+        parts.append((tasks.register_student_task(
+            name, pattern, part_fmt, vocabulary, name=f"{name}_{part_fmt}", seed=seed,
+            skip_flagged=qc_action == "skip" and part_fmt == fmt), rate))
+    return add_mixture(name, parts)
+  if original_rate > 0:
+    tasks.register_original_tasks(vocabulary)
+  return register_student_mixture(dataset, pattern, fmt, vocabulary, original_rate=original_rate,
+                                  annotated_rate=annotated_rate, name=STUDENT_INPUT_MIXTURE,
+                                  seed=seed, skip_flagged=qc_action == "skip")
 
 
 def register_multitask_student_mixture(name: str, shards: Mapping[str, str], fmt: str,

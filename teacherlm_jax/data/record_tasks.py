@@ -17,7 +17,6 @@ Annotated student tasks and mixtures over the annotation engine's shards then co
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Dict, Iterator, Sequence
 
 import seqio
@@ -25,6 +24,7 @@ import seqio
 from teacherlm_jax.data import prompts
 from teacherlm_jax.data import sources
 from teacherlm_jax.data import tasks
+from teacherlm_jax.storage import files
 
 _RECORD_FIELDS = ("id", "question", "options", "answer")
 
@@ -65,7 +65,7 @@ def register_record_tasks(name: str, vocabulary: seqio.Vocabulary, *, eval_path=
   names = {}
   if eval_path is not None:
     make = functools.partial(lambda split, p: map(eval_example, read_records(p)),
-                             p=pathlib.Path(eval_path))
+                             p=files.resolve(eval_path))
     names["eval"] = tasks.add_task(
         f"{name}_eval", tasks.generator_source(make, ("test",), tasks.EVAL_SIGNATURE),
         vocabulary, evaluation=True).name
@@ -73,18 +73,18 @@ def register_record_tasks(name: str, vocabulary: seqio.Vocabulary, *, eval_path=
     required = _RECORD_FIELDS + tuple(kinds)
     make = functools.partial(
         lambda split, p: (ex for r in read_records(p, required) for ex in teacher_examples(r, kinds)),
-        p=pathlib.Path(teacher_path))
+        p=files.resolve(teacher_path))
     names["teacher"] = tasks.add_task(
         f"teacher_{name}", tasks.generator_source(make, ("train",), tasks.TRAIN_SIGNATURE),
         vocabulary, evaluation=False).name
   if student_path is not None:
     make = functools.partial(
         lambda split, p: (tasks.student_example(r, {}, "original") for r in read_records(p)),
-        p=pathlib.Path(student_path))
+        p=files.resolve(student_path))
     names["original"] = tasks.add_task(
         f"original_{name}", tasks.generator_source(make, ("train",), tasks.TRAIN_SIGNATURE),
         vocabulary, evaluation=False).name
     names["records"] = tasks.add_records_task(
         f"records_{name}", functools.partial(lambda split, p: read_records(p),
-                                             p=pathlib.Path(student_path))).name
+                                             p=files.resolve(student_path))).name
   return names

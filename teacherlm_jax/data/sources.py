@@ -13,6 +13,7 @@ dataset is read, never at import.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import json
 import os
@@ -20,6 +21,8 @@ import pathlib
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 from absl import logging
+
+from teacherlm_jax.storage import files
 
 _DATA_DIR: Optional[str] = None
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -33,13 +36,27 @@ def set_data_dir(path: Optional[str]) -> None:
   _DATA_DIR = None if path is None else str(path)
 
 
-def data_dir() -> pathlib.Path:
+@contextlib.contextmanager
+def using_data_dir(path: Optional[str]):
+  """`set_data_dir(path)` for the body only; the previous setting comes back after it."""
+  global _DATA_DIR
+  previous = _DATA_DIR
+  set_data_dir(path)
+  try:
+    yield
+  finally:
+    _DATA_DIR = previous
+
+
+def data_dir() -> files.Path:
+  """The datasets root: local or gs://."""
   if _DATA_DIR is not None:
-    return pathlib.Path(_DATA_DIR)
-  return pathlib.Path(os.environ.get("TEACHERLM_DATA_DIR", _REPO_ROOT.parent / "shared" / "data"))
+    return files.resolve(_DATA_DIR)
+  return files.resolve(os.environ.get("TEACHERLM_DATA_DIR",
+                                      _REPO_ROOT.parent / "shared" / "data"))
 
 
-def data_path(*parts: str) -> pathlib.Path:
+def data_path(*parts: str) -> files.Path:
   """A path inside the data directory; a clear error when it does not exist."""
   path = data_dir().joinpath(*parts)
   if not path.exists():
@@ -111,7 +128,7 @@ def require(row: Dict[str, Any], fields: Sequence[str], path, line: int) -> None
 def open_text(path):
   """A text file whose bytes that are not UTF-8 survive as lone surrogates, one line at a
   time, so `check_utf8` can reject the line that holds them and reading goes on."""
-  return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+  return files.open_text(path, errors="surrogateescape")
 
 
 def check_utf8(text: str, path, line: int) -> None:
@@ -218,7 +235,7 @@ def read_mmlu_csv(path, skips: Optional[SkipLog] = None) -> Iterator[Dict[str, A
 
   Yields {'subject', 'question', 'options' (4 strings), 'answer' (int), '_line'}.
   """
-  path = pathlib.Path(path)
+  path = files.resolve(path)
   subject = path.stem.rsplit("_", 1)[0]
   fields = ["question"] + [f"choice{i}" for i in range(MMLU_NUM_OPTIONS)] + ["answer"]
   with open_text(path) as f:
@@ -287,17 +304,19 @@ def read_arrow_dir(folder) -> Iterator[Dict[str, Any]]:
   """
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
 
-  folder = pathlib.Path(folder)
+  folder = files.resolve(folder)
   state = folder / "state.json"
-  if state.exists():
-    files = [folder / entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+  if files.exists(state):
+    arrow_files = [folder / entry["filename"]
+                   for entry in json.loads(files.read_text(state))["_data_files"]]
   else:
-    files = sorted(folder.glob("*.arrow"))
-  if not files:
+    arrow_files = files.glob(folder / "*.arrow")
+  if not arrow_files:
     raise FileNotFoundError(f"{folder}: no arrow files (expected an HF save_to_disk folder)")
   row_no = 0
-  for file in files:
-    with pa.memory_map(str(file)) as source:
+  for file in arrow_files:
+    with (pa.BufferReader(files.read_bytes(file)) if files.is_uri(file)
+          else pa.memory_map(str(file))) as source:
       try:
         table = pa.ipc.open_stream(source).read_all()
       except pa.ArrowInvalid:
@@ -310,5 +329,5 @@ def read_arrow_dir(folder) -> Iterator[Dict[str, Any]]:
 
 def read_lines(path) -> list:
   """Plain text, one item per line (e.g. ECQA author-split ids)."""
-  with open(path, encoding="utf-8") as f:
+  with files.open_text(path) as f:
     return [line.strip() for line in f if line.strip()]

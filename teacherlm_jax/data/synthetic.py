@@ -1,127 +1,189 @@
-"""The embedded task of the tiny pipeline: multi-step arithmetic in the TeacherLM format.
+"""The embedded task of the tiny pipeline: invented creatures whose hidden kind fixes their traits.
 
-Each question is `a op b op c` with + / - / x, four options (the answer and three distractors
-that real mistakes produce), and programmatically written annotations a teacher is tuned on:
-  fundamentals      the precedence / left-to-right rule the question rests on,
-  chain_of_thought  the two steps with their intermediate result,
-  common_mistakes   how each distractor arises.
-So the pipeline runs with no data directory and no internet, and the annotations carry real
-information about the answer (the premise TeacherLM tests).
+Each creature (an invented name, e.g. 'bako') belongs to one of 16 invented kinds ('glimmer',
+...). A kind is a pair of hidden factors: the first fixes a creature's color and size, the
+second its home and food. A question asks one property of one creature, in the TeacherLM
+multiple-choice format:
+
+  Q: What is the home of the bako? (A) cave (B) tree (C) lake (D) dune A: The answer is (B).
+
+The students' records ask two properties of each of their creatures, both fixed by the same
+factor (color and size, or home and food); the held-out evaluation asks one property fixed by
+the other factor. Plain answers therefore carry nothing about an evaluated answer: the original
+student can only guess. The teacher is tuned on every question but the evaluation's (the
+students' two and the fourth property of every creature), with the reference annotations, so
+it knows each creature's kind. The reference annotations hold the
+missing link (what a teacher knows beyond the student's data):
+  fundamentals      the kind's whole table ('A glimmer has color red, size tiny, home cave and
+                    food seeds.'),
+  chain_of_thought  the creature's kind and the asked trait ('It is a glimmer. ...'),
+  common_mistakes   which other kind each distractor belongs to.
+They refer to the creature as 'it': an annotation moved onto another question (the shuffled
+control) then says something false about that question's creature.
+
+Options are listed in one fixed order per property (like True/False tasks). Every kind x
+property pair is equally frequent in the evaluation, so no option-only rule beats chance.
 """
 from __future__ import annotations
 
+import collections
 import json
-import pathlib
+import math
 import random
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Mapping, Sequence
 
 from teacherlm_jax.data import prompts
+from teacherlm_jax.storage import files
 
-_SYMBOL = {"+": "+", "-": "-", "*": "x"}
+KINDS = ("glimmer", "thornback", "fenwing", "dusker", "mirelark", "quillon", "rockhop",
+         "sableen", "tiderun", "vexling", "wispet", "brambler", "cinderkit", "dapplemaw",
+         "frostnib", "gloamer")
+# Property -> (the kind factor it depends on, its options in their fixed order).
+PROPERTIES = {
+    "color": (0, ("red", "blue", "green", "yellow")),
+    "size": (0, ("tiny", "small", "large", "huge")),
+    "home": (1, ("cave", "tree", "lake", "dune")),
+    "food": (1, ("fruit", "fish", "seeds", "roots")),
+}
+# Property -> the option index of each value of its factor; the two properties of a factor
+# never share a letter, so a creature's letter on one says nothing about the other.
+_LETTER_OF_FACTOR = {"color": (0, 1, 2, 3), "size": (1, 0, 3, 2), "home": (0, 1, 2, 3),
+                     "food": (2, 3, 1, 0)}
+_FACTOR_VALUES = 4
+_SYLLABLES = ("ba", "ko", "ri", "mu", "ze", "ta", "lo", "ni", "fe", "du", "sa", "pi", "go",
+              "we", "ha", "ju", "vo", "ke", "ra", "nu")
 
 
-def _apply(x: int, op: str, y: int) -> int:
-  return x + y if op == "+" else x - y if op == "-" else x * y
+def factors(kind: str) -> tuple:
+  index = KINDS.index(kind)
+  return index // _FACTOR_VALUES, index % _FACTOR_VALUES
 
 
-def _solve(a, op1, b, op2, c):
-  """(answer, first step text, second step text) honouring precedence."""
-  if op2 == "*" and op1 != "*":
-    inner = b * c
-    return _apply(a, op1, inner), (f"{b} x {c} = {inner}", f"{a} {_SYMBOL[op1]} {inner} = "
-                                   f"{_apply(a, op1, inner)}")
-  first = _apply(a, op1, b)
-  return _apply(first, op2, c), (f"{a} {_SYMBOL[op1]} {b} = {first}",
-                                 f"{first} {_SYMBOL[op2]} {c} = {_apply(first, op2, c)}")
+def value_of(kind: str, prop: str) -> str:
+  factor, options = PROPERTIES[prop]
+  return options[_LETTER_OF_FACTOR[prop][factors(kind)[factor]]]
 
 
-def make_example(rng: random.Random, index: int, split: str) -> Dict:
-  """One question with its gold answer and the three reference annotations."""
-  while True:
-    op1, op2 = rng.choice("+-*"), rng.choice("+-*")
-    a, b, c = rng.randint(2, 19), rng.randint(2, 9), rng.randint(2, 9)
-    answer, (step1, step2) = _solve(a, op1, b, op2, c)
-    mistakes = {}
-    if op2 == "*" and op1 != "*":
-      fundamentals = "Multiplication is done before addition and subtraction."
-      left_to_right = _apply(_apply(a, op1, b), op2, c)
-      mistakes[left_to_right] = (f"working strictly left to right, {a} {_SYMBOL[op1]} {b} first, "
-                                 f"which gives {left_to_right}")
-    else:
-      fundamentals = ("Operations of the same precedence are done from left to right."
-                      if (op1 == "*") == (op2 == "*") else
-                      "Multiplication is done before addition and subtraction.")
-      right_first = _apply(a, op1, _apply(b, op2, c))
-      mistakes[right_first] = (f"doing {b} {_SYMBOL[op2]} {c} first, which gives {right_first}")
-    sign_flip = _apply(_apply(a, op1, b), {"+": "-", "-": "+", "*": "+"}[op2], c)
-    mistakes.setdefault(sign_flip, f"using the wrong operation in the last step, which gives "
-                                   f"{sign_flip}")
-    mistakes.setdefault(answer + 10, f"carrying a ten that is not there, which gives {answer + 10}")
-    mistakes.setdefault(answer - 1, f"an off-by-one slip, which gives {answer - 1}")
-    distractors = [v for v in mistakes if v != answer][:3]
-    if len(distractors) == 3:
-      break
-  options = [answer] + distractors
-  rng.shuffle(options)
+def kind_table(kind: str) -> str:
+  """The fundamentals of a kind: all its properties in one sentence."""
+  return (f"A {kind} has color {value_of(kind, 'color')}, size {value_of(kind, 'size')}, "
+          f"home {value_of(kind, 'home')} and food {value_of(kind, 'food')}.")
+
+
+def make_record(name: str, kind: str, prop: str, split: str) -> Dict:
+  """One question with its gold letter and the three reference annotations."""
+  options = list(PROPERTIES[prop][1])
+  answer = value_of(kind, prop)
   letter = prompts.option_letter(options.index(answer))
-  question = f"What is {a} {_SYMBOL[op1]} {b} {_SYMBOL[op2]} {c}?"
+  mistakes = []
+  for other in KINDS:
+    wrong = value_of(other, prop)
+    # One kind per distractor: the nearest, differing from `kind` in the asked factor only.
+    if wrong != answer and all(m[0] != options.index(wrong) for m in mistakes) and (
+        factors(other)[1 - PROPERTIES[prop][0]] == factors(kind)[1 - PROPERTIES[prop][0]]):
+      mistakes.append((options.index(wrong),
+                       f"Answering ({prompts.option_letter(options.index(wrong))}) comes from "
+                       f"taking it for a {other}, whose {prop} is {wrong}."))
   return {
-      "id": f"arith-{split}-{index}",
-      "question": question,
-      "options": [str(o) for o in options],
+      "id": f"creature-{split}-{name}-{prop}",
+      "question": f"What is the {prop} of the {name}?",
+      "options": options,
       "answer": letter,
-      prompts.FUNDAMENTALS: fundamentals,
-      prompts.CHAIN_OF_THOUGHT: f"First, {step1}. Then, {step2}. So the answer is ({letter}).",
-      prompts.COMMON_MISTAKES: " ".join(
-          f"Answering ({prompts.option_letter(options.index(v))}) comes from {mistakes[v]}."
-          for v in distractors),
+      "creature": name,
+      "kind": kind,
+      "property": prop,
+      prompts.FUNDAMENTALS: kind_table(kind),
+      prompts.CHAIN_OF_THOUGHT: (f"It is a {kind}. The {prop} of a {kind} is {answer}. "
+                                 f"So the answer is ({letter})."),
+      prompts.COMMON_MISTAKES: " ".join(text for _, text in sorted(mistakes)),
   }
 
 
-def generate(split: str, num_examples: int, seed: int) -> List[Dict]:
-  rng = random.Random(f"{seed}:{split}")
-  return [make_example(rng, i, split) for i in range(num_examples)]
+def creatures(num_creatures: int, seed: int) -> List[tuple]:
+  """(name, kind) pairs: distinct invented names, kinds equally frequent, in random order."""
+  if num_creatures % (4 * len(KINDS)) or num_creatures > len(_SYLLABLES) ** 2:
+    raise ValueError(f"num_creatures={num_creatures}: must be a multiple of {4 * len(KINDS)} "
+                     f"and at most {len(_SYLLABLES) ** 2}")
+  rng = random.Random(f"{seed}:creatures")
+  names = rng.sample([a + b for a in _SYLLABLES for b in _SYLLABLES], num_creatures)
+  return [(name, KINDS[i % len(KINDS)]) for i, name in enumerate(names)]
 
 
-def write_jsonl(records: List[Dict], path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  with tmp.open("w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-  tmp.replace(path)
-  return path
+def make_splits(num_creatures: int, seed: int) -> Dict[str, List[Dict]]:
+  """Records of the 'eval', 'student' and 'teacher' splits, one property of a creature each.
+
+  The creature of rank r within its kind: its students' records ask the two properties of
+  factor r mod 2; 'eval' asks one property of the other factor (the first or second by
+  (r // 2) mod 2); 'teacher' asks the other three. Every kind x property pair is then equally
+  frequent in 'eval', and no evaluation pair is in another split.
+  """
+  by_factor = [[p for p, (f, _) in PROPERTIES.items() if f == factor] for factor in (0, 1)]
+  rank = collections.Counter()
+  splits = {"eval": [], "student": [], "teacher": []}
+  for name, kind in creatures(num_creatures, seed):
+    r = rank[kind]
+    rank[kind] += 1
+    taught, other = by_factor[r % 2], by_factor[1 - r % 2]
+    held_out = other[(r // 2) % 2]
+    splits["student"] += [make_record(name, kind, p, "student") for p in taught]
+    splits["eval"].append(make_record(name, kind, held_out, "eval"))
+    splits["teacher"] += [make_record(name, kind, p, "teacher") for p in taught + other
+                          if p != held_out]
+  for records in splits.values():
+    random.Random(f"{seed}:order").shuffle(records)
+  return splits
 
 
-def iter_text(records: List[Dict]) -> Iterator[str]:
+def options_only_accuracy(train: Sequence[Mapping], held_out: Sequence[Mapping]) -> float:
+  """Accuracy (%) of a baseline that sees only the options of a question, never its text.
+
+  Trained by counting on `train`, it scores each option by how often its text, its letter and
+  its text among these very options were the gold answer (add-one smoothed log-odds, summed)
+  and picks the best: any rule that reads the answer off the options alone shows up here.
+  """
+  gold, seen = collections.Counter(), collections.Counter()
+
+  def features(record, i):
+    option = record["options"][i]
+    return [("text", option), ("letter", i), ("text_in_set", option, tuple(record["options"]))]
+
+  for record in train:
+    answer = prompts.letter_index(record["answer"], len(record["options"]))
+    for i in range(len(record["options"])):
+      for feature in features(record, i):
+        seen[feature] += 1
+        gold[feature] += int(i == answer)
+
+  def score(record, i):
+    return sum(math.log((gold[f] + 1) / (seen[f] - gold[f] + 1)) for f in features(record, i))
+
+  correct = 0
+  for record in held_out:
+    scores = [score(record, i) for i in range(len(record["options"]))]
+    correct += int(scores.index(max(scores)) ==
+                   prompts.letter_index(record["answer"], len(record["options"])))
+  return 100.0 * correct / len(held_out)
+
+
+def shuffled_annotations(rows: Sequence[Mapping], kinds: Sequence[str], seed: int) -> List[Dict]:
+  """Each row with the `kinds` texts of another row (a random derangement): the control that
+  keeps the annotations' words and facts but breaks their link to the question."""
+  order = list(range(len(rows)))
+  rng = random.Random(f"{seed}:shuffle")
+  while len(rows) > 1 and any(i == j for i, j in enumerate(order)):
+    rng.shuffle(order)
+  return [{**row, **{k: rows[j][k] for k in kinds}, "annotations_from": rows[j]["id"]}
+          for row, j in zip(rows, order)]
+
+
+def write_jsonl(records: Sequence[Dict], path) -> files.Path:
+  return files.write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def iter_text(records: Sequence[Dict]) -> Iterator[str]:
   """Every string a vocabulary must cover: samples, prompts and the annotations."""
   for r in records:
     question_text = prompts.format_question(r["question"], r["options"])
     yield prompts.sample_text(r["question"], r["options"], r["answer"])
     for kind in prompts.ANNOTATION_KINDS:
       yield prompts.teacher_prompt(question_text, r["answer"], kind) + " " + r[kind]
-
-
-def make_splits(sizes: Dict[str, int], seed: int) -> Dict[str, List[Dict]]:
-  """Disjoint splits: no question text of a later split occurs in an earlier one.
-
-  `sizes` is ordered with the held-out split first (e.g. {'eval': 300, 'teacher': 1000,
-  'student': 1000}); later splits draw until they have enough unseen questions.
-  """
-  seen = set()
-  splits = {}
-  for split, size in sizes.items():
-    rng = random.Random(f"{seed}:{split}")
-    records, index = [], 0
-    while len(records) < size:
-      record = make_example(rng, index, split)
-      index += 1
-      if record["question"] in seen:
-        continue
-      seen.add(record["question"])
-      records.append(record)
-      if index > 50 * size + 1000:
-        raise ValueError(f"cannot draw {size} distinct '{split}' questions; lower the sizes")
-    splits[split] = records
-  return splits

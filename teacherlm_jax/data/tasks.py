@@ -30,7 +30,6 @@ they are counted in `SKIPS` and logged instead.
 from __future__ import annotations
 
 import functools
-import glob
 import re
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -42,6 +41,7 @@ import tensorflow as tf
 
 from teacherlm_jax.data import prompts
 from teacherlm_jax.data import sources
+from teacherlm_jax.storage import files
 
 MMLU_SUBJECTS = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
@@ -262,7 +262,7 @@ def annotated_records(dataset: str, shard_pattern: str, kinds: Sequence[str], *,
   `original_records(dataset)`. `skip_flagged`: rows whose `kinds` carry a quality flag (the
   annotation job's `qc` field) are skipped and counted in `SKIPS`.
   """
-  paths = sorted(glob.glob(shard_pattern))
+  paths = files.glob(shard_pattern)
   if not paths:
     raise FileNotFoundError(f"no annotation shards match {shard_pattern!r}")
   originals = None
@@ -305,23 +305,41 @@ def _eval_row(example: Dict[str, Any]) -> Dict[str, Any]:
 
 def generator_source(make_examples: Callable[[str], Iterator[Dict[str, Any]]],
                       splits: Sequence[str], signature) -> seqio.FunctionDataSource:
-  """A seqio source over a python generator; nothing is read until the dataset is iterated."""
+  """A seqio source over a python generator of examples.
+
+  Sources of scalar features (the training tasks) are read into tensors when the dataset is
+  built: tf.data can then checkpoint an iterator's position, so training resumes without
+  replaying its input. Sources with list features (evaluation options) stay generators, read
+  as they are iterated; evaluation always starts from the beginning.
+  """
+  scalar = all(spec.shape.rank == 0 for spec in signature.values())
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one file per split: order is shuffled later by seqio if asked.
-    return tf.data.Dataset.from_generator(lambda: make_examples(split),
-                                          output_signature=signature)
+    if not scalar:
+      return tf.data.Dataset.from_generator(lambda: make_examples(split),
+                                            output_signature=signature)
+    rows = list(make_examples(split))
+    return tf.data.Dataset.from_tensor_slices(
+        {name: tf.constant([row[name] for row in rows], dtype=spec.dtype, shape=(len(rows),))
+         for name, spec in signature.items()})
 
   return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
 
 
 def accuracy_from_scores(targets: Sequence[int], scores: Sequence[np.ndarray]) -> Dict[str, Any]:
   """seqio score metric for rank classification: `scores[i]` holds one score per option of
-  example i (higher is better), `targets[i]` the gold option index."""
+  example i (higher is better), `targets[i]` the gold option index.
+
+  `gold_score` is the mean score of the gold option: its log-probability for the paper's
+  one-token letters, a measure that moves before accuracy does.
+  """
   if len(targets) != len(scores):
     raise ValueError(f"{len(targets)} targets but {len(scores)} scores")
   correct = [int(np.argmax(s) == t) for t, s in zip(targets, scores)]
+  gold = [float(s[t]) for t, s in zip(targets, scores)]
   return {"accuracy": 100.0 * float(np.mean(correct)) if correct else float("nan"),
+          "gold_score": float(np.mean(gold)) if gold else float("nan"),
           "num_examples": len(correct)}
 
 

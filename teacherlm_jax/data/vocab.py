@@ -9,7 +9,9 @@ and the TF path calls the same tokenizer through `tf.numpy_function`.
 """
 from __future__ import annotations
 
+import os
 import pathlib
+import tempfile
 from typing import Iterable, Mapping, Optional, Sequence
 
 import gin
@@ -18,6 +20,7 @@ import seqio
 import tensorflow as tf
 
 from teacherlm_jax.data import hf_tokenizers
+from teacherlm_jax.storage import files
 
 
 def sentencepiece_vocabulary(model_path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
@@ -127,10 +130,11 @@ def get_vocabulary(spec: str = gin.REQUIRED) -> seqio.Vocabulary:
   """'hf:<tokenizer dir>' or 'spm:<sentencepiece .model>' -> a seqio vocabulary (cached)."""
   if spec not in _VOCABULARIES:
     kind, _, path = spec.partition(":")
+    # Tokenizer libraries open local files only: a gs:// one is read through a local copy.
     if kind == "hf" and path:
-      _VOCABULARIES[spec] = HFTokenizerVocabulary(path)
+      _VOCABULARIES[spec] = HFTokenizerVocabulary(files.local_copy(path))
     elif kind == "spm" and path:
-      _VOCABULARIES[spec] = sentencepiece_vocabulary(path)
+      _VOCABULARIES[spec] = sentencepiece_vocabulary(files.local_copy(path))
     else:
       raise ValueError(
           f"vocabulary spec {spec!r}: expected 'hf:<tokenizer dir>' or 'spm:<model file>'")
@@ -178,11 +182,15 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   `trainer_options` go to `SentencePieceTrainer.train` (e.g. `user_defined_symbols`).
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  pathlib.Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
-      model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **trainer_options)
+  with tempfile.TemporaryDirectory() as local:
+    # SentencePiece writes local files only; the file layer puts them where asked (or gs://).
+    local_prefix = os.path.join(local, "spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=local_prefix, vocab_size=vocab_size,
+        model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **trainer_options)
+    for suffix in (".model", ".vocab"):
+      files.upload(local_prefix + suffix, f"{model_prefix}{suffix}")
   return f"{model_prefix}.model"
 
 

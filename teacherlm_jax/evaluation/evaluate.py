@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -39,24 +38,21 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 import tensorflow as tf
-import tqdm
 
 from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import tasks as tasks_lib
 from teacherlm_jax.data import vocab as vocab_lib
 from teacherlm_jax.models import checkpoint_vocab
 from teacherlm_jax.models import transformer
+from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import program as program_lib
+from teacherlm_jax.runtime import shapes
+from teacherlm_jax.storage import files
 
 NORMALIZATIONS = ("sum", "mean")
-
-
-def _bucket(n: int, minimum: int = 8, step: int = 256) -> int:
-  """Powers of two up to `step`, then multiples of `step`: bounds the compiled shapes while
-  wasting at most `step` positions on long prompts (attention cost is quadratic in them)."""
-  if n > step:
-    return -(-n // step) * step
-  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+# Prompts past this many tokens pad to its multiples, not to the next power of two.
+BUCKET_STEP = 256
 
 
 @dataclasses.dataclass
@@ -78,27 +74,41 @@ class RankScorer:
     self.config = model.config
     self.batch_size = batch_size
     self.max_length = max_length
-    self.mesh = mesh
-    self._graphdef, self._state = nnx.split(model)
     if mesh is not None:
       partitioning.check_batch_divides(batch_size, mesh, what="batch_size")
-      shardings = partitioning.logical_shardings(partitioning.logical_axes_of(self._state), mesh)
-      params = jax.device_put(nnx.to_pure_dict(self._state), shardings)
-      nnx.replace_by_pure_dict(self._state, params)
-    self._score = jax.jit(self._score_batch, static_argnames=("tail_length",))
+    self.runtime = program_lib.Program(mesh)
+    self._graphdef, self.params = self.runtime.split(model)
+    self._score = self.runtime.jit(self._score_batch, program=backend.DECODE,
+                                   dtype=self.config.compute_dtype,
+                                   static_argnames=("tail_length",))
+
+  @property
+  def mesh(self) -> Optional[jax.sharding.Mesh]:
+    return self.runtime.mesh
+
+  def lower(self, prompt_length: int, num_options: int, option_length: int = 1
+            ) -> jax.stages.Lowered:
+    """The scoring step of a full batch lowered on the mesh, abstract arguments only: prompts
+    of up to `prompt_length` tokens, `num_options` options of up to `option_length` tokens,
+    bucketed as `score` buckets them."""
+    if self.mesh is None:
+      raise ValueError("RankScorer.lower needs a mesh (the devices to compile for)")
+    b, p = self.batch_size, shapes.bucket_length(prompt_length, step=BUCKET_STEP)
+    tail = (shapes.bucket_length(option_length - 1, minimum=4, step=BUCKET_STEP)
+            if option_length > 1 else 0)
+    arg_shapes = [(b, p), (b, p), (b,), (b, num_options)] + [(b * num_options, tail)] * 3
+    rows = partitioning.batch_sharding(self.mesh, 1)
+    arrays = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for shape in arg_shapes]
+    return self._score.lower(self.params, *arrays, tail_length=tail)
 
   def _call(self, arrays, tail_length: int) -> np.ndarray:
-    if self.mesh is None:
-      return np.asarray(self._score(self._state, *arrays, tail_length=tail_length))
-    rows = partitioning.batch_sharding(self.mesh, 1)  # Rows over the batch axes.
-    placed = [jax.device_put(a, rows) for a in arrays]
-    with partitioning.activate(self.mesh):
-      return np.asarray(self._score(self._state, *placed, tail_length=tail_length))
+    placed = [self.runtime.put(a, ("batch",) + (None,) * (np.ndim(a) - 1)) for a in arrays]
+    return np.asarray(self._score(self.params, *placed, tail_length=tail_length))
 
-  def _score_batch(self, state, prompt_BxP, prompt_segments_BxP, last_B, first_BxK, tail_RxT,
+  def _score_batch(self, params, prompt_BxP, prompt_segments_BxP, last_B, first_BxK, tail_RxT,
                    tail_segments_RxT, tail_targets_RxT, *, tail_length: int):
     """Sum of option-token log-probs, B x K (R = B*K rows for the option tails)."""
-    model = nnx.merge(self._graphdef, state)
+    model = nnx.merge(self._graphdef, params)
     b, p = prompt_BxP.shape
     k = first_BxK.shape[1]
     # One-token options (the paper's letters) need no cache: the prompt forward is all.
@@ -109,7 +119,7 @@ class RankScorer:
     logp_BxV = jax.nn.log_softmax(model.logits(last_Bx1xD)[:, 0], axis=-1)
     scores_BxK = jnp.take_along_axis(logp_BxV, first_BxK, axis=1)
     if tail_length:
-      cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+      cache = transformer.map_cache_rows(lambda x, axis: jnp.repeat(x, k, axis=axis), cache)
       hidden_RxTxD, _ = model(tail_RxT, segment_ids_BxL=tail_segments_RxT, cache=cache,
                               return_hidden=True)
       logp_RxTxV = jax.nn.log_softmax(model.logits(hidden_RxTxD), axis=-1)
@@ -132,9 +142,9 @@ class RankScorer:
   def _batch_arrays(self, batch: Sequence[Example], num_options: int):
     prompts = [self._truncate(ex) for ex in batch]
     rows = self.batch_size
-    p = _bucket(max(len(x) for x in prompts))
+    p = shapes.bucket_length(max(len(x) for x in prompts), step=BUCKET_STEP)
     tail = max(len(o) - 1 for ex in batch for o in ex.options)
-    t = _bucket(tail, minimum=4) if tail else 0
+    t = shapes.bucket_length(tail, minimum=4, step=BUCKET_STEP) if tail else 0
     prompt = np.zeros((rows, p), np.int32)
     segments = np.zeros((rows, p), np.int32)
     last = np.zeros((rows,), np.int32)
@@ -169,9 +179,10 @@ class RankScorer:
     # Longest first, so batches hold similar lengths and the first batch shows the peak cost.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
     results: List[Optional[np.ndarray]] = [None] * len(examples)
-    bar = tqdm.tqdm(total=len(examples), desc=progress, unit="ex", disable=progress is None,
-                    dynamic_ncols=True)
     for start in range(0, len(order), self.batch_size):
+      if progress is not None:  # A line at most every 30 s: log files take lines, not bars.
+        logging.log_every_n_seconds(logging.INFO, "%s: %d/%d examples scored", 30, progress,
+                                    start, len(examples))
       index = order[start:start + self.batch_size]
       batch = [examples[i] for i in index]
       num_options = max(len(ex.options) for ex in batch)
@@ -182,8 +193,6 @@ class RankScorer:
         if normalize == "mean":
           option_scores = option_scores / np.array([len(o) for o in ex.options])
         results[i] = option_scores
-      bar.update(len(batch))
-    bar.close()
     return results  # type: ignore[return-value]
 
 
@@ -342,13 +351,12 @@ def _finite_or_null(value):
   return value
 
 
-def write_report(report: Dict[str, Any], output_dir) -> Tuple[pathlib.Path, pathlib.Path]:
+def write_report(report: Dict[str, Any], output_dir) -> Tuple[files.Path, files.Path]:
   """Writes eval_results.json and eval_results.md into `output_dir` (process 0 only)."""
-  output_dir = pathlib.Path(output_dir)
+  output_dir = files.resolve(output_dir)
   json_path, md_path = output_dir / "eval_results.json", output_dir / "eval_results.md"
   if jax.process_index() == 0:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(_finite_or_null(report), indent=2, sort_keys=True,
-                                    allow_nan=False) + "\n")
-    md_path.write_text(markdown_table(report))
+    files.write_atomic(json_path, json.dumps(_finite_or_null(report), indent=2, sort_keys=True,
+                                             allow_nan=False) + "\n")
+    files.write_atomic(md_path, markdown_table(report))
   return json_path, md_path

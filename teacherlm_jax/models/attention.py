@@ -5,8 +5,7 @@ statistics.
 Shapes: queries (B, K, G, L, D), K key/value heads of G query heads each (G = 1 for multi-head
 attention); keys and values (B, K, S, D). Each key/value head's query groups are folded into
 the query rows for the products: both are then plain matmuls batched over (B, K) with operands
-in row-major order. (As 5-D einsums over (B, K, G, L) with G = 1, XLA:CPU transposed the [L, S]
-scores before and after the softmax: the BLOOM-42M float32 train step 1.05-1.09x slower.)
+in row-major order, which no backend has to transpose around the softmax.
 """
 from __future__ import annotations
 
@@ -35,11 +34,9 @@ def causal_query_blocks(length: int) -> int:
 
   There a key after the query is never visible, so each block of queries attends only to
   the keys up to its own last row: n blocks compute (n + 1) / 2n of the [L, S] scores and
-  their softmax, 62.5% with 4 (the BLOOM-42M float32 train step at length 256: +3% tokens/s,
-  -2% CPU time per step in same-process A/Bs). Blocks of fewer than MIN_QUERY_BLOCK_ROWS rows
-  would make the batched products too small to run well. Up to 16 blocks: at length 2048 the
-  step ran 407 median tokens/s with 16 blocks of 128 rows against 372 with 8 and 391 with 32
-  (same-process A/B, 4-step calls); at 1024, 16 blocks of 64 rows 490 against 8's 488.
+  their softmax, 62.5% with 4. Blocks of fewer than MIN_QUERY_BLOCK_ROWS rows would make the
+  batched products too small to run well; more than 16 blocks gain little and cost more
+  products.
   """
   for blocks in (16, 8, 4, 2):
     if length % blocks == 0 and length // blocks >= MIN_QUERY_BLOCK_ROWS:
@@ -129,12 +126,9 @@ def causal_attention(q_BxKxGxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL, positio
   `attend` with the sequence as its own keys. The gradient saves the output and two numbers
   per row (the scores' maximum and the softmax's denominator), recomputes each block's
   probabilities from them in one pass and takes softmax's row sums from the output,
-  sum_s p * dp = sum_d o * do (an [L, D] product, not an [L, S] one). Autodiff through the
-  softmax (remat='dots' saving only the output) recomputed the maximum and the denominator
-  and summed p * dp over the scores: three fewer passes over each block's scores. The float32
-  train step at one 2,048-token row, same-process A/Bs (4-step calls, median tokens/s): OPT
-  407 -> 456, BLOOM 422 -> 469, LLaMA-style 390 -> 452; at 8 rows of 256 (4 blocks of 64
-  rows) BLOOM within noise (618 -> 615 and 616 -> 623).
+  sum_s p * dp = sum_d o * do (an [L, D] product, not an [L, S] one): three fewer passes over
+  each block's scores than autodiff through the softmax, which recomputes the maximum and the
+  denominator and sums p * dp over the scores.
 
   Returns (B, K, G, L, D) in `output_dtype`, the model's compute dtype: the output is also
   what the gradient saves (a bf16 model keeps it in bf16, as remat='dots' saved it before),

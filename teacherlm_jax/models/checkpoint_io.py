@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Optional
 
 import jax
@@ -21,16 +20,17 @@ from flax import nnx
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.models.transformer import DecoderLM
 from teacherlm_jax.runtime import checkpointing
+from teacherlm_jax.storage import files
 
 MODEL_CONFIG_FILE = "model_config.json"
 
 
 def write_model_config(config: ModelConfig, path) -> None:
-  pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True))
+  files.write_atomic(path, json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True))
 
 
 def read_model_config(path) -> ModelConfig:
-  path = pathlib.Path(path)
+  path = files.resolve(path)
   if path.is_dir():
     path = path / MODEL_CONFIG_FILE
   try:
@@ -46,9 +46,9 @@ def read_model_config(path) -> ModelConfig:
   return ModelConfig(**fields)
 
 
-def save_params(model: DecoderLM, directory) -> pathlib.Path:
+def save_params(model: DecoderLM, directory) -> files.Path:
   """Saves the model's params (orbax, under `params/`) and its config (every process calls)."""
-  directory = pathlib.Path(directory).absolute()
+  directory = files.resolve(directory)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / "params", params, force=True)
@@ -84,7 +84,7 @@ def restore_params(config: Optional[ModelConfig], directory, *, shardings=None) 
   `shardings`: optional pytree of `jax.sharding.Sharding` matching the pure param dict, so that
   each process reads only its shards.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = files.resolve(directory)
   if config is None:
     config = read_model_config(directory)
   if not (directory / "params").exists():
@@ -99,7 +99,7 @@ def restore_params(config: Optional[ModelConfig], directory, *, shardings=None) 
 def load_model(directory, *, dtype: Optional[str] = None, shardings=None) -> DecoderLM:
   """A DecoderLM from a params directory (`save_params`) or a trainer model_dir (its latest
   checkpoint); the architecture comes from the directory's model_config.json."""
-  directory = pathlib.Path(directory).absolute()
+  directory = files.resolve(directory)
   config = read_model_config(directory)
   if dtype is not None:
     config = config.replace(dtype=dtype)
@@ -111,18 +111,19 @@ def load_model(directory, *, dtype: Optional[str] = None, shardings=None) -> Dec
 
 def is_hf_directory(directory) -> bool:
   """Whether `directory` is an HF checkpoint (its config.json at the top)."""
-  return (pathlib.Path(directory) / "config.json").exists()
+  return (files.resolve(directory) / "config.json").exists()
 
 
 def load_any(directory, *, dtype: Optional[str] = None) -> DecoderLM:
   """A DecoderLM from any model directory: ours (model_config.json: a params directory or a
   trainer model_dir, see `load_model`) or an HF checkpoint directory (config.json + weights)."""
-  directory = pathlib.Path(directory)
+  directory = files.resolve(directory)
   if (directory / MODEL_CONFIG_FILE).exists():
     return load_model(directory, dtype=dtype)
   if is_hf_directory(directory):
     from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
-    return hf.import_checkpoint(directory, dtype=dtype or "float32")[1]
+    # transformers opens local files only: a gs:// checkpoint is read through a local copy.
+    return hf.import_checkpoint(files.local_copy(directory), dtype=dtype or "float32")[1]
   raise ValueError(f"{directory}: neither a teacherlm_jax model directory ({MODEL_CONFIG_FILE}) "
                    "nor an HF checkpoint (config.json); pass a trainer model_dir, a params "
                    "directory or an HF directory")

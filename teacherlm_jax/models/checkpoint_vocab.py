@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
-import shutil
+import tempfile
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from teacherlm_jax.data.vocab import VocabularyMismatch  # pylint: disable=unused-import
+from teacherlm_jax.storage import files
 
 # Files `save_pretrained` writes for a fast tokenizer; either marks a tokenizer directory.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -31,47 +31,52 @@ def tokenizer_spec(directory) -> Optional[str]:
   `directory` is an HF directory, a trainer model_dir or params directory of ours, or one
   checkpoint step inside a model_dir (model_dir/checkpoints/N: its tokenizer lies up there).
   """
-  directory = pathlib.Path(directory)
-  is_model_dir = any((directory / name).exists() for name in ("config.json", "model_config.json"))
+  directory = files.resolve(directory)
+  is_model_dir = any(files.exists(directory / name)
+                     for name in ("config.json", "model_config.json"))
   candidates = [directory] if is_model_dir else [directory, directory.parent,
                                                  directory.parent.parent]
   for candidate in candidates:
-    if any((candidate / name).exists() for name in HF_TOKENIZER_FILES):
+    if any(files.exists(candidate / name) for name in HF_TOKENIZER_FILES):
       return f"hf:{candidate}"
-    if (candidate / SPM_FILE).exists():
+    if files.exists(candidate / SPM_FILE):
       return f"spm:{candidate / SPM_FILE}"
   return None
 
 
-def spec_path(spec: str) -> pathlib.Path:
+def spec_path(spec: str) -> str:
   """The file or directory a vocabulary spec names (for error messages and copies)."""
   kind, sep, path = spec.partition(":")
-  return pathlib.Path(path if sep and kind in ("hf", "spm") else spec)
+  return path if sep and kind in ("hf", "spm") else spec
 
 
 def save_tokenizer(spec: str, directory) -> None:
-  """Saves the vocabulary `spec` beside the checkpoint in `directory` (process 0 only)."""
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  """Saves the vocabulary `spec` beside the checkpoint in `directory`, local or gs:// (process
+  0 only)."""
+  directory = files.makedirs(directory)
   kind, _, path = spec.partition(":")
-  source = pathlib.Path(path)
+  source = files.resolve(path)
   if kind == "spm":
-    if source.resolve() != (directory / SPM_FILE).resolve():
-      shutil.copyfile(source, directory / SPM_FILE)
+    if source != directory / SPM_FILE:
+      files.write_atomic(directory / SPM_FILE, files.read_bytes(source))
     return
-  if source.resolve() == directory.resolve():
+  if source == directory:
     return
   from teacherlm_jax.data import hf_tokenizers  # pylint: disable=g-import-not-at-top
-  hf_tokenizers.load(source).save_pretrained(str(directory))
+  tokenizer = hf_tokenizers.load(files.local_copy(source))
+  # save_pretrained writes local files only: staged here, each published whole.
+  with tempfile.TemporaryDirectory() as local:
+    tokenizer.save_pretrained(local)
+    files.upload(local, directory)
 
 
 def fingerprint(spec: str) -> str:
   """A digest of the vocabulary's contents: equal for a tokenizer and its copies."""
   kind, _, path = spec.partition(":")
   if kind == "spm":
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(files.read_bytes(path)).hexdigest()
   from teacherlm_jax.data import hf_tokenizers  # pylint: disable=g-import-not-at-top
-  tokenizer = hf_tokenizers.load(path)
+  tokenizer = hf_tokenizers.load(files.local_copy(path))
   contents = [sorted(tokenizer.get_vocab().items()), tokenizer.bos_token_id,
               tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
   return hashlib.sha256(json.dumps(contents).encode()).hexdigest()

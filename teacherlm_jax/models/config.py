@@ -12,7 +12,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 FAMILIES = ("bloom", "opt", "llama")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "save_projections", "save_attention")
 # 'xla': the einsum reference (models/attention.py), every platform; 'pallas': the TPU flash
 # kernel (models/kernels/flash_attention.py); 'cudnn': cuDNN's fused attention on NVIDIA GPUs.
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
@@ -42,8 +42,10 @@ class ModelConfig:
     tie_word_embeddings: LM head shares the token embedding.
     dtype: compute dtype ('float32' or 'bfloat16').
     param_dtype: storage dtype of parameters.
+    cache_dtype: dtype of the KV cache; None = the compute dtype.
     remat: 'none', 'full' (recompute each block), 'dots' (save the projections' and
-      attention's outputs, recompute the rest: norms, activations, attention scores).
+      attention's outputs, recompute the rest: norms, activations, attention scores), or a
+      policy saving only some named values: 'save_projections', 'save_attention'.
     attention_impl: one of ATTENTION_IMPLS, chosen for the platform at launch
       (`runtime.kernels.attention_options`); the model never reads the backend.
     attention_block_q, attention_block_kv: the 'pallas' kernel's tile: query rows and keys
@@ -66,6 +68,7 @@ class ModelConfig:
   tie_word_embeddings: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
+  cache_dtype: Optional[str] = None
   remat: str = "none"
   attention_impl: str = "xla"
   attention_block_q: int = 512
@@ -92,7 +95,7 @@ class ModelConfig:
       raise ValueError(
           f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
           "set head_dim explicitly")
-    for name in ("dtype", "param_dtype"):
+    for name in ("dtype", "param_dtype") + (("cache_dtype",) if self.cache_dtype else ()):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected float32/bfloat16")
 
@@ -117,6 +120,10 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def kv_cache_dtype(self):
+    return jnp.dtype(self.cache_dtype or self.dtype)
 
   @property
   def weight_dtype(self):

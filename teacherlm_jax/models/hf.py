@@ -1,8 +1,10 @@
 """HF checkpoints <-> our params, and tokenizers from the same local directory.
 
-One table per family (`_tensor_table`) lists, for every HF tensor, where it lives in our
-parameter tree and how its layout differs (torch Linear weights are `out x in`; our kernels are
-`in x (out shape)`); import and export both read that table, so they cannot drift apart.
+One table per family (`_bloom_table`, `_opt_table`, `_llama_table`) lists, for every HF tensor,
+where it lives in our parameter tree and how its layout differs (torch Linear weights are
+`out x in`; our kernels are `in x (out shape)`); import and export both read that table, so they
+cannot drift apart. A block's tensors are listed once, with `{layer}` in the HF name: HF keeps
+one tensor per layer, we keep the layers stacked along a leading axis of one parameter.
 
 Import reads `config.json` plus `model.safetensors`, a sharded `*.index.json`, or a PyTorch
 `.bin` (loaded with `weights_only=True`). Every tensor is checked before a model is built, so a
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import tempfile
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
@@ -24,8 +27,9 @@ from flax import nnx
 from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.models.transformer import DecoderLM
+from teacherlm_jax.storage import files
 
-PathTuple = Tuple  # a path into our nested param dict, e.g. ('layers', 0, 'mlp', 'up', 'kernel')
+PathTuple = Tuple  # a path into our nested param dict, e.g. ('layers', 'mlp', 'up', 'kernel')
 
 
 class CheckpointError(ValueError):
@@ -140,10 +144,21 @@ def config_to_hf(config: ModelConfig) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
+  """One HF tensor (per layer when `hf_name` holds '{layer}': the layer's slice of our
+  stacked parameter at `path`) and its layout conversions."""
   hf_name: str
   path: PathTuple
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
+
+  @property
+  def per_layer(self) -> bool:
+    return "{layer}" in self.hf_name
+
+  def hf_names(self, num_layers: int) -> List[str]:
+    if not self.per_layer:
+      return [self.hf_name]
+    return [self.hf_name.format(layer=i) for i in range(num_layers)]
 
 
 def _same(x):
@@ -168,72 +183,97 @@ def _reshape(shape):
   return (lambda b: b.reshape(shape)), (lambda b: b.reshape(-1))
 
 
-def _tensor_table(config: ModelConfig) -> List[_Entry]:
+class _Table:
+  """Collects a family's entries."""
+
+  def __init__(self, config: ModelConfig):
+    self.config = config
+    self.entries: List[_Entry] = []
+
+  def add(self, hf_name, path, conv=(_same, _same)):
+    self.entries.append(_Entry(hf_name, tuple(path), conv[0], conv[1]))
+
+  def norm(self, hf_prefix, path, bias=True):
+    self.add(f"{hf_prefix}.weight", path + ("scale",))
+    if bias:
+      self.add(f"{hf_prefix}.bias", path + ("bias",))
+
+  def dense(self, hf_prefix, path, conv_w, out_shape=None):
+    self.add(f"{hf_prefix}.weight", path + ("kernel",), conv_w)
+    if self.config.use_bias:
+      self.add(f"{hf_prefix}.bias", path + ("bias",),
+               _reshape(out_shape) if out_shape else (_same, _same))
+
+  def lm_head(self):
+    if not self.config.tie_word_embeddings:
+      self.add("lm_head.weight", ("lm_head",), (lambda w: w.T, lambda w: w.T))
+    return self.entries
+
+
+def _bloom_table(config: ModelConfig) -> List[_Entry]:
+  d, h, hd, f = config.hidden_size, config.num_heads, config.dim_per_head, config.mlp_dim
+  t = _Table(config)
+  t.add("transformer.word_embeddings.weight", ("token_embedding",))
+  t.norm("transformer.word_embeddings_layernorm", ("embedding_norm",))
+  p, ours = "transformer.h.{layer}", ("layers",)
+  t.norm(f"{p}.input_layernorm", ours + ("attention_norm",))
+  t.dense(f"{p}.self_attention.query_key_value", ours + ("attention", "qkv"),
+          _linear((h, 3, hd)), (h, 3, hd))
+  t.dense(f"{p}.self_attention.dense", ours + ("attention", "out"), _linear_from_heads((h, hd)))
+  t.norm(f"{p}.post_attention_layernorm", ours + ("mlp_norm",))
+  t.dense(f"{p}.mlp.dense_h_to_4h", ours + ("mlp", "up"), _linear((f,)))
+  t.dense(f"{p}.mlp.dense_4h_to_h", ours + ("mlp", "down"), _linear((d,)))
+  t.norm("transformer.ln_f", ("final_norm",))
+  return t.lm_head()
+
+
+def _opt_table(config: ModelConfig) -> List[_Entry]:
+  d, h, hd, f = config.hidden_size, config.num_heads, config.dim_per_head, config.mlp_dim
+  t = _Table(config)
+  t.add("model.decoder.embed_tokens.weight", ("token_embedding",))
+  t.add("model.decoder.embed_positions.weight", ("position_embedding",))
+  if config.embed_dim != d:
+    t.add("model.decoder.project_in.weight", ("project_in", "kernel"), _linear((d,)))
+    t.add("model.decoder.project_out.weight", ("project_out", "kernel"),
+          _linear((config.embed_dim,)))
+  p, ours = "model.decoder.layers.{layer}", ("layers",)
+  for name, ours_name in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+    t.dense(f"{p}.self_attn.{name}", ours + ("attention", ours_name), _linear((h, hd)), (h, hd))
+  t.dense(f"{p}.self_attn.out_proj", ours + ("attention", "out"), _linear_from_heads((h, hd)))
+  t.norm(f"{p}.self_attn_layer_norm", ours + ("attention_norm",))
+  t.dense(f"{p}.fc1", ours + ("mlp", "up"), _linear((f,)))
+  t.dense(f"{p}.fc2", ours + ("mlp", "down"), _linear((d,)))
+  t.norm(f"{p}.final_layer_norm", ours + ("mlp_norm",))
+  if config.has_final_norm:
+    t.norm("model.decoder.final_layer_norm", ("final_norm",))
+  return t.lm_head()
+
+
+def _llama_table(config: ModelConfig) -> List[_Entry]:
   d, h, k, hd = config.hidden_size, config.num_heads, config.kv_heads, config.dim_per_head
   f = config.mlp_dim
-  entries: List[_Entry] = []
+  t = _Table(config)
+  t.add("model.embed_tokens.weight", ("token_embedding",))
+  p, ours = "model.layers.{layer}", ("layers",)
+  t.add(f"{p}.self_attn.q_proj.weight", ours + ("attention", "q", "kernel"), _linear((h, hd)))
+  t.add(f"{p}.self_attn.k_proj.weight", ours + ("attention", "k", "kernel"), _linear((k, hd)))
+  t.add(f"{p}.self_attn.v_proj.weight", ours + ("attention", "v", "kernel"), _linear((k, hd)))
+  t.add(f"{p}.self_attn.o_proj.weight", ours + ("attention", "out", "kernel"),
+        _linear_from_heads((h, hd)))
+  t.add(f"{p}.mlp.gate_proj.weight", ours + ("mlp", "gate", "kernel"), _linear((f,)))
+  t.add(f"{p}.mlp.up_proj.weight", ours + ("mlp", "up", "kernel"), _linear((f,)))
+  t.add(f"{p}.mlp.down_proj.weight", ours + ("mlp", "down", "kernel"), _linear((d,)))
+  t.norm(f"{p}.input_layernorm", ours + ("attention_norm",), bias=False)
+  t.norm(f"{p}.post_attention_layernorm", ours + ("mlp_norm",), bias=False)
+  t.norm("model.norm", ("final_norm",), bias=False)
+  return t.lm_head()
 
-  def add(hf_name, path, conv=(_same, _same)):
-    entries.append(_Entry(hf_name, tuple(path), conv[0], conv[1]))
 
-  def norm(hf_prefix, path, bias=True):
-    add(f"{hf_prefix}.weight", path + ("scale",))
-    if bias:
-      add(f"{hf_prefix}.bias", path + ("bias",))
+_TABLES = {"bloom": _bloom_table, "opt": _opt_table, "llama": _llama_table}
 
-  def dense(hf_prefix, path, conv_w, out_shape=None):
-    add(f"{hf_prefix}.weight", path + ("kernel",), conv_w)
-    if config.use_bias:
-      add(f"{hf_prefix}.bias", path + ("bias",), _reshape(out_shape) if out_shape else (_same, _same))
 
-  if config.family == "bloom":
-    add("transformer.word_embeddings.weight", ("token_embedding",))
-    norm("transformer.word_embeddings_layernorm", ("embedding_norm",))
-    for i in range(config.num_layers):
-      p, ours = f"transformer.h.{i}", ("layers", i)
-      norm(f"{p}.input_layernorm", ours + ("attention_norm",))
-      dense(f"{p}.self_attention.query_key_value", ours + ("attention", "qkv"),
-            _linear((h, 3, hd)), (h, 3, hd))
-      dense(f"{p}.self_attention.dense", ours + ("attention", "out"), _linear_from_heads((h, hd)))
-      norm(f"{p}.post_attention_layernorm", ours + ("mlp_norm",))
-      dense(f"{p}.mlp.dense_h_to_4h", ours + ("mlp", "up"), _linear((f,)))
-      dense(f"{p}.mlp.dense_4h_to_h", ours + ("mlp", "down"), _linear((d,)))
-    norm("transformer.ln_f", ("final_norm",))
-  elif config.family == "opt":
-    add("model.decoder.embed_tokens.weight", ("token_embedding",))
-    add("model.decoder.embed_positions.weight", ("position_embedding",))
-    if config.embed_dim != d:
-      add("model.decoder.project_in.weight", ("project_in", "kernel"), _linear((d,)))
-      add("model.decoder.project_out.weight", ("project_out", "kernel"), _linear((config.embed_dim,)))
-    for i in range(config.num_layers):
-      p, ours = f"model.decoder.layers.{i}", ("layers", i)
-      for name, ours_name in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
-        dense(f"{p}.self_attn.{name}", ours + ("attention", ours_name), _linear((h, hd)), (h, hd))
-      dense(f"{p}.self_attn.out_proj", ours + ("attention", "out"), _linear_from_heads((h, hd)))
-      norm(f"{p}.self_attn_layer_norm", ours + ("attention_norm",))
-      dense(f"{p}.fc1", ours + ("mlp", "up"), _linear((f,)))
-      dense(f"{p}.fc2", ours + ("mlp", "down"), _linear((d,)))
-      norm(f"{p}.final_layer_norm", ours + ("mlp_norm",))
-    if config.has_final_norm:
-      norm("model.decoder.final_layer_norm", ("final_norm",))
-  else:
-    add("model.embed_tokens.weight", ("token_embedding",))
-    for i in range(config.num_layers):
-      p, ours = f"model.layers.{i}", ("layers", i)
-      add(f"{p}.self_attn.q_proj.weight", ours + ("attention", "q", "kernel"), _linear((h, hd)))
-      add(f"{p}.self_attn.k_proj.weight", ours + ("attention", "k", "kernel"), _linear((k, hd)))
-      add(f"{p}.self_attn.v_proj.weight", ours + ("attention", "v", "kernel"), _linear((k, hd)))
-      add(f"{p}.self_attn.o_proj.weight", ours + ("attention", "out", "kernel"),
-          _linear_from_heads((h, hd)))
-      add(f"{p}.mlp.gate_proj.weight", ours + ("mlp", "gate", "kernel"), _linear((f,)))
-      add(f"{p}.mlp.up_proj.weight", ours + ("mlp", "up", "kernel"), _linear((f,)))
-      add(f"{p}.mlp.down_proj.weight", ours + ("mlp", "down", "kernel"), _linear((d,)))
-      norm(f"{p}.input_layernorm", ours + ("attention_norm",), bias=False)
-      norm(f"{p}.post_attention_layernorm", ours + ("mlp_norm",), bias=False)
-    norm("model.norm", ("final_norm",), bias=False)
-  if not config.tie_word_embeddings:
-    add("lm_head.weight", ("lm_head",), (lambda w: w.T, lambda w: w.T))
-  return entries
+def _tensor_table(config: ModelConfig) -> List[_Entry]:
+  return _TABLES[config.family](config)
 
 
 # Prefixes under which released checkpoints store the same tensors (bigscience/bloom-* has no
@@ -293,6 +333,15 @@ class _TensorFiles:
   def names(self):
     return self._where.keys()
 
+  def resolve(self, name: str, aliases) -> str:
+    """`name`, or the alias under which this checkpoint stores it."""
+    if name in self._where:
+      return name
+    for prefix, alias in aliases:
+      if name.startswith(prefix) and name.replace(prefix, alias, 1) in self._where:
+        return name.replace(prefix, alias, 1)
+    raise CheckpointError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+
   def read(self, name: str) -> np.ndarray:
     path = self._where[name]
     if not path.exists():
@@ -330,30 +379,26 @@ def load_hf_params(directory, config: ModelConfig) -> dict:
   """Reads every tensor of `config`'s table from `directory` into our nested param dict."""
   directory = pathlib.Path(directory)
   files = _TensorFiles(directory)
-  available = set(files.names())
   expected = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
   params: dict = {}
   for entry in _tensor_table(config):
-    name = entry.hf_name
-    if name not in available:
-      for prefix, alias in _ALIASES[config.family]:
-        if name.startswith(prefix) and name.replace(prefix, alias, 1) in available:
-          name = name.replace(prefix, alias, 1)
-          break
-      else:
-        raise CheckpointError(f"{directory}: tensor {entry.hf_name!r} is missing from the "
-                              "checkpoint")
-    hf_array = files.read(name)
     want = _get_path(expected, entry.path).shape
-    try:
-      ours = entry.to_ours(hf_array)
-    except ValueError:
-      ours = None
-    if ours is None or ours.shape != tuple(want):
-      want_hf = entry.to_hf(np.zeros(want, np.float32)).shape
-      raise CheckpointError(f"{files._where[name]}: tensor {name!r} has shape {hf_array.shape}, "
-                            f"expected {tuple(want_hf)} for this config.json")
-    _set_path(params, entry.path, ours)
+    if entry.per_layer:
+      want = want[1:]  # One layer's slice of the stacked parameter.
+    layers = []
+    for hf_name in entry.hf_names(config.num_layers):
+      name = files.resolve(hf_name, _ALIASES[config.family])
+      hf_array = files.read(name)
+      try:
+        ours = entry.to_ours(hf_array)
+      except ValueError:
+        ours = None
+      if ours is None or ours.shape != tuple(want):
+        want_hf = entry.to_hf(np.zeros(want, np.float32)).shape
+        raise CheckpointError(f"{files._where[name]}: tensor {name!r} has shape "
+                              f"{hf_array.shape}, expected {tuple(want_hf)} for this config.json")
+      layers.append(ours)
+    _set_path(params, entry.path, np.stack(layers) if entry.per_layer else layers[0])
   return params
 
 
@@ -386,14 +431,29 @@ def model_from_params(config: ModelConfig, params: dict) -> DecoderLM:
 def params_to_hf(model: DecoderLM) -> Dict[str, np.ndarray]:
   """Our parameters as an HF state dict of float32 numpy arrays."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return {entry.hf_name: np.ascontiguousarray(
-      entry.to_hf(np.asarray(_get_path(params, entry.path), np.float32)))
-          for entry in _tensor_table(model.config)}
+  tensors = {}
+  for entry in _tensor_table(model.config):
+    ours = np.asarray(_get_path(params, entry.path), np.float32)
+    names = entry.hf_names(model.config.num_layers)
+    for i, name in enumerate(names):
+      tensors[name] = np.ascontiguousarray(entry.to_hf(ours[i] if entry.per_layer else ours))
+  return tensors
 
 
 def export_checkpoint(model: DecoderLM, directory, *, tokenizer_dir=None,
-                      max_shard_bytes: int = 5 << 30) -> pathlib.Path:
-  """Writes `model` as an HF directory (config.json + safetensors, sharded past 5 GB)."""
+                      max_shard_bytes: int = 5 << 30):
+  """Writes `model` as an HF directory (config.json + safetensors, sharded past 5 GB), local
+  or gs:// (safetensors and tokenizers write local files: staged locally, then uploaded)."""
+  if tokenizer_dir is not None:
+    tokenizer_dir = files.local_copy(tokenizer_dir)
+  if not files.is_uri(directory):
+    return _export_local(model, files.resolve(directory), tokenizer_dir, max_shard_bytes)
+  with tempfile.TemporaryDirectory() as local:
+    _export_local(model, pathlib.Path(local), tokenizer_dir, max_shard_bytes)
+    return files.upload(local, directory)
+
+
+def _export_local(model: DecoderLM, directory, tokenizer_dir, max_shard_bytes: int):
   from safetensors.numpy import save_file
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)

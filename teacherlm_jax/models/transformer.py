@@ -14,8 +14,15 @@ not after the query's. The same rule (`attention.scores_and_visibility`) serves 
 packed training, and cached decoding, where the cache stores the segment ids and positions of
 the keys it holds.
 
-The KV cache is a plain pytree (`init_cache`) passed in and returned, so the decode loop can
-jit, shard and donate it like any other state.
+The blocks are stored stacked: one `Block` whose parameters carry a leading `layers` axis
+(logical name 'layers'), run by one `lax.scan` in training, prefill, decoding and scoring, so a
+step compiles one block whatever the depth. The KV cache is stacked the same way and is a plain
+pytree (`init_cache`) passed in and returned, so the decode loop can jit, shard and donate it
+like any other state.
+
+The model is the same math on every platform: the config fixes the parameter, compute and
+cache dtypes, and nothing here asks which backend runs it (`runtime/backend.py` sets how XLA
+compiles it).
 """
 from __future__ import annotations
 
@@ -40,6 +47,21 @@ _default_kernel_init = nnx.initializers.normal(stddev=0.02)
 # The checkpoint name of the Dense outputs, which remat='dots' saves (with attention's output
 # and row statistics, see attention.py).
 PROJECTION_OUTPUT = "projection_output"
+# The logical name of the stacked blocks' leading axis (parameters and KV cache).
+LAYERS_AXIS = "layers"
+CACHE_LAYERS_AXIS = "cache_layers"
+
+# `ModelConfig.remat` -> the `jax.checkpoint` policy of each scanned block (None: no remat).
+# Named policies save only the named values (`jax.checkpoint_policies.save_only_these_names`).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.save_only_these_names(
+        PROJECTION_OUTPUT, attention.ATTENTION_OUTPUT, attention.ATTENTION_ROW_STATS),
+    "save_projections": jax.checkpoint_policies.save_only_these_names(PROJECTION_OUTPUT),
+    "save_attention": jax.checkpoint_policies.save_only_these_names(
+        attention.ATTENTION_OUTPUT, attention.ATTENTION_ROW_STATS),
+}
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
@@ -63,8 +85,7 @@ class Dense(nnx.Module):
     letters = string.ascii_letters
     lead, contracted = letters[:n_lead], letters[n_lead:x.ndim]
     out = letters[x.ndim:x.ndim + len(self.out_shape)]
-    # Float32 accumulation (as the MXU does) both ways; XLA:CPU then runs bf16 dots on its
-    # bf16 (AMX) kernels, 3x faster than a bf16-output dot, which it upcasts.
+    # Compute-dtype operands, float32 accumulation (as the MXU does), both ways.
     y = matmul.einsum(f"{lead}{contracted},{contracted}{out}->{lead}{out}",
                       x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
@@ -100,11 +121,8 @@ class LayerNorm(nnx.Module):
 def rope_tables(positions_BxL: jax.Array, dim: int, theta: float) -> Tuple[jax.Array, jax.Array]:
   """cos and sin of the rotary angles of `positions_BxL`, each [B, L, 1, dim] float32.
 
-  Computed once per forward and shared by the layers. Computed inside each layer instead,
-  XLA:CPU fused the cos and sin into every consumer of the rotated q and k, once per element
-  of every head, forward and backward: the LLaMA-style 58M float32 train step's non-matmul
-  ops took 1.20 s of op time against 0.97 s with shared tables (the step 1.01-1.04x faster in
-  float32, 1.04-1.05x in bf16 in a same-process A/B).
+  Computed once per forward and shared by the layers, so that no layer recomputes the cos
+  and sin inside the consumers of its rotated q and k.
   """
   inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
   angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # B x L x D/2
@@ -155,14 +173,8 @@ class Attention(nnx.Module):
                key_segment_ids_BxS, key_positions_BxS, cache_index_B, rope_tables_BxL=None):
     """`rope_tables_BxL`: `rope_tables(positions_BxL, ...)`, for the LLaMA family."""
     cfg = self.config
-    # The dtype of attention's products (float32 for a bf16 model on CPU, see
-    # matmul.batched_operand_dtype), cast to once, where q, k and v leave their projections.
-    # Cast after BLOOM's fused qkv is split, or per query block below, each piece's gradient
-    # was rounded to bf16 before the pieces' sum, and XLA:CPU fused that chain of pads, adds
-    # and roundings into loops up to 4.5x slower than the same sums in float32 (the bf16
-    # BLOOM-42M train step: 2.70 -> 2.43 s in single-variant profiles, 1.03-1.06x in a
-    # same-process A/B; same first loss).
-    dtype = matmul.batched_operand_dtype(cfg.compute_dtype, jax.default_backend())
+    # Attention's products take the compute dtype, as every matmul (the config's numerics).
+    dtype = cfg.compute_dtype
     if cfg.family == "bloom":
       qkv = self.qkv(x_BxLxD).astype(dtype)
       q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
@@ -180,8 +192,8 @@ class Attention(nnx.Module):
       keys = _write_cache(layer_cache["key"], k.transpose(0, 2, 1, 3), cache_index_B, 2)
       values = _write_cache(layer_cache["value"], v.transpose(0, 2, 1, 3), cache_index_B, 2)
       new_cache = {"key": keys, "value": values}
-      # Attend in the cache's dtype (q is small): a float32 cache for a bf16 model (the CPU
-      # default, see decoding.Decoder) is then read as it is, not rounded and re-widened.
+      # Attend in the cache's dtype (q is small): a cache wider than the compute dtype
+      # (`ModelConfig.cache_dtype`) is then read as it is, not rounded and re-widened.
       k, v = keys, values
     else:
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -283,7 +295,7 @@ class DecoderLM(nnx.Module):
                                 use_bias=False, config=config, rngs=rngs)
         self.project_out = Dense((config.hidden_size,), (config.embed_dim,), ("embed",),
                                  ("norm",), use_bias=False, config=config, rngs=rngs)
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = _stacked_blocks(config, rngs)
     if config.has_final_norm:
       self.final_norm = LayerNorm(config.hidden_size, rms=config.family == "llama",
                                   eps=config.norm_eps, config=config, rngs=rngs)
@@ -319,50 +331,31 @@ class DecoderLM(nnx.Module):
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:
     x_BxLxD, head, vocab_major = self.head_operands(x_BxLxD)
     if vocab_major:
-      if x_BxLxD.shape[0] * x_BxLxD.shape[1] == 1:
-        # One row (batch-1 decoding): with the table as the left operand XLA:CPU runs a
-        # matrix-vector product; the other order it rewrote into a multiply-reduce loop with
-        # the final norm fused in, 1.4x slower on the largest read of the step.
-        logits = jnp.moveaxis(matmul.einsum("vd,bld->vbl", head, x_BxLxD), 0, -1)
-      else:
-        logits = matmul.einsum("bld,vd->blv", x_BxLxD, head)
+      logits = matmul.einsum("bld,vd->blv", x_BxLxD, head)
     else:
       logits = matmul.einsum("bld,dv->blv", x_BxLxD, head)
     return partitioning.constrain(logits, ("activation_batch", "activation_length",
                                            "activation_vocab"))
 
   def _scan_blocks(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
-                   positions_BxL: jax.Array, rope_tables_BxL) -> jax.Array:
-    """All blocks of a cache-free forward as one `lax.scan` over their stacked parameters.
+                   positions_BxL: jax.Array, layer_caches: Optional[Cache], key_segment_ids_BxS,
+                   key_positions_BxS, cache_index_B, rope_tables_BxL):
+    """All blocks as one `lax.scan` over their stacked parameters (and stacked KV cache).
 
-    The parameter tree keeps one entry per layer (checkpoints, HF conversion and sharding rules
-    see no change); the blocks' weights are stacked here, inside the traced step. Scanning
-    gives one compiled block instead of num_layers copies, and its backward pass carries the
-    residual stream's gradient from layer to layer as one buffer: unrolled, XLA:CPU fuses that
-    growing sum of per-layer terms into every consumer and recomputes it (quadratic in depth,
-    ~20% of a BLOOM-42M float32 train step).
-
-    Why not store the weights stacked (no per-step stacking copy): the cached decode step then
-    has to slice each layer's weights inside its loop (XLA:CPU copies them: 0.77x the speed of
-    per-layer weights, batch 32) or scan the layers together with a stacked cache (0.37x).
+    Returns (x_BxLxD, the updated stacked layer caches or None). A cache-free forward (the
+    train step) rematerialises each block by `ModelConfig.remat`'s policy.
     """
-    graphdef, first_state = nnx.split(self.layers[0])
-    states = [first_state] + [nnx.split(block)[1] for block in self.layers[1:]]
-    stacked_state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    graphdef, stacked_state = nnx.split(self.layers)
 
-    def body(x, state):
+    def body(x, layer):
+      state, layer_cache = layer
       block = nnx.merge(graphdef, state)
-      x, _ = block(x, segment_ids_BxL, positions_BxL, None, segment_ids_BxL, positions_BxL,
-                   None, rope_tables_BxL)
-      return x, None
+      return block(x, segment_ids_BxL, positions_BxL, layer_cache, key_segment_ids_BxS,
+                   key_positions_BxS, cache_index_B, rope_tables_BxL)
 
-    if self.config.remat != "none":
-      policy = (jax.checkpoint_policies.save_only_these_names(
-                    PROJECTION_OUTPUT, attention.ATTENTION_OUTPUT, attention.ATTENTION_ROW_STATS)
-                if self.config.remat == "dots" else None)
-      body = jax.checkpoint(body, policy=policy)
-    x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, stacked_state)
-    return x_BxLxD
+    if layer_caches is None and self.config.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat])
+    return jax.lax.scan(body, x_BxLxD, (stacked_state, layer_caches))
 
   def __call__(self, tokens_BxL: jax.Array, *, segment_ids_BxL: Optional[jax.Array] = None,
                positions_BxL: Optional[jax.Array] = None, cache: Optional[Cache] = None,
@@ -402,26 +395,38 @@ class DecoderLM(nnx.Module):
     cfg = self.config
     tables = (rope_tables(positions_BxL, cfg.dim_per_head, cfg.rope_theta)
               if cfg.family == "llama" else None)
-    new_cache = None
-    if cache is None:
-      x = self._scan_blocks(x, segment_ids_BxL, positions_BxL, tables)
-    else:
-      new_layer_caches = []
-      for block, layer_cache in zip(self.layers, cache["layers"]):
-        x, new_layer_cache = block(x, segment_ids_BxL, positions_BxL, layer_cache,
-                                   key_segment_ids, key_positions, index_B, tables)
-        new_layer_caches.append(new_layer_cache)
+    x, new_layer_caches = self._scan_blocks(
+        x, segment_ids_BxL, positions_BxL, None if cache is None else cache["layers"],
+        key_segment_ids, key_positions, index_B, tables)
     out = x if return_hidden else self.logits(x)
 
+    new_cache = None
     if cache is not None:
-      new_cache = {"layers": tuple(new_layer_caches), "segment_ids": key_segment_ids,
+      new_cache = {"layers": new_layer_caches, "segment_ids": key_segment_ids,
                    "positions": key_positions, "index": index_B + tokens_BxL.shape[1]}
     return out, new_cache
 
 
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """`config.num_layers` blocks as one `Block` whose parameters have a leading layers axis,
+  each layer initialised from its own split of `rngs` (one traced block, not num_layers)."""
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(layer_rngs: nnx.Rngs) -> Block:
+    return Block(config, rngs=layer_rngs)
+
+  blocks = create(rngs)
+  for _, node in nnx.iter_graph(blocks):
+    if isinstance(node, nnx.Variable):
+      axes = (LAYERS_AXIS,) + tuple(node.get_metadata()["logical_axes"])
+      node.set_metadata("logical_axes", axes)
+  return blocks
+
+
 CACHE_AXES = {
-    "key": ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim"),
-    "value": ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim"),
+    "key": (CACHE_LAYERS_AXIS, "cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim"),
+    "value": (CACHE_LAYERS_AXIS, "cache_batch", "cache_kv_heads", "cache_length",
+              "cache_head_dim"),
     "segment_ids": ("cache_batch", "cache_length"),
     "positions": ("cache_batch", "cache_length"),
     "index": ("cache_batch",),
@@ -432,13 +437,14 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int,
                dtype: Optional[jnp.dtype] = None) -> Cache:
   """An empty KV cache: `max_length` slots per row, all marked as padding (segment 0).
 
-  Keys and values are B x K x S x D (heads-major), the layout attention reads them in.
+  Keys and values are N x B x K x S x D: stacked over the N layers like the blocks, each
+  layer's B x K x S x D (heads-major), the layout attention reads them in. `dtype`: default
+  the config's cache dtype.
   """
-  dtype = dtype or config.compute_dtype
-  shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
-  layer = lambda: {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+  dtype = dtype or config.kv_cache_dtype
+  shape = (config.num_layers, batch_size, config.kv_heads, max_length, config.dim_per_head)
   return {
-      "layers": tuple(layer() for _ in range(config.num_layers)),
+      "layers": {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)},
       "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
       "positions": jnp.zeros((batch_size, max_length), jnp.int32),
       "index": jnp.zeros((batch_size,), jnp.int32),
@@ -447,10 +453,18 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int,
 
 def cache_logical_axes(cache: Cache) -> Cache:
   """The logical axis names of every cache leaf (same tree structure as `cache`)."""
+  del cache  # Every cache has the same structure.
   return {
-      "layers": tuple({"key": CACHE_AXES["key"], "value": CACHE_AXES["value"]}
-                      for _ in cache["layers"]),
+      "layers": {"key": CACHE_AXES["key"], "value": CACHE_AXES["value"]},
       "segment_ids": CACHE_AXES["segment_ids"],
       "positions": CACHE_AXES["positions"],
       "index": CACHE_AXES["index"],
   }
+
+
+def map_cache_rows(fn, cache: Cache, *others: Cache) -> Cache:
+  """`fn(leaf, *other_leaves, batch_axis)` over every cache leaf: the leaves hold their rows on
+  different axes (1 for the stacked keys and values, 0 for the rest)."""
+  axes = cache_logical_axes(cache)
+  return jax.tree.map(lambda leaf, *rest: fn(leaf, *rest[:-1], rest[-1].index("cache_batch")),
+                      cache, *others, axes)

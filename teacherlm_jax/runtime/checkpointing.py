@@ -5,13 +5,12 @@ every array of the other three, `checksums.py`), saved together, so a step that 
 the checksums of its own arrays. Every restore verifies them: a step whose bytes changed on
 disk is a `CorruptCheckpointError` naming its path, never a silently wrong model. Later stages
 initialise from `params` alone (`restore_params`, verified the same way). Every method is
-called on every process (orbax coordinates the writes); the data position is a function of the
-step, so nothing about the input pipeline is stored.
+called on every process (orbax coordinates the writes). Paths may be local or gs://; the
+trainer keeps the input position of each step beside it (`training/input_position.py`).
 """
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, Dict, Optional
 
 import jax
@@ -19,6 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from teacherlm_jax.runtime import checksums
+from teacherlm_jax.storage import files
 
 CHECKPOINT_SUBDIR = "checkpoints"
 # Damaged steps are moved here (out of orbax's sight) when training falls back past them.
@@ -42,7 +42,7 @@ def _json_checkpointer():
 
 def read_checksums(item_dir: str) -> Optional[Dict[str, Dict[str, str]]]:
   """The checksums item of a step (None for a step written before checksums existed)."""
-  if not os.path.isdir(item_dir):
+  if not files.resolve(item_dir).is_dir():
     return None
   try:
     return _json_checkpointer().restore(item_dir)
@@ -75,7 +75,7 @@ class Checkpointer:
   """Checkpoints under `<model_dir>/checkpoints/<step>/{params,opt_state,step}`."""
 
   def __init__(self, model_dir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    self.directory = files.join(model_dir, CHECKPOINT_SUBDIR)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -100,14 +100,14 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return files.join(self.directory, str(step))
 
   def restore(self, step: int, abstract_state: dict) -> dict:
     """Restores every item into `abstract_state` (ShapeDtypeStructs with shardings) and
     verifies it against the step's checksums (CorruptCheckpointError names the step)."""
     where = self.step_dir(step)
     abstract = {**abstract_state, "step": {"step": abstract_state["step"]}}
-    saved = read_checksums(os.path.join(where, CHECKSUMS_ITEM))
+    saved = read_checksums(files.join(where, CHECKSUMS_ITEM))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           **{name: ocp.args.StandardRestore(abstract[name]) for name in ARRAY_ITEMS}))
@@ -126,13 +126,10 @@ class Checkpointer:
   def set_aside(self, step: int) -> str:
     """Moves a damaged step out of the checkpoint directory (kept for inspection), so that
     training can save that step number again; returns where it went."""
-    model_dir = os.path.dirname(self.directory)
-    target = os.path.join(model_dir, DAMAGED_SUBDIR, str(step))
+    target = os.fspath(files.resolve(self.directory).parent / DAMAGED_SUBDIR / str(step))
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      os.replace(self.step_dir(step), target)
+      files.remove_tree(target)
+      files.move_tree(self.step_dir(step), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"set_aside_{step}")
@@ -146,17 +143,15 @@ class Checkpointer:
 
 def resolve_checkpoint(path: str):
   """(checkpoints dir, step) for a model_dir, its `checkpoints/` dir, or one step dir."""
-  path = os.path.abspath(path)
-  candidates = [os.path.join(path, CHECKPOINT_SUBDIR), path]
-  for directory in candidates:
-    if os.path.isdir(directory):
-      steps = sorted(int(n) for n in os.listdir(directory)
-                     if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  path = files.resolve(path)
+  for directory in (path / CHECKPOINT_SUBDIR, path):
+    if directory.is_dir():
+      steps = sorted(int(p.name) for p in directory.iterdir()
+                     if p.name.isdigit() and p.is_dir())
       if steps:
-        return directory, steps[-1]
-  parent, name = os.path.split(path)
-  if name.isdigit() and os.path.isdir(path):
-    return parent, int(name)
+        return os.fspath(directory), steps[-1]
+  if path.name.isdigit() and path.is_dir():
+    return os.fspath(path.parent), int(path.name)
   raise CheckpointError(f"{path}: no checkpoint found (expected a model_dir with "
                         f"'{CHECKPOINT_SUBDIR}/<step>/params' or a step directory)")
 
@@ -165,11 +160,11 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   """Params of another run's checkpoint (a previous stage), placed as `abstract_params` says
   and verified against the step's checksums."""
   directory, step = resolve_checkpoint(path)
-  step_dir = os.path.join(directory, str(step))
-  params_dir = os.path.join(step_dir, "params")
-  if not os.path.isdir(params_dir):
+  step_dir = files.join(directory, str(step))
+  params_dir = files.join(step_dir, "params")
+  if not files.resolve(params_dir).is_dir():
     raise CheckpointError(f"{params_dir}: missing; is {path} a teacherlm_jax checkpoint?")
-  saved = read_checksums(os.path.join(step_dir, CHECKSUMS_ITEM))
+  saved = read_checksums(files.join(step_dir, CHECKSUMS_ITEM))
   params = restore_params_dir(params_dir, abstract_params)
   verify(params, saved and saved.get("params"), step_dir, "params")
   return params

@@ -4,14 +4,13 @@ A layout is a table: every parameter, activation constraint and cache carries lo
 names (`embed`, `heads`, `mlp`, ...); `LOGICAL_AXIS_RULES` maps them to the mesh axes
 ('data', 'fsdp', 'tensor'). Changing how a model is sharded means changing the table.
 
-Model code calls `constrain(x, names)`; it is a no-op unless a mesh is active via
-`activate(mesh, rules)`, so the same model runs unsharded in tests and sharded under jit.
+Model code calls `constrain(x, names)`; it reads the mesh JAX provides while tracing
+(`jax.set_mesh(mesh)`, which `runtime/program.py` enters around every call it jits) and is a
+no-op without one, so the same model runs unsharded in tests and sharded under jit.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -25,6 +24,7 @@ LogicalRules = Tuple[Tuple[str, object], ...]
 # Logical name -> mesh axis (or tuple of axes, or None = replicated).
 LOGICAL_AXIS_RULES: LogicalRules = (
     # Parameters.
+    ("layers", None),  # The stacked blocks' leading axis: every device holds every layer.
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -46,14 +46,12 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     # KV caches.
+    ("cache_layers", None),
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),
     ("cache_kv_heads", "tensor"),
     ("cache_head_dim", None),
 )
-
-_state = threading.local()
-
 
 def logical_to_spec(names: Sequence[Optional[str]], rules: LogicalRules = LOGICAL_AXIS_RULES,
                     mesh: Optional[Mesh] = None) -> PartitionSpec:
@@ -76,44 +74,31 @@ def logical_to_spec(names: Sequence[Optional[str]], rules: LogicalRules = LOGICA
   return PartitionSpec(*spec)
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES):
-  """Makes `constrain` place activations on `mesh` while tracing inside this context."""
-  previous = getattr(_state, "active", None)
-  _state.active = (mesh, rules)
-  try:
-    yield mesh
-  finally:
-    _state.active = previous
-
-
-def active_mesh() -> Optional[Mesh]:
-  active = getattr(_state, "active", None)
-  return active[0] if active else None
+def _context_mesh():
+  """The mesh of the enclosing `jax.set_mesh`, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
 
 
 def shard_count(names: Sequence[Optional[str]]) -> int:
-  """How many pieces an array with logical axes `names` is split into on the active mesh (1
+  """How many pieces an array with logical axes `names` is split into on the context mesh (1
   with none): the divisor from a whole array's size to one device's part."""
-  active = getattr(_state, "active", None)
-  if active is None:
+  mesh = _context_mesh()
+  if mesh is None:
     return 1
-  mesh, rules = active
   count = 1
-  for entry in logical_to_spec(names, rules, mesh):
+  for entry in logical_to_spec(names, LOGICAL_AXIS_RULES, mesh):
     for axis in (entry,) if isinstance(entry, str) else entry or ():
       count *= mesh.shape[axis]
   return count
 
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
-  """`with_sharding_constraint` by logical names; identity when no mesh is active."""
-  active = getattr(_state, "active", None)
-  if active is None:
+  """`with_sharding_constraint` by logical names on the context mesh; identity without one."""
+  mesh = _context_mesh()
+  if mesh is None:
     return x
-  mesh, rules = active
-  spec = logical_to_spec(names, rules, mesh)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, LOGICAL_AXIS_RULES, mesh))
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
@@ -138,7 +123,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 
 # ---------------------------------------------------------------------------------------------
-# Placement: sharded abstract init, batches, multi-host start-up.
+# Placement: parameters by their logical axes, batches, multi-host start-up.
 
 
 def mesh_shape(mesh: Mesh) -> dict:
@@ -166,33 +151,6 @@ def logical_shardings(logical_tree, mesh: Mesh, rules: LogicalRules = LOGICAL_AX
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def abstract_params(model_fn: Callable[[], nnx.Module]):
-  """(graphdef, abstract params as a pure dict of ShapeDtypeStruct, logical axes pure dict).
-
-  Nothing is allocated: the module is built under `nnx.eval_shape`.
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(model_fn))
-  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
-  return graphdef, shapes, logical_axes_of(state)
-
-
-def sharded_init_fn(model_fn: Callable[[], nnx.Module], shardings) -> Callable[[], dict]:
-  """A compiled init that builds `model_fn`'s params directly in `shardings`: each device
-  computes only its own shards, so a model larger than one device never exists whole."""
-  def init():
-    return nnx.to_pure_dict(nnx.split(model_fn())[1])
-  lowered = jax.jit(init, out_shardings=shardings).lower()
-  # The init runs once; on CPU, XLA's optimising backend spends seconds (5x the level-0 time)
-  # on the random-number code for nothing. Values agree with an optimised init to 1 ulp.
-  options = ({"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None)
-  return lowered.compile(compiler_options=options)
-
-
-def sharded_init(model_fn: Callable[[], nnx.Module], shardings):
-  """Params of `model_fn` created in their shards (see `sharded_init_fn`)."""
-  return sharded_init_fn(model_fn, shardings)()
 
 
 def check_batch_divides(batch_size: int, mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES,

@@ -8,10 +8,10 @@ checkpoints, so the next stage, annotation and evaluation take it from there.
 """
 from __future__ import annotations
 
-import pathlib
 from typing import Optional
 
 from teacherlm_jax.models import checkpoint_vocab
+from teacherlm_jax.storage import files
 from teacherlm_jax.models.config import ModelConfig
 
 
@@ -65,7 +65,7 @@ def check_and_save(config, model_config: ModelConfig, vocabulary, model_dir: str
     source_spec = checkpoint_vocab.tokenizer_spec(source)
     fix = ("Tokenise the data with the checkpoint's tokenizer (e.g. "
            f"register_all.vocabulary = @get_vocabulary() with get_vocabulary.spec = "
-           f"'hf:{pathlib.Path(source)}'), or set TrainConfig.reinit_embeddings=True to train "
+           f"'hf:{files.resolve(source)}'), or set TrainConfig.reinit_embeddings=True to train "
            "new embeddings for the data's vocabulary")
     if source_spec is None:
       raise checkpoint_vocab.VocabularyMismatch(

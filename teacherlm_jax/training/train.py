@@ -3,10 +3,11 @@
 One `TrainConfig` (gin-configurable) describes a run; `train(config, model_dir)` runs it:
 
   * state = {'params', 'opt_state', 'step'} as plain pytrees, created directly in their shards
-    (`partitioning.sharded_init`) or restored from the latest checkpoint in `model_dir`, a
+    or restored from the latest checkpoint in `model_dir`, a
     previous stage's checkpoint (`init_checkpoint`) or an HF checkpoint (`init_hf_checkpoint`);
   * the train step is a plain `jax.jit` over `nnx.split` state with explicit in/out shardings
-    and the state donated; gradient accumulation is `optax.MultiSteps` (one call per
+    and the state donated, built by the runtime's `Program` (placement, mesh, compiler
+    options); gradient accumulation is `optax.MultiSteps` (one call per
     microbatch, `state['step']` counts microbatches); `steps_per_call` > 1 runs that many
     steps per call as one `lax.scan` (`make_train_step(stacked=True)`);
   * batch number n of the input is a function of n only (`train_data.SeqioBatches`), and a
@@ -30,19 +31,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from teacherlm_jax.models import checkpoint_io
 from teacherlm_jax.models import checkpoint_vocab
 from teacherlm_jax.models import head_loss
-from teacherlm_jax.models import matmul
 from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
+from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import checkpointing
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import program as program_lib
+from teacherlm_jax.storage import files
+from teacherlm_jax.training import input_position
 from teacherlm_jax.training import metrics as metrics_lib
+from teacherlm_jax.training import mfu
 from teacherlm_jax.training import optimizer as optimizer_lib
 from teacherlm_jax.training import stage_vocab
 
@@ -125,9 +131,10 @@ class TrainConfig:
   # with another vocabulary is an error (training/stage_vocab.py). True: replace the
   # checkpoint's vocabulary-shaped parameters with fresh ones for the data's vocabulary.
   reinit_embeddings: bool = False
-  # Metrics.
-  peak_tflops_per_device: float = 0.0  # 0: measure a matmul peak at start-up.
-  tensorboard: bool = True
+  # Metrics. MFU is against the chip's vendor bf16 peak (runtime/chips.py), on CPU against a
+  # matmul timed at start-up; above 0 this overrides both.
+  peak_tflops_per_device: float = 0.0
+  tensorboard: bool = True  # Event files in <model_dir>/tensorboard; False: the log only.
 
   def __post_init__(self):
     if self.batch_size <= 0 or self.seq_len <= 0 or self.num_steps <= 0:
@@ -156,8 +163,9 @@ class TrainConfig:
     return dataclasses.replace(self, **changes)
 
 
-def make_mesh(config: TrainConfig):
-  devices = jax.devices()
+def make_mesh(config: TrainConfig, devices: Optional[List[jax.Device]] = None):
+  """The run's mesh over `devices` (default every device; a TPU topology's for AOT compiles)."""
+  devices = jax.devices() if devices is None else list(devices)
   if config.mesh_devices:
     if config.mesh_devices > len(devices):
       raise ValueError(f"TrainConfig.mesh_devices={config.mesh_devices} but only "
@@ -173,16 +181,16 @@ def model_config_for(config: TrainConfig, model_dir: str, vocabulary=None) -> Mo
   vocabulary is kept (an override contradicting it is an error) unless
   `reinit_embeddings`, which sizes the embedding for `vocabulary`, the data's."""
   numerics = config.model_numerics()
-  if model_dir and os.path.exists(os.path.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE)):
+  if model_dir and files.exists(files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE)):
     return checkpoint_io.read_model_config(model_dir).replace(**numerics)
   source = stage_vocab.init_source(config)
-  if config.init_checkpoint and os.path.exists(
-      os.path.join(config.init_checkpoint, checkpoint_io.MODEL_CONFIG_FILE)):
+  if config.init_checkpoint and files.exists(
+      files.join(config.init_checkpoint, checkpoint_io.MODEL_CONFIG_FILE)):
     model_config = checkpoint_io.read_model_config(config.init_checkpoint)
   elif config.init_hf_checkpoint:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
-    with open(os.path.join(config.init_hf_checkpoint, "config.json")) as f:
-      model_config = hf.config_from_hf(json.load(f), source=config.init_hf_checkpoint)
+    hf_config = json.loads(files.read_text(files.join(config.init_hf_checkpoint, "config.json")))
+    model_config = hf.config_from_hf(hf_config, source=config.init_hf_checkpoint)
   else:
     return presets.get(config.model, **{**dict(config.model_overrides), **numerics})
   stage_vocab.check_overrides(config, model_config, source)
@@ -218,18 +226,17 @@ def _loss_and_metrics(model, batch, z_loss: float, chunk_tokens: int):
                              min_chunk_tokens=chunk_tokens)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, mesh,
-                    state_shardings, batch_sharding, chunk_tokens: int,
-                    compiler_options: Optional[dict] = None, stacked: bool = False):
-  """jit(state, batch) -> (state, metrics), state donated, shardings explicit.
+def make_train_step(runtime: program_lib.Program, graphdef, tx: optax.GradientTransformation,
+                    z_loss: float, state_shardings, batch_sharding, chunk_tokens: int, *,
+                    dtype=jnp.float32, stacked: bool = False) -> program_lib.MeshJit:
+  """jit(state, batch) -> (state, metrics) on `runtime`'s mesh, state donated, shardings
+  explicit, compiled with the backend's options for a training step computing in `dtype`.
 
   `stacked`: jit(state, batches) -> (state, metrics) instead, `batches` holding several
   batches along a leading axis, run in order as a `lax.scan` over the one-step function
   (metrics stacked the same way; each count of batches compiles once). One call then runs
   several steps, as Keras's `steps_per_execution` or TPUEstimator's `iterations_per_loop`: the
-  host dispatches once per call, and XLA:CPU allocates and first touches the step's scratch
-  memory once per call rather than once per step (the BLOOM-42M float32 step: 221k page
-  faults a step at one step per call, 55k at 4).
+  host dispatches once per call, and scratch memory is set up once per call, not per step.
   """
 
   def step_fn(state, batch):
@@ -245,27 +252,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float, m
                        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm), **sums}
 
   fn = (lambda state, batches: jax.lax.scan(step_fn, state, batches)) if stacked else step_fn
-  jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, partitioning.replicated(mesh)),
-                   donate_argnums=0, compiler_options=compiler_options or None)
-
-  def run(state, batch):
-    with partitioning.activate(mesh):  # constrain() applies while tracing.
-      return jitted(state, batch)
-  return run
+  return runtime.jit(fn, program=backend.TRAIN, dtype=dtype,
+                     in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, runtime.replicated), donate_argnums=0)
 
 
-def make_eval_step(graphdef, mesh, param_shardings, batch_sharding, chunk_tokens: int):
+def make_eval_step(runtime: program_lib.Program, graphdef, param_shardings, batch_sharding,
+                   chunk_tokens: int, *, dtype=jnp.float32) -> program_lib.MeshJit:
+  """jit(params, batch) -> metric sums on `runtime`'s mesh."""
   def eval_fn(params, batch):
     return _loss_and_metrics(nnx.merge(graphdef, params), batch, 0.0, chunk_tokens)[1]
 
-  jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
-                   out_shardings=partitioning.replicated(mesh))
-
-  def run(params, batch):
-    with partitioning.activate(mesh):
-      return jitted(params, batch)
-  return run
+  return runtime.jit(eval_fn, program=backend.TRAIN, dtype=dtype,
+                     in_shardings=(param_shardings, batch_sharding),
+                     out_shardings=runtime.replicated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +299,30 @@ def seqio_batches(config: TrainConfig, mesh, task: str, split: str, *, train: bo
       shuffle=train, seed=config.data_seed, repeat=train, input_sharding=config.input_sharding,
       process_rows=partitioning.process_batch_rows(mesh, config.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _open_batches(train_batches: BatchesFn, model_dir: str, start: int, k: int, writer):
+  """The train batches from step `start`: from the position saved with that checkpoint (O(1)),
+  else by replaying the input pipeline up to it."""
+  position = None
+  if start:
+    position = input_position.load(model_dir, start, jax.process_index(), jax.process_count())
+  if position is not None:
+    logging.info("input: continuing from the position saved at step %d", start)
+    return train_batches(start * k, state=position)
+  if start:
+    logging.info("input: no position saved at step %d; replaying %d batches", start, start * k)
+  return train_batches(start * k)
+
+
+def _save_input_position(batches, model_dir: str, step: int, checkpointer) -> None:
+  """Saves where the input is (when the pipeline can say) before the checkpoint of `step`."""
+  state = batches.state() if hasattr(batches, "state") else None
+  if state is None:
+    return
+  process = (jax.process_index(), jax.process_count())
+  input_position.save(model_dir, step, state, *process)
+  input_position.prune(model_dir, [*checkpointer.all_steps(), step], *process)
 
 
 def _check_batch(batch: Dict[str, np.ndarray], config: TrainConfig, rows: int, number: int,
@@ -355,7 +379,7 @@ class _Preemption:
 # The loop.
 
 
-class _Program(NamedTuple):
+class Program(NamedTuple):
   """Everything compiled for one (model, optimizer, mesh): built once per process."""
   tx: optax.GradientTransformation
   schedule: Callable
@@ -388,40 +412,58 @@ def _optimizer_args(config: TrainConfig) -> tuple:
           config.adam_eps, config.clip_norm, config.grad_accum_steps)
 
 
+def program_for(config: TrainConfig, model_config: ModelConfig, mesh) -> Program:
+  """What `train` compiles for `config`'s run of `model_config` on `mesh` (its steps,
+  shardings and initialisers); runs with the same settings in one process share it."""
+  return _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh,
+                  config.loss_chunk_tokens)
+
+
 @functools.lru_cache(maxsize=8)
 def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, seed: int,
-             mesh, chunk_tokens: int) -> _Program:
+             mesh, chunk_tokens: int) -> Program:
+  runtime = program_lib.Program(mesh)
   tx, schedule = optimizer_lib.make_optimizer(*optimizer_args)
   model_fn = lambda: transformer.DecoderLM(model_config, rngs=nnx.Rngs(seed))
-  graphdef, abstract_params, param_axes = partitioning.abstract_params(model_fn)
-  param_sh = partitioning.logical_shardings(param_axes, mesh)
-  replicated = partitioning.replicated(mesh)
+  graphdef, abstract_params = runtime.split(nnx.eval_shape(model_fn))
+  param_sh = jax.tree.map(lambda x: x.sharding, abstract_params)
+  replicated = runtime.replicated
   opt_sh = optimizer_lib.state_shardings(tx, abstract_params, param_sh, replicated)
   state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
   abstract_state = {"params": abstract_params,
                     "opt_state": jax.eval_shape(tx.init, abstract_params),
                     "step": jax.ShapeDtypeStruct((), jnp.int32)}
   batch_sh = {key: partitioning.batch_sharding(mesh, 2) for key in BATCH_KEYS}
-  compiled_init = []
+  # Each device computes only its own shards: a model larger than one device never exists
+  # whole. Compiled on first use (a restored run never needs it).
+  init_params = runtime.jit(lambda: nnx.to_pure_dict(nnx.split(model_fn())[1]),
+                            program=backend.INIT, out_shardings=param_sh)
 
-  def init_params():
-    if not compiled_init:
-      compiled_init.append(partitioning.sharded_init_fn(model_fn, param_sh))
-    return compiled_init[0]()
-
-  compiler_options = matmul.large_matmul_compiler_options(model_config.compute_dtype,
-                                                          mesh.devices.flat[0].platform)
-  make_step = functools.partial(make_train_step, graphdef, tx, z_loss, mesh, state_sh,
-                                chunk_tokens=chunk_tokens, compiler_options=compiler_options)
+  dtype = model_config.compute_dtype
+  make_step = functools.partial(make_train_step, runtime, graphdef, tx, z_loss, state_sh,
+                                chunk_tokens=chunk_tokens, dtype=dtype)
   stacked_batch_sh = {key: partitioning.batch_sharding(mesh, 3, stacked=True)
                       for key in BATCH_KEYS}
-  return _Program(
+  return Program(
       tx=tx, schedule=schedule, param_sh=param_sh, opt_sh=opt_sh, state_sh=state_sh,
       abstract_state=abstract_state, init_params=init_params,
       init_opt_state=jax.jit(tx.init, out_shardings=opt_sh),
       train_step=make_step(batch_sh),
-      eval_step=make_eval_step(graphdef, mesh, param_sh, batch_sh, chunk_tokens),
+      eval_step=make_eval_step(runtime, graphdef, param_sh, batch_sh, chunk_tokens, dtype=dtype),
       train_steps=make_step(stacked_batch_sh, stacked=True))
+
+
+def abstract_batch(config: TrainConfig, mesh) -> Dict[str, jax.ShapeDtypeStruct]:
+  """One microbatch as the train step takes it, shapes and shardings only (AOT compiles)."""
+  sharding = partitioning.batch_sharding(mesh, 2)
+  dtype = lambda key: jnp.float32 if key == "loss_weights" else jnp.int32
+  return {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), dtype(key),
+                                    sharding=sharding) for key in BATCH_KEYS}
+
+
+def abstract_state(program: Program) -> Dict[str, Any]:
+  """The train state as `program.train_step` takes it, shapes and shardings only."""
+  return _with_shardings(program.abstract_state, program.state_sh)
 
 
 def _with_shardings(abstract, shardings):
@@ -435,7 +477,7 @@ def _first_non_finite(finite_flags: List[jax.Array], first_step: int) -> Optiona
   return None if bad.size == 0 else first_step + int(bad[0])
 
 
-def _restore_newest_good(config: TrainConfig, program: _Program, checkpointer, writer):
+def _restore_newest_good(config: TrainConfig, program: Program, checkpointer):
   """(state, step) of the newest checkpoint that restores and passes verification, or None
   when there is none. Newer steps that fail are reported, then moved to damaged_checkpoints/
   (so the run can save those step numbers again) once an older step proved good."""
@@ -446,7 +488,7 @@ def _restore_newest_good(config: TrainConfig, program: _Program, checkpointer, w
     try:
       state = checkpointer.restore(step, abstract)
     except checkpointing.CheckpointError as e:  # Damaged bytes or an unreadable step dir.
-      writer.message(f"skipping checkpoint step {step}: {e}")
+      logging.warning("skipping checkpoint step %d: %s", step, e)
       failed.append((step, e))
       continue
     if int(state["step"]) != step * k:
@@ -456,40 +498,41 @@ def _restore_newest_good(config: TrainConfig, program: _Program, checkpointer, w
           "written with")
     for bad_step, error in failed:
       moved = checkpointer.set_aside(bad_step)
-      writer.message(f"moved damaged step {bad_step} to {moved} ({type(error).__name__})")
+      logging.warning("moved damaged step %d to %s (%s)", bad_step, moved,
+                      type(error).__name__)
     skipped = (f", skipping damaged step(s) {[s for s, _ in failed]}" if failed else "")
     verified = ("verified" if step in checkpointer.verified_steps
                 else "not verified: saved without checksums")
-    writer.message(f"resuming from {checkpointer.step_dir(step)} ({verified}){skipped}")
+    logging.info("resuming from %s (%s)%s", checkpointer.step_dir(step), verified, skipped)
     return state, step
   if failed:  # Every step failed: likely this run's settings, not damage; nothing is moved.
     raise failed[0][1]
   return None
 
 
-def _initial_state(config: TrainConfig, program: _Program, checkpointer, writer):
+def _initial_state(config: TrainConfig, program: Program, checkpointer):
   """(state, start step): the newest good checkpoint of this run, else a fresh state
   initialised from a previous stage, an HF checkpoint, or random (directly in its shards)."""
-  restored = _restore_newest_good(config, program, checkpointer, writer)
+  restored = _restore_newest_good(config, program, checkpointer)
   if restored is not None:
     return restored
   if config.init_checkpoint:
     params = checkpointing.restore_params(
         config.init_checkpoint, _with_shardings(program.abstract_state["params"],
                                                 program.param_sh))
-    writer.message(f"initialised params from {config.init_checkpoint}")
+    logging.info("initialised params from %s", config.init_checkpoint)
   elif config.reinit_embeddings and stage_vocab.init_source(config):
     source = stage_vocab.init_source(config)
     pretrained = nnx.to_pure_dict(nnx.state(checkpoint_io.load_any(source), nnx.Param))
     params = jax.device_put(stage_vocab.with_fresh_embeddings(
         pretrained, jax.device_get(program.init_params())), program.param_sh)
-    writer.message(f"initialised params from {source}, vocabulary-shaped ones afresh")
+    logging.info("initialised params from %s, vocabulary-shaped ones afresh", source)
   elif config.init_hf_checkpoint:
     from teacherlm_jax.models import hf
-    _, hf_model = hf.import_checkpoint(config.init_hf_checkpoint, dtype=config.compute_dtype,
-                                       param_dtype="float32")
+    _, hf_model = hf.import_checkpoint(files.local_copy(config.init_hf_checkpoint),
+                                       dtype=config.compute_dtype, param_dtype="float32")
     params = jax.device_put(nnx.to_pure_dict(nnx.state(hf_model, nnx.Param)), program.param_sh)
-    writer.message(f"initialised params from HF checkpoint {config.init_hf_checkpoint}")
+    logging.info("initialised params from HF checkpoint %s", config.init_hf_checkpoint)
   else:
     params = program.init_params()
   return program.fresh_state(params), 0
@@ -522,9 +565,7 @@ class _Evaluator:
     sums = [self.eval_step(params, batch) for batch in self._cached]
     total = jax.tree.map(lambda *x: np.sum(x), *jax.device_get(sums))
     result = metrics_lib.mean_of(total, len(sums))
-    self.writer.write(step, result, prefix="eval")
-    self.writer.message(f"eval step {step}: loss {result['loss']:.4f} "
-                        f"acc {result['accuracy']:.3f}")
+    self.writer.write_scalars(step, {f"eval/{name}": value for name, value in result.items()})
     return result
 
 
@@ -583,7 +624,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
 
   Args:
     config: the run.
-    model_dir: checkpoints, metrics.jsonl, tensorboard/ and the saved configs.
+    model_dir: checkpoints, tensorboard/ (the metrics) and the saved configs.
     train_batches, eval_batches: override the seqio inputs of `config` (tests, benchmarks).
 
   Returns:
@@ -592,8 +633,8 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
   """
   if train_batches is None and not config.train_task:
     raise ValueError("TrainConfig.train_task is empty: set it to a registered seqio task or "
-                     "mixture (e.g. in the gin file), or, in scripts/train.py, set "
-                     "student_mixture.annotations to an annotation directory")
+                     "mixture (e.g. in the gin file), or pass scripts/train.py "
+                     "--input=<annotation directory>")
   mesh = make_mesh(config)
   partitioning.check_batch_divides(config.batch_size, mesh, what="TrainConfig.batch_size")
   rows = partitioning.process_batch_rows(mesh, config.batch_size)
@@ -602,7 +643,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,
                                   train=True)
     vocabulary = stage_vocab.task_vocabulary(config.train_task)
-  resuming = os.path.exists(os.path.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
+  resuming = files.exists(files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
   model_config = model_config_for(config, model_dir, vocabulary)
   if vocabulary is not None:
     from teacherlm_jax.training import train_data
@@ -611,33 +652,41 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     stage_vocab.check_and_save(config, model_config, vocabulary, model_dir, resuming=resuming,
                                task_name=config.train_task, write=jax.process_index() == 0)
   k = config.grad_accum_steps
-  program = _program(model_config, _optimizer_args(config), config.z_loss, config.seed, mesh,
-                     config.loss_chunk_tokens)
+  program = program_for(config, model_config, mesh)
   eval_task = config.eval_task or config.train_task
   if eval_batches is None and eval_task and config.eval_batches:
     eval_batches = seqio_batches(config, mesh, eval_task, config.eval_split, train=False)
 
   checkpointer = checkpointing.Checkpointer(model_dir, config.keep_checkpoints,
                                             config.async_checkpoints)
-  writer = metrics_lib.MetricsWriter(model_dir, config.num_steps, config.tensorboard)
+  writer = metrics_lib.create_writer(model_dir, config.tensorboard)
   preemption = None
   try:
-    state, start = _initial_state(config, program, checkpointer, writer)
+    state, start = _initial_state(config, program, checkpointer)
     if jax.process_index() == 0:  # Shared files: process 0 only.
       checkpoint_io.write_model_config(
-          model_config, os.path.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
-      with open(os.path.join(model_dir, TRAIN_CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
+          model_config, files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
+      files.write_atomic(files.join(model_dir, TRAIN_CONFIG_FILE),
+                         json.dumps(dataclasses.asdict(config), indent=1))
     evaluate = _Evaluator(config, eval_batches, program.eval_step, mesh, writer)
-    peak = config.peak_tflops_per_device or metrics_lib.measure_matmul_peak_tflops()
-    throughput = metrics_lib.Throughput(
-        tokens_per_step=config.batch_size * config.seq_len * k,
-        flops_per_token=metrics_lib.flops_per_token(model_config, config.seq_len),
-        num_devices=jax.device_count(), peak_tflops_per_device=peak)
-    writer.message(f"model {model_config.family} {model_config.num_params() / 1e6:.1f}M "
-                   f"params, mesh {partitioning.mesh_shape(mesh)}, {jax.process_count()} "
-                   f"process(es), steps {start}->{config.num_steps}, peak {peak:.3f} "
-                   "TFLOP/s/device")
+    device = mesh.devices.flat[0]
+    peak = mfu.peak_flops_per_device(device.device_kind, device.platform,
+                                     override_tflops=config.peak_tflops_per_device)
+    if peak is None:
+      logging.warning("no MFU: %r has no vendor peak in runtime/chips.py; set "
+                      "TrainConfig.peak_tflops_per_device", device.device_kind)
+    # Steps/s, tokens/s, TFLOP/s and MFU at each log step, timed from the first step's end.
+    report_progress = mfu.ReportThroughput(
+        num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every,
+        every_secs=None, tokens_per_step=config.batch_size * config.seq_len * k,
+        flops_per_token=mfu.flops_per_token(model_config, config.seq_len),
+        num_devices=mesh.devices.size, peak_flops_per_device=peak)
+    writer.write_hparams(metrics_lib.hparams(dataclasses.asdict(config)))
+    logging.info("model %s %.1fM params, mesh %s, %d process(es), steps %d->%d, peak %s "
+                 "TFLOP/s per device (%s)", model_config.family,
+                 model_config.num_params() / 1e6, partitioning.mesh_shape(mesh),
+                 jax.process_count(), start, config.num_steps,
+                 "?" if peak is None else f"{peak / 1e12:.3f}", device.device_kind)
 
     resumed = start if checkpointer.latest_step() is not None else None
     guard = _FiniteGuard(start * k, resumed, k, checkpointer.directory,
@@ -646,11 +695,13 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     losses: List[jax.Array] = []
     window: List[dict] = []
     eval_result, preempted, step = None, False, start
-    batches = train_batches(start * k)
+    batches = _open_batches(train_batches, model_dir, start, k, writer)
 
     def save(at: int):
       guard.check()
-      checkpointer.save(at, state)
+      with report_progress.timed("checkpoint", wait_jax_async_dispatch=False):
+        _save_input_position(batches, model_dir, at, checkpointer)
+        checkpointer.save(at, state)
       guard.saved(at)
 
     def next_batch(number: int) -> dict:
@@ -681,29 +732,31 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
         losses.append(micro_metrics["loss"])
         guard.flags.append(micro_metrics["finite"])
         window.append(micro_metrics)
+      if step == start:  # Compilation ends here: the progress clock starts after it.
+        jax.block_until_ready(step_metrics)
       step += n
-      throughput.step_done(step_metrics, steps=n)
       # A collective in multi-process runs: every process calls it once per step, in order.
       preempted = any([preemption.reached(s) for s in range(step - n + 1, step + 1)])
       if step % config.log_every == 0 or step == config.num_steps or preempted:
         guard.check()
-        fetched = jax.device_get(window)
+        fetched = jax.device_get(window)  # Waits for the steps: the progress report's clock.
         total = jax.tree.map(lambda *x: np.sum(x), *fetched)
         scalars = metrics_lib.mean_of(total, len(fetched))
         scalars["grad_norm"] = float(np.mean([m["grad_norm"] for m in fetched]))
         scalars["learning_rate"] = float(program.schedule(step - 1))
-        scalars.update(throughput.window_rates())
-        writer.write(step, scalars)
-        writer.progress(step, scalars, throughput.elapsed_s, throughput.timed_steps)
+        writer.write_scalars(step, {f"train/{name}": value for name, value in scalars.items()})
         window = []
+      for done in range(step - n + 1, step + 1):  # clu's actions expect every step number.
+        report_progress(done)
       if preempted:  # Logged above, so the metrics hold every step the checkpoint has.
         save(step)
         checkpointer.wait()
-        writer.message(f"preempted (SIGTERM): saved checkpoint at step {step} in "
-                       f"{checkpointer.directory}")
+        logging.warning("preempted (SIGTERM): saved checkpoint at step %d in %s", step,
+                        checkpointer.directory)
         break
       if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-        eval_result = evaluate(state["params"], step)
+        with report_progress.timed("eval", wait_jax_async_dispatch=False):
+          eval_result = evaluate(state["params"], step)
       if step % config.checkpoint_every == 0 or step == config.num_steps:
         save(step)
     if not preempted:

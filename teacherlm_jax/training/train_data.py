@@ -2,8 +2,11 @@
 
 `SeqioBatches` turns a task or mixture into packed global batches of numpy arrays
 {'tokens', 'targets', 'loss_weights', 'segment_ids', 'positions'} (each B x L). Batch number n
-is a pure function of (task, split, seed, n): the pipeline is rebuilt and skipped to n on
-resume, so a resumed run sees exactly the batches an uninterrupted run would.
+is a pure function of (task, split, seed, n), so a resumed run sees exactly the batches an
+uninterrupted run would. Resume is O(1) in the step: the iterator's `state()` (tf.data's own
+iterator checkpoint: shuffle buffers, mixture sampler, packer) is saved with each checkpoint and
+restored, instead of replaying every batch before it. A pipeline with Python state that tf.data
+cannot save (e.g. an HF tokenizer's numpy_function) has no state and is replayed.
 
 Tasks with an 'inputs' feature and a loss on targets only go through
 `seqio.PrefixLMFeatureConverter` (inputs then targets in one causal sequence, `seq_len` split
@@ -25,6 +28,7 @@ vocabulary (no trained vocabulary needed) for CPU tests and the tiny gin configs
 from __future__ import annotations
 
 import functools
+import json
 from typing import Dict, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -143,24 +147,95 @@ class SeqioBatches:
                            dataset_split=self.split, shuffle=self.shuffle,
                            num_epochs=None if self.repeat else 1, shard_info=shard_info,
                            seed=self.seed, batch_size=batch_size, verbose=False)
-    return ds.skip(start) if start else ds
+    options = tf.data.Options()
+    # Saving then fails loudly instead of silently dropping state that cannot be saved.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.FAIL
+    # A saved position restores only into the same graph: keep skip(0), which every run has.
+    options.experimental_optimization.noop_elimination = False
+    return ds.with_options(options).skip(start)
 
-  def __call__(self, start: int = 0) -> Iterator[Dict[str, np.ndarray]]:
-    """Batches number start, start+1, ...: this process's rows, as int32/float32 numpy."""
+  def description(self) -> dict:
+    """What fixes the batch sequence: a saved position only fits a pipeline that matches."""
+    return {"task": self.task.name, "split": self.split, "seq_len": self.seq_len,
+            "batch_size": self.batch_size, "feature_lengths": self.feature_lengths,
+            "converter": type(self.converter).__name__, "shuffle": self.shuffle,
+            "seed": self.seed, "repeat": self.repeat, "input_sharding": self.input_sharding,
+            "rows": list(self.rows), "process": [self.process_index, self.process_count]}
+
+  def __call__(self, start: int = 0, state: Optional[bytes] = None) -> "BatchIterator":
+    """Batches number start, start+1, ...: this process's rows, as int32/float32 numpy.
+
+    `state`: what `BatchIterator.state()` returned after batch start - 1 (O(1) resume);
+    without it the pipeline replays the first `start` batches.
+    """
     lo, hi = self.rows
     if self.input_sharding == "per_process":
       lo, hi = 0, hi - lo
-    for batch in self._dataset(start).as_numpy_iterator():
-      out = {}
-      for name, key in _RENAMES.items():
-        if name in batch:
-          out[key] = batch[name][lo:hi]
-      out["loss_weights"] = out["loss_weights"].astype(np.float32)
-      out["segment_ids"] = out["segment_ids"].astype(np.int32)
-      out["positions"] = out["positions"].astype(np.int32)
-      out["tokens"] = out["tokens"].astype(np.int32)
-      out["targets"] = out["targets"].astype(np.int32)
-      yield out
+    if state is None:
+      return BatchIterator(self._dataset(start), (lo, hi), self.description(), start)
+    header, payload = _split_state(state)
+    _check_description(header, self.description(), start)
+    # skip(0): the saved skip state has counted the batches it skipped already.
+    iterator = BatchIterator(self._dataset(0), (lo, hi), self.description(), start)
+    iterator.restore(payload)
+    return iterator
+
+
+class BatchIterator:
+  """Batches of a tf.data pipeline as numpy; `state()` says where it is, as bytes."""
+
+  def __init__(self, dataset: tf.data.Dataset, rows, description: dict, start: int):
+    self._iterator = iter(dataset)
+    self._rows = rows
+    self._description = description
+    self.position = start  # The number of the next batch.
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    lo, hi = self._rows
+    out = {}
+    for name, key in _RENAMES.items():
+      if name in batch:
+        out[key] = batch[name][lo:hi].numpy()
+    out["loss_weights"] = out["loss_weights"].astype(np.float32)
+    for key in ("segment_ids", "positions", "tokens", "targets"):
+      out[key] = out[key].astype(np.int32)
+    self.position += 1
+    return out
+
+  def state(self) -> Optional[bytes]:
+    """The position after the last batch returned; None when the pipeline holds state tf.data
+    cannot save (resume then replays)."""
+    try:
+      tensors = self._iterator._serialize_to_tensors()  # pylint: disable=protected-access
+    except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError):
+      return None
+    payload = tf.io.serialize_tensor(tensors["_STATE"]).numpy()
+    header = json.dumps({**self._description, "position": self.position}, sort_keys=True)
+    return header.encode("utf-8") + b"\n" + payload
+
+  def restore(self, payload: bytes) -> None:
+    state = tf.io.parse_tensor(payload, tf.variant)
+    self._iterator._restore_from_tensors({"_STATE": state})  # pylint: disable=protected-access
+
+
+def _split_state(state: bytes):
+  header, _, payload = state.partition(b"\n")
+  return json.loads(header.decode("utf-8")), payload
+
+
+def _check_description(saved: dict, current: dict, start: int) -> None:
+  """Refuses a saved position of another pipeline; the message names the differing field."""
+  if saved.get("position") != start:
+    raise ValueError(f"saved input position is batch {saved.get('position')}, but the run "
+                     f"resumes at batch {start}")
+  changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+  if changed:
+    raise ValueError(f"saved input position belongs to another input pipeline (field: "
+                     f"(saved, now)): {changed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +249,8 @@ def _flan_examples(data_dir: str, files: Sequence[str], validation_size: int):
   """TeacherLM CoT examples (data/tasks.py: prompt + trigger -> rationale) of FLAN files,
   leakage-filtered against the evaluation sets like every FLAN-derived task."""
   from teacherlm_jax.data import sources, tasks  # pylint: disable=g-import-not-at-top
-  sources.set_data_dir(data_dir)
-  examples = [tasks.teacher_example(r) for name in files for r in tasks.flan_records(name)]
+  with sources.using_data_dir(data_dir):
+    examples = [tasks.teacher_example(r) for name in files for r in tasks.flan_records(name)]
   inputs = [e["inputs"] for e in examples]
   targets = [e["targets"] for e in examples]
   return {"train": (inputs[validation_size:], targets[validation_size:]),

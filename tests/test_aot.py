@@ -1,0 +1,146 @@
+"""Every job compiles for real TPU topologies on this CPU host (libtpu's compiler, no TPU).
+
+The tiny pipeline's steps compile for v5e and v4 over an fsdp x tensor mesh; the paper-scale
+configs (slow) fit the HBM of their stated slices; a step that does not fit makes
+scripts/aot_compile.py exit non-zero and say by how much and what to change.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import gin
+import jax
+import jax.numpy as jnp
+import pytest
+
+from teacherlm_jax import cli
+from teacherlm_jax.pipeline import aot_steps
+from teacherlm_jax.runtime import aot
+from teacherlm_jax.runtime import chips
+from teacherlm_jax.runtime import partitioning
+from teacherlm_jax.runtime import topologies
+
+from conftest import REPO_ROOT
+
+FSDP_X_TENSOR = ["TrainConfig.mesh_fsdp = 2", "TrainConfig.mesh_tensor = 2",
+                 "annotate.mesh_shape = (1, 2, 2)", "evaluate.mesh_shape = (1, 2, 2)",
+                 "evaluate.max_length = 256"]
+
+
+@pytest.fixture
+def gin_config():
+  """Parses gin files and bindings for one test; the global config is cleared after it."""
+  def parse(files, bindings=()):
+    gin.clear_config()
+    cli.parse([str(REPO_ROOT / f) for f in files], bindings)
+  yield parse
+  gin.clear_config()
+
+
+def test_slice_names_map_to_topologies_with_one_device_per_chip():
+  assert len(topologies.devices("v5e-16")) == 16
+  assert len(topologies.devices("v4-8")) == 4  # Megacore: 4 chips, 8 TensorCores.
+  assert len(topologies.devices("v5p-8")) == 4
+  # A host's chips compile as a topology of their own (a v5e host is a 2x2 of the 4x4).
+  assert topologies.host_topology("v5e-16") == "v5e:2x2"
+  assert len(topologies.host_devices("v5e-16")) == 4
+  assert topologies.host_topology("v5p-8") == "v5p:2x2x1"
+  assert topologies.by_name("v6e-8").chip.peak_bf16_flops == chips.by_name("v6e").peak_bf16_flops
+  with pytest.raises(ValueError, match="unknown TPU slice.*v5e-16"):
+    topologies.by_name("v9x-8")
+
+
+def test_tpu_and_cuda_extras_pin_the_jax_this_project_runs():
+  setup = (REPO_ROOT / "setup.py").read_text()
+  [version] = re.findall(r'^JAX_VERSION = "([^"]+)"', setup, re.MULTILINE)
+  assert version == jax.__version__, "setup.py's JAX_VERSION is not the installed jax"
+  assert '"tpu": [f"jax[tpu]=={JAX_VERSION}"]' in setup
+  assert '"cuda": [f"jax[cuda12]=={JAX_VERSION}"]' in setup
+  assert '".[hf,test,tpu]"' in (REPO_ROOT / ".ci" / "run").read_text()
+
+
+def test_record_hbm_is_arguments_outputs_temporaries_less_aliased():
+  mesh = partitioning.make_mesh(1, 2, 2, devices=topologies.devices("v5e:2x2"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32, sharding=sharding)
+  lowered = jax.jit(lambda a: (a @ a.T) * 2.0, donate_argnums=0).lower(x)
+  record = aot.compile_step("matmul", lowered, "v5e:2x2", mesh)
+  memory = lowered.compile().memory_analysis()
+  assert record["hbm_bytes_per_device"] == (
+      memory.argument_size_in_bytes + memory.output_size_in_bytes
+      + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  assert record["fits"] and record["devices"] == 4
+  assert record["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  # 2 * 1024^3 FLOPs of the product, split over 4 devices.
+  assert record["flops_per_device"] == pytest.approx(2 * 1024**3 / 4, rel=0.05)
+  estimate = aot.estimate(record)
+  assert 0 < estimate["mfu"] <= 1 and estimate["step_s"] > 0
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v4:2x2x1"])
+def test_tiny_pipeline_steps_compile_for_tpu_over_fsdp_and_tensor(gin_config, topology):
+  gin_config(["gin/pipeline_tiny.gin"], FSDP_X_TENSOR)
+  records = aot_steps.compile_steps(topology)
+  assert [r["step"] for r in records] == ["teacher_train", "student_train", "annotate_prefill",
+                                          "annotate_decode", "eval_score"]
+  capacity = topologies.by_name(topology).chip.hbm_bytes
+  for record in records:
+    assert record["topology"] == topology and record["devices"] == 4
+    assert record["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert 0 < record["hbm_bytes_per_device"] < capacity and record["fits"]
+    assert record["hbm_capacity_bytes"] == capacity
+    assert record["flops_per_device"] > 0 and record["compile_s"] > 0
+    assert set(record) >= {"step", "topology", "devices", "mesh", "hbm_bytes_per_device",
+                           "hbm_capacity_bytes", "fits", "flops_per_device", "compile_s"}
+
+
+def _aot_compile(*args, timeout=1200):
+  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+  return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "aot_compile.py"), *args],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_oversized_batch_exits_non_zero_saying_what_to_change(tmp_path):
+  output = tmp_path / "aot.json"
+  result = _aot_compile("--gin_file=gin/pipeline_tiny.gin", "--topology=v5e:2x2",
+                        f"--output={output}", "--steps=teacher_train",
+                        "--gin.TrainConfig.mesh_fsdp=2", "--gin.TrainConfig.mesh_tensor=2",
+                        "--gin.teacher/TrainConfig.batch_size=65536")
+  assert result.returncode != 0
+  assert ("teacher train step needs " in result.stderr
+          and " GiB of 16 GiB per chip on v5e:2x2: raise teacher/TrainConfig.mesh_fsdp, use "
+          "teacher/TrainConfig.remat='full' or lower teacher/TrainConfig.batch_size"
+          in result.stderr), result.stderr[-2000:]
+  [record] = json.loads(output.read_text())
+  assert record["fits"] is False and record["hbm_bytes_per_device"] > 16 * chips.GiB
+
+
+def test_a_step_the_config_lacks_is_named(gin_config):
+  gin_config(["gin/pipeline_tiny.gin"], FSDP_X_TENSOR)
+  with pytest.raises(ValueError, match=r"\['decode'\] are not steps of this config"):
+    aot_steps.steps("v5e:2x2", ["decode"])
+
+
+@pytest.mark.slow
+def test_7b1_pipeline_fits_v5e_16(tmp_path):
+  output = tmp_path / "aot.json"
+  result = _aot_compile("--gin_file=gin/pipeline_teacherlm_7b1_tpu.gin", "--topology=v5e-16",
+                        f"--output={output}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = json.loads(output.read_text())
+  assert [r["step"] for r in records] == ["teacher_train", "student_train", "annotate_prefill",
+                                          "annotate_decode", "eval_score"]
+  assert all(r["fits"] for r in records), records
+
+
+@pytest.mark.slow
+def test_bloom176b_annotation_fits_v5p_8(tmp_path):
+  output = tmp_path / "aot.json"
+  result = _aot_compile("--gin_file=gin/annotate_bloom176b_tpu.gin", "--topology=v5p-8",
+                        f"--output={output}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = json.loads(output.read_text())
+  assert [r["step"] for r in records] == ["annotate_prefill", "annotate_decode"]
+  assert all(r["fits"] for r in records), records

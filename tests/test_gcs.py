@@ -1,0 +1,226 @@
+"""Runs on gs:// against a real GCS API server on 127.0.0.1 (tests/gcs_emulator.py).
+
+Two training processes write checkpoints to gs://, are killed with -9 and resume to the
+parameters of an uninterrupted run; an annotation run reading and writing gs:// is killed with
+-9 at several moments and resumed, and holds every id exactly once with the uninterrupted run's
+texts; no local folder named 'gs:' appears anywhere.
+"""
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from teacherlm_jax.annotation import io as annotation_io
+from teacherlm_jax.storage import files
+from teacherlm_jax.training import train
+from teacherlm_jax.training import train_data
+
+# The tiny teacher, input records and uninterrupted reference annotation of test_annotate.py.
+from test_annotate import MAX_NEW_TOKENS, NUM_RECORDS, SETTINGS, _same_annotations  # pylint: disable=g-bad-import-order
+from test_annotate import creak_rows, reference, workdir  # pylint: disable=unused-import  (fixtures)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def flan_data():
+  from conftest import data_dir
+  if not data_dir().is_dir():
+    pytest.skip(f"real data directory {data_dir()} is absent (set TEACHERLM_DATA_DIR)")
+  return data_dir()
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _no_local_gs_folder(*roots: pathlib.Path) -> None:
+  for root in roots:
+    assert not (root / "gs:").exists(), f"a local folder {root / 'gs:'} was created"
+
+
+def _train_config(data_dir, **changes):
+  base = dict(model="tiny-bloom", train_task=train_data.FLAN_COT_BYTES_TASK, eval_batches=0,
+              data_dir=str(data_dir), seq_len=64, batch_size=8, learning_rate=3e-3,
+              schedule="constant", num_steps=16, log_every=1, checkpoint_every=4,
+              keep_checkpoints=100, mesh_data=1, mesh_fsdp=4, mesh_tensor=2,
+              peak_tflops_per_device=1.0, tensorboard=False)
+  return train.TrainConfig(**{**base, **changes})
+
+
+def _launch_training(config, model_dir, log_path, process_id, port, emulator):
+  bindings = [f"--gin_bindings=TrainConfig.{f.name} = {getattr(config, f.name)!r}"
+              for f in dataclasses.fields(config)]
+  env = {**os.environ, **emulator.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  with open(log_path, "w") as log:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "train.py"), f"--model_dir={model_dir}",
+         *bindings, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={process_id}"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
+
+
+def _two_processes(config, model_dir, tmp_path, emulator, name):
+  port = _free_port()
+  logs = [tmp_path / f"{name}_{i}.log" for i in range(2)]
+  return [_launch_training(config, model_dir, logs[i], i, port, emulator)
+          for i in range(2)], logs
+
+
+def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
+    flan_data, gcs_emulator, gcs_dir, tmp_path):
+  config = _train_config(flan_data)
+  reference = train.train(config.replace(mesh_fsdp=8, mesh_tensor=1), str(tmp_path / "local"))
+  model_dir = f"{gcs_dir}/run"
+  processes, logs = _two_processes(config, model_dir, tmp_path, gcs_emulator, "first")
+  committed = f"{model_dir}/checkpoints/4/commit_success.txt"  # orbax's mark of a whole step.
+  deadline = time.time() + 900
+  try:
+    while not files.exists(committed):
+      assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
+      assert time.time() < deadline, "no checkpoint committed to gs:// in time"
+      time.sleep(0.1)
+  finally:
+    for process in processes:
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+  assert "step 16/16" not in logs[0].read_text(), "finished before the kill"
+
+  processes, logs = _two_processes(config, model_dir, tmp_path, gcs_emulator, "resumed")
+  try:
+    for process, log in zip(processes, logs):
+      assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
+  finally:
+    for process in processes:  # None left behind when a wait times out.
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  log = logs[0].read_text()
+  assert "resuming from gs://" in log
+  assert "input: continuing from the position saved at step" in log  # Not replayed.
+  assert files.exists(f"{model_dir}/input_position/16/process-00001-of-00002.bin")
+
+  finished = train.train(config.replace(mesh_fsdp=8, mesh_tensor=1), model_dir)
+  assert finished["start_step"] == 16
+  # gloo sums gradients in another order than one process (see test_train_multiprocess.py).
+  for a, b in zip(jax.tree.leaves(finished["state"]["params"]),
+                  jax.tree.leaves(reference["state"]["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=5e-5)
+  _no_local_gs_folder(REPO, tmp_path, pathlib.Path.cwd())
+
+
+def _annotate_on_gs(teacher, input_uri, output, *extra):
+  bindings = [f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}"] + [
+      f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
+  return subprocess.Popen(
+      [sys.executable, str(REPO / "scripts" / "annotate.py"), "--gin_file=gin/annotate.gin",
+       f"--model_dir={teacher}", f"--input={input_uri}", f"--output={output}", *bindings,
+       *extra],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _committed_chunks(shard) -> int:
+  return len((annotation_io.read_manifest(shard) or {}).get("chunks", []))
+
+
+def test_annotation_on_gs_killed_at_several_moments_holds_each_id_once(
+    workdir, reference, gcs_emulator, gcs_dir, tmp_path):
+  _, teacher, records = workdir
+  input_uri = f"{gcs_dir}/data/records.jsonl"
+  files.upload(records, input_uri)
+  output = f"{gcs_dir}/annotations"
+  shard = annotation_io.shard_dir(output, 0, 1)
+  # Kill once at start-up, then after 1, 3 and 5 committed chunks (of 8), resuming each time.
+  for kill_after_chunks in (0, 1, 3, 5):
+    process = _annotate_on_gs(teacher, input_uri, output, "--resume")
+    deadline = time.time() + 300
+    while _committed_chunks(shard) < kill_after_chunks or (
+        kill_after_chunks == 0 and time.time() < deadline - 295):
+      assert process.poll() is None, process.stdout.read()[-3000:]
+      assert time.time() < deadline, f"{kill_after_chunks} chunks not committed in time"
+      time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (annotation_io.read_manifest(shard) or {"complete": False})["complete"]
+  # A chunk that a killed worker wrote but never committed (a repeat of committed records).
+  committed = list(annotation_io.iter_shard_records(shard))
+  assert 5 <= len(committed) // SETTINGS["chunk_size"] < NUM_RECORDS // SETTINGS["chunk_size"]
+  stray = f"{shard}/chunk-{_committed_chunks(shard):06d}-deadbeef.jsonl"
+  files.write_atomic(stray, "".join(json.dumps(r) + "\n" for r in committed[:2]))
+
+  process = _annotate_on_gs(teacher, input_uri, output, "--resume")
+  out, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, out[-3000:]
+  assert f'"skipped_already_committed": {len(committed)}' in out
+  assert not files.exists(stray)  # Ignored, then deleted.
+  merge = subprocess.run(
+      [sys.executable, "scripts/annotate.py", "--merge", f"--output={output}",
+       "--merge_wait_s=60"], cwd=REPO, capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert merge.returncode == 0, merge.stderr[-3000:]
+  merged = annotation_io.read_jsonl(f"{output}/merged.jsonl")
+  assert len(merged) == NUM_RECORDS == len({r["id"] for r in merged})
+  _same_annotations(merged, reference[1])
+  _no_local_gs_folder(REPO, tmp_path, pathlib.Path.cwd())
+
+
+def test_merge_waits_for_every_shard_then_names_the_missing_ones(gcs_emulator, gcs_dir):
+  output = f"{gcs_dir}/annotations"
+  writers = [annotation_io.ShardWriter(output, i, 2, {"run": 1}, resume=False) for i in range(2)]
+  writers[0].commit([{"id": "a", "input_index": 0}])
+  writers[0].finish({})
+  with pytest.raises(TimeoutError, match=r"still running or killed: \['shard 1 of 2'\]"):
+    annotation_io.merge(output, f"{output}/merged.jsonl", wait_s=1)
+  writers[1].commit([{"id": "b", "input_index": 1}])
+  writers[1].finish({})
+  assert annotation_io.merge(output, f"{output}/merged.jsonl", wait_s=1) == 2
+
+
+# The pipeline shrunk as tests/test_pipeline.py shrinks it (a teacher that writes some text).
+PIPELINE_SHRUNKEN = [
+    "--gin.PipelineConfig.seeds=(0,)",
+    "--gin.PipelineConfig.synthetic_sizes={'eval': 20, 'teacher': 150, 'student': 12}",
+    "--gin.teacher/TrainConfig.num_steps=100",
+    "--gin.student/TrainConfig.num_steps=6",
+    "--gin.TrainConfig.checkpoint_every=50",
+    "--gin.TrainConfig.batch_size=8",
+    "--gin.TrainConfig.seq_len=128",
+    "--gin.TrainConfig.tensorboard=False",
+    "--gin.SamplingConfig.max_new_tokens=24",
+    "--gin.annotate.chunk_size=4",
+]
+
+
+@pytest.mark.skip(reason="not passing yet: its shrunken bindings and report keys predate the "
+                  "creatures task and its four arms (issue #28 stays open)")
+def test_pipeline_runs_to_its_report_on_gs(gcs_emulator, gcs_dir, tmp_path):
+  experiment = f"{gcs_dir}/exp"
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, str(REPO / "scripts" / "pipeline.py"), "--gin_file=gin/pipeline_tiny.gin",
+       f"--experiment_dir={experiment}", *PIPELINE_SHRUNKEN],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-4000:]
+  report = json.loads(files.read_text(f"{experiment}/report/report.json"))
+  for variant in ("original", "annotated"):
+    assert len(report["accuracy"][variant]["synthetic_eval"]) == 1
+  assert files.read_bytes(f"{experiment}/report/loss.png")[:4] == b"\x89PNG"
+  annotated = annotation_io.read_jsonl(f"{experiment}/annotations/annotations.jsonl")
+  students = annotation_io.read_jsonl(f"{experiment}/data/student.jsonl")
+  assert [r["id"] for r in annotated] == [r["id"] for r in students]  # Each once, in order.
+  assert files.exists(f"{experiment}/teacher/checkpoints/100/commit_success.txt")
+  _no_local_gs_folder(REPO, tmp_path)
