@@ -36,7 +36,6 @@ from absl import logging
 from teacherlm_jax.annotation import decoding
 from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.annotation import quality as annotation_quality
-from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.data import prompts
 from teacherlm_jax.data import sources
 from teacherlm_jax.data import vocab
@@ -52,72 +51,52 @@ ANNOTATION_KINDS = prompts.ANNOTATION_KINDS
 
 # ---- tokenizers --------------------------------------------------------------------------
 
-class HFTokenizer:
-  """An HF tokenizer from a local directory (the one saved with an HF checkpoint).
+class Tokenizer:
+  """The annotation job's view of a `data/vocab.py` vocabulary (HF or SentencePiece).
 
-  `add_special_tokens=True` tokenises as `tokenizer(prompt)` does before `generate` in the
-  reference (BLOOM adds nothing, OPT prepends its BOS).
+  An HF tokenizer tokenises a prompt as `tokenizer(prompt)` does before `generate` in the
+  reference (`add_special_tokens=True`: BLOOM adds nothing, OPT prepends its BOS) and decodes
+  without special tokens; its pad id is the tokenizer's own (None falls back to the model's).
   """
 
-  def __init__(self, directory, add_special_tokens: bool = True):
-    self.tokenizer = hf_tokenizers.load(directory)
+  def __init__(self, vocabulary, name: str, add_special_tokens: bool = True):
+    self.vocabulary, self.name = vocabulary, name
     self.add_special_tokens = add_special_tokens
-    self.name = f"hf:{directory}"
+    self._hf = isinstance(vocabulary, vocab.HFTokenizerVocabulary)
 
   def encode(self, text: str) -> List[int]:
-    return list(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens))
-
-  @property
-  def size(self) -> int:
-    return len(self.tokenizer)  # Added tokens included: the ids a text can get.
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-  @property
-  def eos_id(self) -> Optional[int]:
-    return self.tokenizer.eos_token_id
-
-
-  @property
-  def pad_id(self) -> Optional[int]:
-    return self.tokenizer.pad_token_id
-
-
-class SeqioTokenizer:
-  """Any `seqio.Vocabulary` (e.g. SentencePiece from `data/vocab.py`)."""
-
-  def __init__(self, vocabulary, name: str = ""):
-    self.vocabulary, self.name = vocabulary, name or repr(vocabulary)
-
-  def encode(self, text: str) -> List[int]:
+    if self._hf:
+      return self.vocabulary.encode_prompt(text, self.add_special_tokens)
     return list(self.vocabulary.encode(text))
 
   @property
   def size(self) -> int:
-    return self.vocabulary.vocab_size
+    return self.vocabulary.vocab_size  # HF: added tokens included, the ids a text can get.
 
   def decode(self, ids: Sequence[int]) -> str:
+    if self._hf:
+      return self.vocabulary.decode_text(ids)
     return self.vocabulary.decode([int(i) for i in ids])
 
   @property
   def eos_id(self) -> Optional[int]:
     return self.vocabulary.eos_id
 
-
   @property
   def pad_id(self) -> Optional[int]:
+    if self._hf:
+      return self.vocabulary.tokenizer.pad_token_id
     return self.vocabulary.pad_id
 
 
-def load_tokenizer(spec: str, add_special_tokens: bool = True):
-  """'hf:<dir>' (or a plain directory) -> HFTokenizer; 'spm:<model>' -> SeqioTokenizer."""
-  kind, sep, path = spec.partition(":")
-  if sep and kind == "spm":
-    from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
-    return SeqioTokenizer(vocab.get_vocabulary(spec), name=spec)
-  return HFTokenizer(files.local_copy(path if sep and kind == "hf" else spec),
-                     add_special_tokens)
+def load_tokenizer(spec: str, add_special_tokens: bool = True) -> Tokenizer:
+  """'hf:<dir>' (or a plain directory) or 'spm:<model>', through `vocab.get_vocabulary`."""
+  kind, sep, _ = spec.partition(":")
+  if not (sep and kind in ("hf", "spm")):
+    spec = f"hf:{spec}"
+  vocabulary = vocab.get_vocabulary(spec)
+  name = f"hf:{vocabulary.tokenizer_dir}" if spec.startswith("hf:") else spec
+  return Tokenizer(vocabulary, name, add_special_tokens)
 
 
 # ---- prompts -----------------------------------------------------------------------------

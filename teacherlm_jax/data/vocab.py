@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 import gin
 import numpy as np
@@ -84,6 +84,15 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
 
   def _decode(self, ids: Iterable[int]) -> str:
     return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+  def encode_prompt(self, text: str, add_special_tokens: bool = True) -> List[int]:
+    """`text` as `tokenizer(text)` tokenises a prompt before `generate` (the reference's
+    annotation: BLOOM adds nothing, OPT prepends its BOS)."""
+    return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+  def decode_text(self, ids: Iterable[int]) -> str:
+    """`ids` as text with every special token left out (what an annotation keeps)."""
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
     # Load in this (tracing) thread: a first `transformers` import inside tf.data's parallel
