@@ -78,11 +78,13 @@ def check_and_save(config, model_config: ModelConfig, vocabulary, model_dir: str
           f"{checkpoint_vocab.spec_path(source_spec)} of the checkpoint {source}. {fix}")
     checkpoint_vocab.check_same(data_spec, source_spec, data_what=f"train task {task_name!r}",
                                 checkpoint=source, fix=fix)
-  # Its size is checked by train_data.check_vocabulary; its special ids must be the model's.
-  checkpoint_vocab.check_special_ids(
-      str(checkpoint_vocab.spec_path(data_spec)) if data_spec else repr(vocabulary),
-      checkpoint_vocab.tokenizer_special_ids(vocabulary), model_name,
-      checkpoint_vocab.model_special_ids(model_config))
+  # Its size is checked by train_data.check_vocabulary; a pretrained model's special ids must
+  # be the data's (random weights learn whatever ids the data has).
+  if source:
+    checkpoint_vocab.check_special_ids(
+        str(checkpoint_vocab.spec_path(data_spec)) if data_spec else repr(vocabulary),
+        checkpoint_vocab.tokenizer_special_ids(vocabulary), model_name,
+        checkpoint_vocab.model_special_ids(model_config))
   if write and data_spec is not None:
     checkpoint_vocab.save_tokenizer(data_spec, model_dir)
   return data_spec
