@@ -34,7 +34,11 @@ SHRUNKEN = [
     "TrainConfig.mesh_devices = 1",
     "SamplingConfig.max_new_tokens = 8",
     "annotate.num_slots = 8",
-]
+] + [  # One optimizer for the teacher stages: they then share one compiled train step.
+    f"{scope}/TrainConfig.{name} = {value}"
+    for scope in ("teacher_multitask", "teacher", "teacher_specialist")
+    for name, value in (("learning_rate", "1e-3"), ("schedule", "'constant'"),
+                        ("warmup_steps", "0"))]
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,8 @@ TEACHER_SCOPES = {"multitask": "teacher_multitask", "personalise": "teacher",
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """What the pipeline runs (stage hyper-parameters live in the scoped TrainConfigs:
-  `teacher/TrainConfig.*` and `student/TrainConfig.*`, and in `annotate.*`).
+  `teacher_multitask/`, `teacher/`, `teacher_specialist/` and `student/TrainConfig.*`, and in
+  `annotate.*`).
 
   Attributes:
     dataset: 'synthetic' or 'creak'.
