@@ -42,7 +42,7 @@ def main(argv, gin_bindings=()):
   from teacherlm_jax.data import mixtures, sources, tasks, vocab
   from teacherlm_jax.evaluation import evaluate
   import jax
-  from teacherlm_jax.models import checkpoint_io
+  from teacherlm_jax.models import checkpoint_io, checkpoint_vocab
   from teacherlm_jax.models import reconfigure
   from teacherlm_jax.runtime import kernels
 
@@ -53,10 +53,13 @@ def main(argv, gin_bindings=()):
     tasks.set_on_bad_row("skip")
   if _VOCABULARY.value:
     vocabulary = vocab.get_vocabulary(_VOCABULARY.value)
-  elif checkpoint_io.is_hf_directory(_CHECKPOINT.value) or _TOKENIZER.value:
-    vocabulary = vocab.HFTokenizerVocabulary(_TOKENIZER.value or _CHECKPOINT.value)
+  elif _TOKENIZER.value:
+    vocabulary = vocab.HFTokenizerVocabulary(_TOKENIZER.value)
+  elif checkpoint_vocab.tokenizer_spec(_CHECKPOINT.value):
+    # The checkpoint's own tokenizer: an HF directory's, or the one our trainer saved.
+    vocabulary = vocab.get_vocabulary(checkpoint_vocab.tokenizer_spec(_CHECKPOINT.value))
   else:
-    raise app.UsageError(f"{_CHECKPOINT.value} is not an HF directory: pass --vocabulary")
+    raise app.UsageError(f"{_CHECKPOINT.value} has no tokenizer beside it: pass --vocabulary")
   mixtures.register_all(vocabulary)
   logging.info("loading %s", _CHECKPOINT.value)
   model = checkpoint_io.load_any(_CHECKPOINT.value, dtype=_DTYPE.value)

@@ -5,11 +5,16 @@ r"""Runs the whole TeacherLM pipeline in one experiment directory.
   # Real data (CREAK + FLAN CoT from ../shared/data or $TEACHERLM_DATA_DIR):
   python scripts/pipeline.py --gin_file=gin/pipeline_creak.gin --experiment_dir=/tmp/creak
 
-Stages: data -> vocabulary -> teacher SFT -> annotation -> students (original,
-teacher_annotated, oracle, shuffled; one per arm and seed) -> evaluation -> report. Rerunning
-with the same --experiment_dir skips finished stages and resumes the unfinished one. The
-comparison and Δ tables are printed at the end and written to
-{experiment_dir}/report/report.md (with report.json and plots); docs/results.md explains them.
+  # The paper's recipe on pretrained checkpoints (three-stage teacher, students with their own
+  # tokenizers): gin/pipeline_pretrained_tiny.gin, gin/pipeline_teacherlm_7b1_tpu.gin.
+
+Stages: data -> vocabulary (only for a teacher from random weights) -> teacher (up to three
+stages: multi-task, the annotation kinds, one specialist per kind) -> annotation -> students
+(original, teacher_annotated, oracle, shuffled; one per arm and seed, and per pretrained
+student checkpoint) -> evaluation -> report. Rerunning with the same --experiment_dir skips
+finished stages and resumes the unfinished one. The comparison and Δ tables are printed at the
+end and written to {experiment_dir}/report/report.md (with report.json and plots; one report per
+pretrained student); docs/results.md explains them.
 """
 import os
 

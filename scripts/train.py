@@ -2,10 +2,13 @@ r"""Trains a model: teacher specialisations, multi-stage SFT, or a student (one 
 
   python scripts/train.py --gin_file=gin/teacher_sft_tiny.gin --model_dir=/tmp/teacher \
       --gin.TrainConfig.num_steps=200
-  # A student on an annotation run's output (the mixture's dataset and vocabulary from gin):
-  python scripts/train.py --gin_file=gin/student.gin --input=/tmp/annotations \
-      --model_dir=/tmp/student --gin.student_input_mixture.dataset="'creak'" \
-      --gin.get_vocabulary.spec="'hf:/ckpt/opt-1.3b'" --mesh=1,-1,1
+  # A pretrained student on an annotation run's output, tokenised with the student
+  # checkpoint's own tokenizer (the original:annotated rates and QC action from gin):
+  python scripts/train.py --gin_file=gin/students/opt_1.3b.gin --input=/tmp/annotations \
+      --model_dir=/tmp/student --gin.TrainConfig.init_hf_checkpoint="'/ckpt/opt-1.3b'" \
+      --gin.student_input_mixture.fmt="'CMF'" --gin.student_input_mixture.qc_action="'skip'"
+  # A student from random weights takes its vocabulary from gin instead:
+  #   --gin.get_vocabulary.spec="'hf:/ckpt/opt-1.3b'"
 
 Re-running with the same --model_dir resumes from its latest checkpoint. SIGTERM saves a
 checkpoint at the current step and exits 0. Multi-host: pass --coordinator_address,
@@ -47,10 +50,16 @@ def main(argv, gin_bindings=()):
   cli.initialize_distributed()
   from teacherlm_jax.training import train  # Registers TrainConfig before gin parses.
   configure(gin_bindings)
+  config = train.TrainConfig()
   if _INPUT.value:
     from teacherlm_jax.data import mixtures  # pylint: disable=g-import-not-at-top
-    mixtures.student_input_mixture(_INPUT.value)
-  result = train.train(train.TrainConfig(), _MODEL_DIR.value)
+    from teacherlm_jax.training import stage_vocab  # pylint: disable=g-import-not-at-top
+    # The student's data is tokenised with its checkpoint's tokenizer unless gin names one.
+    vocabulary = (None if cli.is_bound("student_input_mixture.vocabulary")
+                  else stage_vocab.data_vocabulary(config))
+    mixtures.student_input_mixture(_INPUT.value, **(
+        {"vocabulary": vocabulary} if vocabulary is not None else {}))
+  result = train.train(config, _MODEL_DIR.value)
   status = "preempted" if result["preempted"] else "done"
   logging.info("%s: step %d in %s", status, result["step"], _MODEL_DIR.value)
 

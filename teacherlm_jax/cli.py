@@ -99,6 +99,16 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     raise app.UsageError(gin_error_message(e, gin_files)) from e
 
 
+def is_bound(name: str) -> bool:
+  """Whether the parsed gin configuration binds `name` ('configurable.parameter')."""
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    gin.query_parameter(name)
+  except ValueError:
+    return False
+  return True
+
+
 def gin_error_message(error: Exception, gin_files: Sequence[str] = ()) -> str:
   """One line for a gin parse error: what is wrong, with which binding, where, and the
   nearest known name, e.g. "gin: unknown binding 'TrainConfig.lr' in --gin_file=gin/x.gin

@@ -76,8 +76,10 @@ def reference(workdir):
 
 def _script(workdir, output, *extra):
   _, teacher, records = workdir
+  # Greedy, as the in-process runs these are compared with (gin/annotate.gin samples).
   bindings = [f"--gin.annotate.teachers='{teacher}'",
-              f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}"] + [
+              f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}",
+              "--gin.SamplingConfig.temperature=0.0", "--gin.SamplingConfig.top_k=0"] + [
       f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen(
@@ -315,13 +317,16 @@ def test_annotates_a_seqio_task_like_the_jsonl_of_its_records(workdir, shared_da
       annotate.annotate(source, root / "bad_source", **settings)
 
 
-def test_seqio_vocabulary_and_hf_tokenizer_agree(workdir, creak_rows):
+def test_annotation_tokenizer_is_the_seqio_vocabulary(workdir, creak_rows):
   _, teacher, _ = workdir
-  hf_tokenizer = annotate.load_tokenizer(f"hf:{teacher}", add_special_tokens=False)
-  seqio_tokenizer = annotate.SeqioTokenizer(vocab.HFTokenizerVocabulary(str(teacher)))
+  tokenizer = annotate.load_tokenizer(f"hf:{teacher}", add_special_tokens=False)
+  vocabulary = vocab.get_vocabulary(f"hf:{teacher}")
+  assert tokenizer.vocabulary is vocabulary  # One HF tokenizer adapter: data/vocab.py's.
   text = annotate.teacher_prompt(creak_rows[5], "fundamentals", question_field="question",
                                  answer_field="answer", options_field=None)
-  ids = hf_tokenizer.encode(text)
-  assert seqio_tokenizer.encode(text) == ids
-  assert seqio_tokenizer.decode(ids) == hf_tokenizer.decode(ids) == text
-  assert seqio_tokenizer.eos_id == hf_tokenizer.eos_id == 2
+  ids = tokenizer.encode(text)
+  assert vocabulary.encode(text) == ids
+  assert vocabulary.decode(ids) == tokenizer.decode(ids) == text
+  # Special tokens are left out of an annotation's text, and the eos id is the tokenizer's.
+  assert tokenizer.decode(ids + [tokenizer.eos_id]) == text
+  assert vocabulary.eos_id == tokenizer.eos_id == 2

@@ -43,7 +43,9 @@ def vocabulary(mmlu_rows, tmp_path_factory):
 def peers(request, vocabulary, tmp_path_factory):
   """(torch model, our imported model) with the same random weights."""
   directory = tmp_path_factory.mktemp(request.param)
-  overrides = {"vocab_size": vocabulary.vocab_size}
+  # The model's special ids are its tokenizer's (evaluate() checks that they agree).
+  overrides = {"vocab_size": vocabulary.vocab_size, "pad_token_id": vocabulary.pad_id,
+               "eos_token_id": vocabulary.eos_id, "bos_token_id": vocabulary.bos_id}
   if request.param == "opt":
     overrides["max_position_embeddings"] = 2048
   torch_model = hf_peers.make_hf_model(request.param, directory, **overrides)

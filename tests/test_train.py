@@ -181,7 +181,9 @@ def test_loss_mask_targets_only_or_every_token(shared_data):
   get = lambda loss_on: next(train_data.SeqioBatches(task, "train", SEQ_LEN, 2, loss_on=loss_on,
                                                      seed=3)(0))
   targets_only, every_token = get("targets"), get("all")
-  np.testing.assert_array_equal(targets_only["tokens"], every_token["tokens"])
+  # Every token: inputs and targets are one text whose last SEQ_LEN tokens are kept (the
+  # reference's students); targets only: PrefixLM, SEQ_LEN split between the two.
+  assert not np.array_equal(targets_only["tokens"], every_token["tokens"])
   real = every_token["segment_ids"] > 0
   np.testing.assert_array_equal(every_token["loss_weights"] > 0, real)
   assert 0 < targets_only["loss_weights"].sum() < every_token["loss_weights"].sum()

@@ -36,11 +36,11 @@ from absl import logging
 from teacherlm_jax.annotation import decoding
 from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.annotation import quality as annotation_quality
-from teacherlm_jax.data import hf_tokenizers
 from teacherlm_jax.data import prompts
 from teacherlm_jax.data import sources
 from teacherlm_jax.data import vocab
 from teacherlm_jax.models import checkpoint_io
+from teacherlm_jax.models import checkpoint_vocab
 from teacherlm_jax.models import reconfigure
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
@@ -51,51 +51,31 @@ ANNOTATION_KINDS = prompts.ANNOTATION_KINDS
 
 # ---- tokenizers --------------------------------------------------------------------------
 
-class HFTokenizer:
-  """An HF tokenizer from a local directory (the one saved with an HF checkpoint).
+class Tokenizer:
+  """The annotation job's view of a `data/vocab.py` vocabulary (HF or SentencePiece).
 
-  `add_special_tokens=True` tokenises as `tokenizer(prompt)` does before `generate` in the
-  reference (BLOOM adds nothing, OPT prepends its BOS).
+  An HF tokenizer tokenises a prompt as `tokenizer(prompt)` does before `generate` in the
+  reference (`add_special_tokens=True`: BLOOM adds nothing, OPT prepends its BOS) and decodes
+  without special tokens; its pad id is the tokenizer's own (None falls back to the model's).
   """
 
-  def __init__(self, directory, add_special_tokens: bool = True):
-    self.tokenizer = hf_tokenizers.load(directory)
+  def __init__(self, vocabulary, name: str, add_special_tokens: bool = True):
+    self.vocabulary, self.name = vocabulary, name
     self.add_special_tokens = add_special_tokens
-    self.name = f"hf:{directory}"
+    self._hf = isinstance(vocabulary, vocab.HFTokenizerVocabulary)
 
   def encode(self, text: str) -> List[int]:
-    return list(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens))
-
-  @property
-  def size(self) -> int:
-    return len(self.tokenizer)  # Added tokens included: the ids a text can get.
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-  @property
-  def eos_id(self) -> Optional[int]:
-    return self.tokenizer.eos_token_id
-
-  @property
-  def pad_id(self) -> Optional[int]:
-    return self.tokenizer.pad_token_id
-
-
-class SeqioTokenizer:
-  """Any `seqio.Vocabulary` (e.g. SentencePiece from `data/vocab.py`)."""
-
-  def __init__(self, vocabulary, name: str = ""):
-    self.vocabulary, self.name = vocabulary, name or repr(vocabulary)
-
-  def encode(self, text: str) -> List[int]:
+    if self._hf:
+      return self.vocabulary.encode_prompt(text, self.add_special_tokens)
     return list(self.vocabulary.encode(text))
 
   @property
   def size(self) -> int:
-    return self.vocabulary.vocab_size
+    return self.vocabulary.vocab_size  # HF: added tokens included, the ids a text can get.
 
   def decode(self, ids: Sequence[int]) -> str:
+    if self._hf:
+      return self.vocabulary.decode_text(ids)
     return self.vocabulary.decode([int(i) for i in ids])
 
   @property
@@ -104,17 +84,19 @@ class SeqioTokenizer:
 
   @property
   def pad_id(self) -> Optional[int]:
+    if self._hf:
+      return self.vocabulary.tokenizer.pad_token_id
     return self.vocabulary.pad_id
 
 
-def load_tokenizer(spec: str, add_special_tokens: bool = True):
-  """'hf:<dir>' (or a plain directory) -> HFTokenizer; 'spm:<model>' -> SeqioTokenizer."""
-  kind, sep, path = spec.partition(":")
-  if sep and kind == "spm":
-    from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
-    return SeqioTokenizer(vocab.get_vocabulary(spec), name=spec)
-  return HFTokenizer(files.local_copy(path if sep and kind == "hf" else spec),
-                     add_special_tokens)
+def load_tokenizer(spec: str, add_special_tokens: bool = True) -> Tokenizer:
+  """'hf:<dir>' (or a plain directory) or 'spm:<model>', through `vocab.get_vocabulary`."""
+  kind, sep, _ = spec.partition(":")
+  if not (sep and kind in ("hf", "spm")):
+    spec = f"hf:{spec}"
+  vocabulary = vocab.get_vocabulary(spec)
+  name = f"hf:{vocabulary.tokenizer_dir}" if spec.startswith("hf:") else spec
+  return Tokenizer(vocabulary, name, add_special_tokens)
 
 
 # ---- prompts -----------------------------------------------------------------------------
@@ -229,11 +211,14 @@ def _check_tokenizer_fits(tok, teacher_of: Dict[str, str]) -> None:
   for path in sorted(set(teacher_of.values())):
     source = _model_source(path)
     try:
-      vocab_size = int(json.loads(files.read_text(source))["vocab_size"])
+      model_config = json.loads(files.read_text(source))
+      vocab_size = int(model_config["vocab_size"])
     except (OSError, ValueError, KeyError):
       continue  # An unreadable config is reported with its own message when the model loads.
     vocab.check_fits_model(tok.size, tok.name, vocab_size, source,
                            {"eos": tok.eos_id, "pad": tok.pad_id})
+    checkpoint_vocab.check_special_ids(tok.name, checkpoint_vocab.tokenizer_special_ids(tok),
+                                       source, checkpoint_vocab.model_special_ids(model_config))
 
 
 def _load_teachers(teacher_of: Dict[str, str], tok, mesh, dtype: str,
@@ -322,10 +307,12 @@ def annotate(input_path, output_dir, *,
     teachers: one checkpoint directory for every kind, or {kind: directory}; each an HF
       directory, a trainer model_dir (latest checkpoint) or a `save_params` directory.
     kinds: annotation kinds to produce.
-    tokenizer: 'hf:<dir>' or 'spm:<model>'; default the first teacher's directory.
+    tokenizer: 'hf:<dir>' or 'spm:<model>'; default the tokenizer saved beside the first
+      teacher (an HF directory's, or the one our trainer saved with its checkpoints).
     add_special_tokens: HF tokenizers only: add the tokenizer's special tokens (e.g. OPT BOS).
     sampling: max_new_tokens, temperature (0 = greedy), top_k, top_p; default
-      `SamplingConfig()`, i.e. the gin bindings `SamplingConfig.*`.
+      `SamplingConfig()`, i.e. the gin bindings `SamplingConfig.*` (gin/annotate.gin binds the
+      reference's: HF generate(do_sample=True, max_new_tokens=2048), top-k 50).
     num_samples: samples per prompt; the most confident one passing QC is kept.
     seed: sampling seed.
     num_slots: rows of the slot engine's cache (continuous batching).
@@ -361,10 +348,11 @@ def annotate(input_path, output_dir, *,
   teacher_of = _teacher_paths(teachers, kinds)
   if not tokenizer:
     first = teacher_of[kinds[0]]
-    if not checkpoint_io.is_hf_directory(first):
-      raise ValueError(f"no tokenizer given and teacher {first} is not an HF directory to take "
-                       "one from; set tokenizer='hf:<dir>' or 'spm:<model>'")
-    tokenizer = f"hf:{first}"
+    tokenizer = checkpoint_vocab.tokenizer_spec(first)
+    if tokenizer is None:
+      raise ValueError(f"no tokenizer given and teacher {first} has none beside it (an HF "
+                       "directory's tokenizer.json, or the one our trainer saves); set "
+                       "tokenizer='hf:<dir>' or 'spm:<model>'")
   tok = load_tokenizer(tokenizer, add_special_tokens)
   _check_tokenizer_fits(tok, teacher_of)
 

@@ -254,12 +254,13 @@ def student_example(record: Mapping[str, Any], annotations: Mapping[str, str], f
   return {"id": record["id"], **split_text(text)}
 
 
-def annotated_records(dataset: str, shard_pattern: str, kinds: Sequence[str]
-                      ) -> Iterator[tuple]:
+def annotated_records(dataset: str, shard_pattern: str, kinds: Sequence[str], *,
+                      skip_flagged: bool = False) -> Iterator[tuple]:
   """(record, annotations) for every annotation shard row (JSONL: id + kind fields).
 
   Rows that carry question/options/answer are used as they are; others are joined by id with
-  `original_records(dataset)`.
+  `original_records(dataset)`. `skip_flagged`: rows whose `kinds` carry a quality flag (the
+  annotation job's `qc` field) are skipped and counted in `SKIPS`.
   """
   paths = files.glob(shard_pattern)
   if not paths:
@@ -267,6 +268,10 @@ def annotated_records(dataset: str, shard_pattern: str, kinds: Sequence[str]
   originals = None
   for path in paths:
     for row in sources.read_jsonl(path, required=("id", *kinds), skips=skip_log()):
+      flagged = [k for k in kinds if (row.get("qc") or {}).get(k)]
+      if skip_flagged and flagged:
+        SKIPS.add(sources.BadRow(path, row["_line"], "qc", f"quality flags on {flagged}"))
+        continue
       if all(k in row for k in ("question", "options", "answer")):
         record = {k: row[k] for k in ("id", "question", "options", "answer")}
       else:
@@ -442,14 +447,16 @@ def task_records(name: str, split: str = "train") -> Iterator[Dict[str, Any]]:
 
 def register_student_task(dataset: str, shard_pattern: str, fmt: str,
                           vocabulary: seqio.Vocabulary, *, name: Optional[str] = None,
-                          seed: int = 0) -> str:
-  """An annotated student task: `shard_pattern` JSONL shards rendered in student format `fmt`."""
+                          seed: int = 0, skip_flagged: bool = False) -> str:
+  """An annotated student task: `shard_pattern` JSONL shards rendered in student format `fmt`
+  (rows with quality flags on its kinds skipped if `skip_flagged`)."""
   kinds = prompts.annotation_order(fmt)  # validates fmt; SHUFFLE needs all three kinds
   name = name or f"student_{dataset}_{fmt}"
 
   def make(split):
     del split
-    for record, texts in annotated_records(dataset, shard_pattern, kinds):
+    for record, texts in annotated_records(dataset, shard_pattern, kinds,
+                                           skip_flagged=skip_flagged):
       yield student_example(record, texts, fmt, seed)
 
   return add_task(name, generator_source(make, ("train",), TRAIN_SIGNATURE), vocabulary,

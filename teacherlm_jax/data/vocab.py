@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 import gin
 import numpy as np
@@ -85,6 +85,15 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
   def _decode(self, ids: Iterable[int]) -> str:
     return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+  def encode_prompt(self, text: str, add_special_tokens: bool = True) -> List[int]:
+    """`text` as `tokenizer(text)` tokenises a prompt before `generate` (the reference's
+    annotation: BLOOM adds nothing, OPT prepends its BOS)."""
+    return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+  def decode_text(self, ids: Iterable[int]) -> str:
+    """`ids` as text with every special token left out (what an annotation keeps)."""
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
     # Load in this (tracing) thread: a first `transformers` import inside tf.data's parallel
     # py-function threads races on the lazy module and can fail or deadlock.
@@ -143,11 +152,21 @@ def get_vocabulary(spec: str = gin.REQUIRED) -> seqio.Vocabulary:
 
 # BLOOM's special-token layout (unk 0, bos 1, eos 2, pad 3), which the tiny-bloom preset uses.
 BPE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+# Special tokens in id order, and the bos/eos/pad/unk tokens, of each family's tokenizer: OPT's
+# GPT-2 vocabulary starts <s> 0, <pad> 1, </s> 2 (its bos and eos), <unk> 3.
+BPE_LAYOUTS = {
+    "bloom": (BPE_SPECIAL_TOKENS, dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                       pad_token="<pad>")),
+    "opt": (("<s>", "<pad>", "</s>", "<unk>"), dict(unk_token="<unk>", bos_token="</s>",
+                                                    eos_token="</s>", pad_token="<pad>")),
+}
 
 
-def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int, directory) -> pathlib.Path:
-  """Trains a byte-level BPE tokenizer (BLOOM/OPT style) on `texts` and saves it as an HF
-  tokenizer directory; for tiny models and tests, where no pretrained tokenizer is at hand."""
+def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int, directory,
+                        layout: str = "bloom") -> pathlib.Path:
+  """Trains a byte-level BPE tokenizer (BLOOM/OPT style, special ids as `layout`'s) on
+  `texts` and saves it as an HF tokenizer directory; for tiny models and tests, where no
+  pretrained tokenizer is at hand."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
@@ -155,12 +174,10 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int, directory) -> pat
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL_TOKENS),
+      vocab_size=vocab_size, special_tokens=list(BPE_LAYOUTS[layout][0]),
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
-  fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-      pad_token="<pad>")
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **BPE_LAYOUTS[layout][1])
   directory = pathlib.Path(directory)
   fast.save_pretrained(str(directory))
   return directory

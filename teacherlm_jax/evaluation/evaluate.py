@@ -42,6 +42,7 @@ import tensorflow as tf
 from teacherlm_jax.data import mixtures
 from teacherlm_jax.data import tasks as tasks_lib
 from teacherlm_jax.data import vocab as vocab_lib
+from teacherlm_jax.models import checkpoint_vocab
 from teacherlm_jax.models import transformer
 from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import partitioning
@@ -293,6 +294,9 @@ def evaluate(model: transformer.DecoderLM, vocabulary, task_names: Sequence[str]
   vocab_lib.check_fits_model(vocabulary.vocab_size, vocab_lib.vocabulary_source(vocabulary),
                              model.config.vocab_size, model_source,
                              {"eos": vocabulary.eos_id, "pad": vocabulary.pad_id})
+  checkpoint_vocab.check_special_ids(
+      vocab_lib.vocabulary_source(vocabulary), checkpoint_vocab.tokenizer_special_ids(vocabulary),
+      model_source, checkpoint_vocab.model_special_ids(model.config))
   names = [t for name in task_names for t in mixtures.leaf_tasks(name)]
   mesh = partitioning.make_mesh(*mesh_shape) if mesh_shape else None
   scorer = RankScorer(model, batch_size=batch_size, max_length=max_length, mesh=mesh)

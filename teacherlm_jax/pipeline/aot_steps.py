@@ -113,10 +113,17 @@ def _train_config(scope: str) -> train_lib.TrainConfig:
 
 def _pipeline_vocab_overrides(scope: str) -> dict:
   """A pipeline trains on its own SentencePiece vocabulary (`Pipeline._with_vocab`) unless the
-  stage starts from an HF checkpoint, whose config (the preset's) then decides."""
-  if scope == "teacher" and _bound("teacher/TrainConfig.init_hf_checkpoint"):
+  stage starts from a checkpoint (PipelineConfig.teacher_checkpoint / students), whose config
+  (the preset's) then decides."""
+  pretrained = {"teacher": ("PipelineConfig.teacher_checkpoint",
+                            "teacher/TrainConfig.init_hf_checkpoint"),
+                "student": ("PipelineConfig.students",)}.get(scope, ())
+  if any(_bound(binding) and gin.query_parameter(binding) for binding in pretrained):
     return {}
-  return {"vocab_size": pipeline_lib.PipelineConfig().vocab_size}
+  vocab_size = (gin.query_parameter("PipelineConfig.vocab_size")
+                if _bound("PipelineConfig.vocab_size") else
+                inspect.signature(pipeline_lib.PipelineConfig).parameters["vocab_size"].default)
+  return {"vocab_size": vocab_size}
 
 
 def _model_config(config: train_lib.TrainConfig, overrides: dict) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""The TeacherLM pipeline: teacher SFT -> annotation -> students -> evaluation -> report.
+"""The TeacherLM pipeline: teacher (up to three stages) -> annotation -> students -> evaluation
+-> report.
 
 Every stage writes into one experiment directory and marks itself done with a `DONE.json`
 holding its result; a rerun skips finished stages and resumes an unfinished one from its own
@@ -6,15 +7,20 @@ checkpoints (training) or committed chunks (annotation), so a killed pipeline lo
 work since the last checkpoint/chunk.
 
   {exp}/data/          records: eval.jsonl, teacher.jsonl, student.jsonl   (synthetic task)
-  {exp}/vocab/         spm.model (SentencePiece trained on the data)
-  {exp}/teacher/       trainer model_dir (one teacher tuned on the annotation kinds that
-                       `student_format` uses)
-  {exp}/teacher_hf/    the teacher exported as an HF directory (what annotate.py loads)
+  {exp}/vocab/         spm.model (SentencePiece trained on the data; only when the teacher
+                       starts from random weights: a pretrained one brings its tokenizer)
+  {exp}/teacher_multitask/  stage 1 (multi-task instruction data), when configured
+  {exp}/teacher/       stage 2: trainer model_dir (the teacher tuned on the annotation kinds
+                       that `student_format` uses)
+  {exp}/teacher_{kind}/     stage 3: one specialist per annotation kind, from stage 2
+  {exp}/teacher_hf[_{kind}]/  the annotating teacher(s) exported as HF directories with
+                       their tokenizer (what annotate.py and AutoTokenizer load)
   {exp}/annotations/   annotation shards + annotations.jsonl (merged, input order) and
                        shuffled.jsonl (the same annotations, each on another record)
-  {exp}/students/{arm}_seed{s}/   trainer model_dirs, one per arm and seed
-  {exp}/eval/{arm}_seed{s}/       rank-classification results
-  {exp}/report/        report.md, report.json, accuracy.png, loss.png, teacher_loss.png
+  {exp}/students/[{student}/]{arm}_seed{s}/   trainer model_dirs, one per arm and seed (and
+                       per pretrained student checkpoint, each with its own tokenizer)
+  {exp}/eval/[{student}/]{arm}_seed{s}/       rank-classification results
+  {exp}/report/[{student}/]  report.md, report.json, accuracy.png, loss.png, teacher_loss.png
 
 Student arms (ARMS), paired by seed (same initialisation and data order seed):
   original           the records in the original format;
@@ -38,7 +44,7 @@ import functools
 import json
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import gin
 import jax
@@ -48,7 +54,7 @@ from teacherlm_jax.annotation import annotate as annotate_lib
 from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.data import mixtures, prompts, record_tasks, synthetic, tasks, vocab
 from teacherlm_jax.evaluation import evaluate as evaluate_lib
-from teacherlm_jax.models import checkpoint_io, hf
+from teacherlm_jax.models import checkpoint_io, checkpoint_vocab, hf
 from teacherlm_jax.pipeline import report as report_lib
 from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.storage import files
@@ -57,13 +63,19 @@ from teacherlm_jax.training import train_data
 
 DONE = "DONE.json"
 ARMS = ("original", "teacher_annotated", "oracle", "shuffled")
+# The paper's teacher: 1. multi-task, 2. personalisation on the annotation kinds, 3. one
+# specialist per kind started from stage 2. Each has its gin scope for TrainConfig.
+TEACHER_STAGES = ("multitask", "personalise", "specialise")
+TEACHER_SCOPES = {"multitask": "teacher_multitask", "personalise": "teacher",
+                  "specialise": "teacher_specialist"}
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """What the pipeline runs (stage hyper-parameters live in the scoped TrainConfigs:
-  `teacher/TrainConfig.*` and `student/TrainConfig.*`, and in `annotate.*`).
+  `teacher_multitask/`, `teacher/`, `teacher_specialist/` and `student/TrainConfig.*`, and in
+  `annotate.*`).
 
   Attributes:
     dataset: 'synthetic' or 'creak'.
@@ -84,6 +96,14 @@ class PipelineConfig:
     eval_max_examples: per-task cap (None: all).
     creak_train_records: CREAK train records to annotate and train students on (None: all).
     num_samples_in_report: sample annotations shown in the report.
+    teacher_stages: which of TEACHER_STAGES the teacher goes through, in order; with
+      'specialise' each annotation kind has its own teacher.
+    teacher_checkpoint: the pretrained checkpoint (HF directory or ours) the first teacher
+      stage starts from; its tokenizer is then the teacher's vocabulary and no SentencePiece
+      model is trained. '' = random weights and a trained vocabulary.
+    students: {name: checkpoint} of pretrained students, each trained (every arm, per seed)
+      and evaluated with its own tokenizer, with a report of its own; empty = one student
+      from random weights (student/TrainConfig.model) with the teacher's vocabulary.
   """
   dataset: str = "synthetic"
   seeds: Sequence[int] = (0, 1, 2)
@@ -99,6 +119,9 @@ class PipelineConfig:
   eval_max_examples: Optional[int] = None
   creak_train_records: Optional[int] = None
   num_samples_in_report: int = 3
+  teacher_stages: Sequence[str] = ("personalise",)
+  teacher_checkpoint: str = ""
+  students: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.dataset not in ("synthetic", "creak"):
@@ -115,6 +138,10 @@ class PipelineConfig:
     if self.student_epochs is not None and self.student_epochs <= 0:
       raise ValueError(f"PipelineConfig.student_epochs={self.student_epochs}: must be > 0")
     prompts.annotation_order(self.student_format)  # Validates the format name.
+    stages = list(self.teacher_stages)
+    if not stages or stages != [s for s in TEACHER_STAGES if s in stages]:
+      raise ValueError(f"PipelineConfig.teacher_stages={tuple(self.teacher_stages)}: expected "
+                       f"a non-empty subsequence of {TEACHER_STAGES}, in that order")
 
 
 class Pipeline:
@@ -192,9 +219,11 @@ class Pipeline:
               for r in tasks.creak_records("train")]
     return texts
 
-  def register(self, data: dict, spm: str, annotations: Optional[str] = None) -> Dict[str, str]:
-    """Registers this experiment's seqio tasks for the trained vocabulary."""
-    vocabulary = vocab.get_vocabulary(f"spm:{spm}")
+  def register(self, data: dict, spec: str, annotations: Optional[Mapping[str, str]] = None
+               ) -> Dict[str, str]:
+    """Registers this experiment's seqio tasks for the vocabulary `spec` ('hf:<dir>' or
+    'spm:<model>'); each student re-registers them for its own tokenizer before it runs."""
+    vocabulary = vocab.get_vocabulary(spec)
     names = {}
     if self.config.dataset == "synthetic":
       names.update(record_tasks.register_record_tasks(
@@ -234,31 +263,104 @@ class Pipeline:
     paths["shuffled"] = str(shuffled)
     return {arm: paths[arm] for arm in self.config.arms if arm != "original"}
 
-  def teacher(self, task: str, spm: str) -> dict:
-    with gin.config_scope("teacher"):
+  def teacher_vocabulary(self, data: dict) -> str:
+    """The teacher's vocabulary spec: its pretrained checkpoint's tokenizer, else a
+    SentencePiece model trained on the experiment's text (the 'vocab' stage)."""
+    checkpoint = self.config.teacher_checkpoint
+    if not checkpoint:
+      return "spm:" + self._stage("vocab", lambda: self.vocabulary(data))["spm"]
+    return _tokenizer_of(checkpoint, "PipelineConfig.teacher_checkpoint")
+
+  def teacher_task(self, data: dict, spec: str, stage: str, kind: Optional[str] = None) -> str:
+    """The seqio task or mixture of one teacher stage (a specialist's: its `kind` only)."""
+    vocabulary = vocab.get_vocabulary(spec)
+    if self.config.dataset == "synthetic":
+      teacher = data["paths"]["teacher"]
+      if stage == "multitask":  # Plain question answering and chains of thought.
+        qa = record_tasks.register_record_tasks("synthetic_teacher_qa", vocabulary,
+                                                student_path=teacher)["original"]
+        cot = record_tasks.register_record_tasks(
+            "synthetic_cot", vocabulary, teacher_path=teacher,
+            kinds=(prompts.CHAIN_OF_THOUGHT,))["teacher"]
+        return mixtures.add_mixture("teacher_multitask_synthetic", [qa, cot], default_rate=1.0)
+      if kind is None:
+        return self.register(data, spec)["teacher"]
+      return record_tasks.register_record_tasks(f"synthetic_{kind}", vocabulary,
+                                                teacher_path=teacher, kinds=(kind,))["teacher"]
+    mixtures.register_all(vocabulary)
+    if stage == "multitask":
+      name, skipped = mixtures.register_teacher_multitask(vocabulary)
+      for collection, reason in skipped.items():
+        logging.info("teacher_multitask: %s skipped: %s", collection, reason)
+      return name
+    if kind not in (None, prompts.CHAIN_OF_THOUGHT):
+      raise ValueError(f"dataset {self.config.dataset!r} has teacher data for chains of "
+                       f"thought only (FLAN CoT), so no {kind} specialist can be trained; set "
+                       "PipelineConfig.student_format = 'C'")
+    return "teacher_cot"
+
+  def teachers(self, data: dict, spec: str) -> Dict[str, dict]:
+    """Runs the teacher stages in order, each started from the previous one (the first from
+    PipelineConfig.teacher_checkpoint); returns {kind: the stage result of its teacher}."""
+    stages = list(self.config.teacher_stages)
+    start = self.config.teacher_checkpoint
+    result = None
+    for stage in stages:
+      if stage == "specialise":
+        return {kind: self._stage(f"teacher_{kind}", lambda kind=kind: self.teacher(
+            stage, self.teacher_task(data, spec, stage, kind), spec, start,
+            f"teacher_{kind}", export=f"teacher_hf_{kind}")) for kind in self.annotation_kinds}
+      name = "teacher" if stage == "personalise" else "teacher_multitask"
+      last = stage == stages[-1]
+      result = self._stage(name, lambda: self.teacher(
+          stage, self.teacher_task(data, spec, stage), spec, start, name,
+          export="teacher_hf" if last else None))
+      start = result["model_dir"]
+    return {kind: result for kind in self.annotation_kinds}
+
+  def teacher(self, stage: str, task: str, spec: str, start: str, name: str,
+              export: Optional[str] = None) -> dict:
+    with gin.config_scope(TEACHER_SCOPES[stage]):
       config = train_lib.TrainConfig()
     # The held-out measurements of this pipeline are annotation QC and student accuracy; the
     # trainer's periodic eval reads a few batches of the training split as a sanity check.
-    config = config.replace(train_task=task, eval_task=task, eval_split="train")
-    config = self._with_vocab(config, spm)
-    result = train_lib.train(config, str(self.dir / "teacher"))
-    model = checkpoint_io.load_model(self.dir / "teacher")
-    hf.export_checkpoint(model, self.dir / "teacher_hf")
-    return {"final_step": result["step"], "hf_dir": str(self.dir / "teacher_hf"),
-            "final_loss": _last_loss(self.dir / "teacher")}
+    config = self._started_from(
+        config.replace(train_task=task, eval_task=task, eval_split="train"), start, spec)
+    model_dir = self.dir / name
+    result = train_lib.train(config, str(model_dir))
+    out = {"final_step": result["step"], "model_dir": str(model_dir),
+           "final_loss": _last_loss(model_dir)}
+    if export:
+      # The exported teacher carries its tokenizer (an HF one), so AutoTokenizer loads it.
+      tokenizer = str(checkpoint_vocab.spec_path(spec)) if spec.startswith("hf:") else None
+      hf.export_checkpoint(checkpoint_io.load_model(model_dir), self.dir / export,
+                           tokenizer_dir=tokenizer)
+      out["hf_dir"] = str(self.dir / export)
+    return out
 
-  def _with_vocab(self, config, spm: str):
-    vocabulary = vocab.get_vocabulary(f"spm:{spm}")
+  def _started_from(self, config, checkpoint: str, spec: str):
+    """`config` started from `checkpoint` (HF or ours), or from random weights sized for the
+    vocabulary `spec` when there is none."""
+    if not checkpoint:
+      return self._with_vocab(config, spec)
+    if checkpoint_io.is_hf_directory(checkpoint):
+      return config.replace(init_hf_checkpoint=checkpoint, init_checkpoint="")
+    return config.replace(init_checkpoint=checkpoint, init_hf_checkpoint="")
+
+  def _with_vocab(self, config, spec: str):
+    vocabulary = vocab.get_vocabulary(spec)
     return config.replace(model_overrides={
         **dict(config.model_overrides), "vocab_size": vocabulary.vocab_size,
         "pad_token_id": vocabulary.pad_id, "eos_token_id": vocabulary.eos_id,
         "bos_token_id": vocabulary.eos_id})
 
-  def annotation(self, data: dict, spm: str, teacher_hf: str) -> dict:
+  def annotation(self, data: dict, spec: str, teachers: Dict[str, dict]) -> dict:
     out = self.dir / "annotations"
     summary = annotate_lib.annotate(
-        data["paths"]["student"], str(out), teachers=teacher_hf, tokenizer=f"spm:{spm}",
-        kinds=self.annotation_kinds, limit=self.config.annotate_limit, resume=True)
+        data["paths"]["student"], str(out),
+        teachers={kind: result["hf_dir"] for kind, result in teachers.items()},
+        tokenizer=spec, kinds=self.annotation_kinds, limit=self.config.annotate_limit,
+        resume=True)
     merged = out / "annotations.jsonl"
     # annotate() ended with a barrier: every shard is committed. One process merges.
     if jax.process_index() == 0:
@@ -277,24 +379,33 @@ class Pipeline:
     return {"summary": summary, "merged": str(merged), "records": count,
             "usable_for_student_format": usable}
 
-  def student(self, arm: str, seed: int, task: str, spm: str) -> dict:
+  def students(self, teacher_spec: str) -> Dict[str, tuple]:
+    """{name: (checkpoint, vocabulary spec)}: each pretrained student with its own tokenizer,
+    or one student '' from random weights with the teacher's vocabulary."""
+    if not self.config.students:
+      return {"": ("", teacher_spec)}
+    return {name: (checkpoint, _tokenizer_of(checkpoint, f"PipelineConfig.students[{name!r}]"))
+            for name, checkpoint in self.config.students.items()}
+
+  def student(self, arm: str, seed: int, task: str, spec: str, checkpoint: str,
+              model_dir) -> dict:
     with gin.config_scope("student"):
       config = train_lib.TrainConfig()
-    config = self._with_vocab(config.replace(train_task=task, eval_task=task, eval_split="train",
-                                             seed=seed, data_seed=seed), spm)
+    config = self._started_from(config.replace(train_task=task, eval_task=task,
+                                               eval_split="train", seed=seed, data_seed=seed),
+                                checkpoint, spec)
     batches_per_epoch = None
     if self.config.student_epochs is not None:
       batches_per_epoch = _batches_per_epoch(task, config)
       config = config.replace(num_steps=max(
           1, math.ceil(self.config.student_epochs * batches_per_epoch)))
-    model_dir = self.dir / "students" / f"{arm}_seed{seed}"
     result = train_lib.train(config, str(model_dir))
     return {"final_step": result["step"], "model_dir": str(model_dir),
             "batches_per_epoch": batches_per_epoch, "losses": _loss_curve(model_dir)}
 
-  def evaluation(self, model_dir: str, eval_tasks: Sequence[str], spm: str) -> dict:
+  def evaluation(self, model_dir: str, eval_tasks: Sequence[str], spec: str) -> dict:
     model = checkpoint_io.load_model(model_dir)
-    result = evaluate_lib.evaluate(model, vocab.get_vocabulary(f"spm:{spm}"), eval_tasks,
+    result = evaluate_lib.evaluate(model, vocab.get_vocabulary(spec), eval_tasks,
                                    max_examples=self.config.eval_max_examples, progress=False,
                                    model_source=str(model_dir))
     return result
@@ -307,12 +418,25 @@ class Pipeline:
     jax.config.update("jax_compilation_cache_dir", str(self.dir / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     data = self._stage("data", self.data)
-    spm = self._stage("vocab", lambda: self.vocabulary(data))["spm"]
-    names = self.register(data, spm)
-    teacher = self._stage("teacher", lambda: self.teacher(names["teacher"], spm))
-    annotation = self._stage("annotations",
-                             lambda: self.annotation(data, spm, teacher["hf_dir"]))
-    names = self.register(data, spm, annotations=self.annotation_sets(data, annotation))
+    spec = self.teacher_vocabulary(data)
+    teachers = self.teachers(data, spec)
+    teacher = next(iter(teachers.values()))
+    annotation = self._stage("annotations", lambda: self.annotation(data, spec, teachers))
+    annotation_sets = self.annotation_sets(data, annotation)
+    paths = []
+    for student, (checkpoint, student_spec) in self.students(spec).items():
+      names = self.register(data, student_spec, annotations=annotation_sets)
+      paths.append(self.run_students(student, checkpoint, student_spec, names, data,
+                                     annotation, teacher))
+    logging.info("finished in %.0f s; report: %s", time.time() - start,
+                 ", ".join(map(str, paths)))
+    return paths[0]
+
+  def run_students(self, student: str, checkpoint: str, spec: str, names: Dict[str, str],
+                   data: dict, annotation: dict, teacher: dict) -> files.Path:
+    """Every arm and seed of one student (its checkpoint and tokenizer), then its report: the
+    paired differences compare arms of the same student only."""
+    prefix = f"{student}/" if student else ""
     arms = list(self.config.arms)
     accuracy: Dict[str, Dict[str, List[float]]] = {arm: {} for arm in arms}
     gold_scores: Dict[str, Dict[str, List[float]]] = {arm: {} for arm in arms}
@@ -320,25 +444,23 @@ class Pipeline:
     steps: Dict[str, List[int]] = {arm: [] for arm in arms}
     for seed in self.config.seeds:
       for arm in arms:
-        name = f"{arm}_seed{seed}"
-        trained = self._stage(f"students/{name}",
-                              lambda: self.student(arm, seed, names[arm], spm))
+        name = f"{prefix}{arm}_seed{seed}"
+        trained = self._stage(f"students/{name}", lambda: self.student(
+            arm, seed, names[arm], spec, checkpoint, self.dir / "students" / name))
         curves[arm].append(trained["losses"])
         steps[arm].append(trained["final_step"])
         result = self._stage(f"eval/{name}", lambda: self.evaluation(
-            trained["model_dir"], names["eval_tasks"], spm))
+            trained["model_dir"], names["eval_tasks"], spec))
         for task, metrics in result["tasks"].items():
           accuracy[arm].setdefault(task, []).append(metrics["accuracy"] / 100.0)
           gold_scores[arm].setdefault(task, []).append(metrics.get("gold_score"))
         for task, value in result.get("macro", {}).items():
           accuracy[arm].setdefault(task, []).append(value / 100.0)
-    path = self.write_report(data, accuracy, gold_scores, curves, steps, annotation, teacher,
-                             primary_task=names["eval_tasks"][0])
-    logging.info("finished in %.0f s; report: %s", time.time() - start, path)
-    return path
+    return self.write_report(data, accuracy, gold_scores, curves, steps, annotation, teacher,
+                             primary_task=names["eval_tasks"][0], student=student)
 
   def write_report(self, data: dict, accuracy, gold_scores, curves, steps, annotation: dict,
-                   teacher: dict, primary_task: str) -> files.Path:
+                   teacher: dict, primary_task: str, student: str = "") -> files.Path:
     summary = annotation["summary"]
     rows = annotation_io.read_jsonl(annotation["merged"])
     annotation_summary = {
@@ -367,7 +489,9 @@ class Pipeline:
     epochs = (f"{self.config.student_epochs:g} epochs over each arm's own data (steps per "
               f"arm: {', '.join(f'{a} {s[0]}' for a, s in steps.items() if s)})"
               if self.config.student_epochs is not None else "the same number of steps")
-    notes = [f"Dataset: {self.config.dataset}; students: {len(self.config.seeds)} seeds per "
+    notes = [f"Dataset: {self.config.dataset}; students"
+             + (f" from {self.config.students[student]}" if student else "")
+             + f": {len(self.config.seeds)} seeds per "
              f"arm, paired by seed; annotated arms in student format "
              f"{self.config.student_format}, mixed with the original data at rates "
              f"{self.config.original_rate}:{self.config.annotated_rate}; every student trains "
@@ -377,17 +501,29 @@ class Pipeline:
              "mean and 95% confidence interval (paired t over seeds)."]
     chance = data.get("chance", _chance(primary_task))
     path = report_lib.write_report(
-        self.dir / "report", title="TeacherLM pipeline report", accuracy=accuracy,
-        loss_curves=curves, annotation_summary=annotation_summary, sample_annotations=samples,
-        notes=notes, primary_task=primary_task, gold_scores=gold_scores, chance=chance,
+        self.dir / "report" / student if student else self.dir / "report",
+        title="TeacherLM pipeline report" + (f": student {student}" if student else ""),
+        accuracy=accuracy, loss_curves=curves, annotation_summary=annotation_summary,
+        sample_annotations=samples, notes=notes, primary_task=primary_task,
+        gold_scores=gold_scores, chance=chance,
         shortcut_baseline_accuracy=data.get("shortcut_baseline_accuracy"),
         wrong_answer_rate=annotation_summary["records flagged wrong_answer (any kind)"]
                           / max(len(rows), 1),
-        teacher_loss=_loss_curve(self.dir / "teacher"), steps=steps)
+        teacher_loss=_loss_curve(teacher.get("model_dir", self.dir / "teacher")),
+        steps=steps)
     logging.info("accuracy (rank classification):\n%s", report_lib.comparison_table(accuracy))
     logging.info("effect of the annotations:\n%s",
                  report_lib.delta_table(accuracy, gold_scores, primary_task))
     return path
+
+
+def _tokenizer_of(checkpoint: str, binding: str) -> str:
+  spec = checkpoint_vocab.tokenizer_spec(checkpoint)
+  if spec is None:
+    raise ValueError(f"{binding} = {checkpoint}: no tokenizer beside the checkpoint "
+                     "(tokenizer.json or spm.model); a pretrained model trains and is evaluated "
+                     "with its own tokenizer, so save it there")
+  return spec
 
 
 def _batches_per_epoch(task: str, config: train_lib.TrainConfig) -> int:

@@ -35,6 +35,7 @@ from absl import logging
 from flax import nnx
 
 from teacherlm_jax.models import checkpoint_io
+from teacherlm_jax.models import checkpoint_vocab
 from teacherlm_jax.models import head_loss
 from teacherlm_jax.models import presets
 from teacherlm_jax.models import transformer
@@ -49,6 +50,7 @@ from teacherlm_jax.training import input_position
 from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import mfu
 from teacherlm_jax.training import optimizer as optimizer_lib
+from teacherlm_jax.training import stage_vocab
 
 # A callable giving the batches numbered start, start+1, ... (this process's rows, numpy).
 BatchesFn = Callable[[int], Iterator[Dict[str, np.ndarray]]]
@@ -125,6 +127,10 @@ class TrainConfig:
   # Initialisation of a new run (ignored when model_dir already holds a checkpoint).
   init_checkpoint: str = ""  # A previous stage's model_dir (or a checkpoint step dir).
   init_hf_checkpoint: str = ""  # A local HF checkpoint directory.
+  # A run started from a checkpoint trains with that checkpoint's tokenizer; data tokenised
+  # with another vocabulary is an error (training/stage_vocab.py). True: replace the
+  # checkpoint's vocabulary-shaped parameters with fresh ones for the data's vocabulary.
+  reinit_embeddings: bool = False
   # Metrics. MFU is against the chip's vendor bf16 peak (runtime/chips.py), on CPU against a
   # matmul timed at start-up; above 0 this overrides both.
   peak_tflops_per_device: float = 0.0
@@ -169,18 +175,28 @@ def make_mesh(config: TrainConfig, devices: Optional[List[jax.Device]] = None):
                                 devices=devices)
 
 
-def model_config_for(config: TrainConfig, model_dir: str) -> ModelConfig:
+def model_config_for(config: TrainConfig, model_dir: str, vocabulary=None) -> ModelConfig:
   """The architecture: this run's saved one (resume), the previous stage's, the HF
-  checkpoint's, or the preset; with this run's compute dtype and remat."""
+  checkpoint's, or the preset; with this run's compute dtype and remat. A checkpoint's
+  vocabulary is kept (an override contradicting it is an error) unless
+  `reinit_embeddings`, which sizes the embedding for `vocabulary`, the data's."""
   numerics = config.model_numerics()
-  for directory in (model_dir, config.init_checkpoint):
-    if directory and files.exists(files.join(directory, checkpoint_io.MODEL_CONFIG_FILE)):
-      return checkpoint_io.read_model_config(directory).replace(**numerics)
-  if config.init_hf_checkpoint:
+  if model_dir and files.exists(files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE)):
+    return checkpoint_io.read_model_config(model_dir).replace(**numerics)
+  source = stage_vocab.init_source(config)
+  if config.init_checkpoint and files.exists(
+      files.join(config.init_checkpoint, checkpoint_io.MODEL_CONFIG_FILE)):
+    model_config = checkpoint_io.read_model_config(config.init_checkpoint)
+  elif config.init_hf_checkpoint:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
     hf_config = json.loads(files.read_text(files.join(config.init_hf_checkpoint, "config.json")))
-    return hf.config_from_hf(hf_config, source=config.init_hf_checkpoint).replace(**numerics)
-  return presets.get(config.model, **{**dict(config.model_overrides), **numerics})
+    model_config = hf.config_from_hf(hf_config, source=config.init_hf_checkpoint)
+  else:
+    return presets.get(config.model, **{**dict(config.model_overrides), **numerics})
+  stage_vocab.check_overrides(config, model_config, source)
+  if config.reinit_embeddings and vocabulary is not None:
+    model_config = stage_vocab.with_vocabulary(model_config, vocabulary)
+  return model_config.replace(**numerics)
 
 
 def model_source(config: TrainConfig, model_dir: str) -> str:
@@ -309,7 +325,8 @@ def _save_input_position(batches, model_dir: str, step: int, checkpointer) -> No
   input_position.prune(model_dir, [*checkpointer.all_steps(), step], *process)
 
 
-def _check_batch(batch: Dict[str, np.ndarray], config: TrainConfig, rows: int, number: int):
+def _check_batch(batch: Dict[str, np.ndarray], config: TrainConfig, rows: int, number: int,
+                 model_config: ModelConfig):
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
     raise ValueError(f"input batch {number} lacks {missing}; batches need {BATCH_KEYS}")
@@ -318,6 +335,10 @@ def _check_batch(batch: Dict[str, np.ndarray], config: TrainConfig, rows: int, n
     raise ValueError(f"input batch {number} has shape {shape}, expected ({rows}, "
                      f"{config.seq_len}) = this process's rows of batch_size={config.batch_size}"
                      f" by seq_len={config.seq_len}")
+  for key in ("tokens", "targets"):
+    checkpoint_vocab.check_token_ids(
+        batch[key], model_config.vocab_size, source=f"input batch {number} ({key!r})",
+        model_name=stage_vocab.init_source(config) or f"TrainConfig.model={config.model!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +526,12 @@ def _initial_state(config: TrainConfig, program: Program, checkpointer):
         config.init_checkpoint, _with_shardings(program.abstract_state["params"],
                                                 program.param_sh))
     logging.info("initialised params from %s", config.init_checkpoint)
+  elif config.reinit_embeddings and stage_vocab.init_source(config):
+    source = stage_vocab.init_source(config)
+    pretrained = nnx.to_pure_dict(nnx.state(checkpoint_io.load_any(source), nnx.Param))
+    params = jax.device_put(stage_vocab.with_fresh_embeddings(
+        pretrained, jax.device_get(program.init_params())), program.param_sh)
+    logging.info("initialised params from %s, vocabulary-shaped ones afresh", source)
   elif config.init_hf_checkpoint:
     from teacherlm_jax.models import hf
     _, hf_model = hf.import_checkpoint(files.local_copy(config.init_hf_checkpoint),
@@ -611,20 +638,26 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
   """
   if train_batches is None and not config.train_task:
     raise ValueError("TrainConfig.train_task is empty: set it to a registered seqio task or "
-                     "mixture (e.g. in the gin file)")
+                     "mixture (e.g. in the gin file), or pass scripts/train.py "
+                     "--input=<annotation directory>")
   mesh = make_mesh(config)
   partitioning.check_batch_divides(config.batch_size, mesh, what="TrainConfig.batch_size")
   rows = partitioning.process_batch_rows(mesh, config.batch_size)
-  model_config = model_config_for(config, model_dir)
-  k = config.grad_accum_steps
-  program = program_for(config, model_config, mesh)
-
+  vocabulary = None
   if train_batches is None:
     train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,
                                   train=True)
+    vocabulary = stage_vocab.task_vocabulary(config.train_task)
+  resuming = files.exists(files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
+  model_config = model_config_for(config, model_dir, vocabulary)
+  if vocabulary is not None:
     from teacherlm_jax.training import train_data
     train_data.check_vocabulary(config.train_task, model_config.vocab_size,
                                 model_source(config, model_dir))
+    stage_vocab.check_and_save(config, model_config, vocabulary, model_dir, resuming=resuming,
+                               task_name=config.train_task, write=jax.process_index() == 0)
+  k = config.grad_accum_steps
+  program = program_for(config, model_config, mesh)
   eval_task = config.eval_task or config.train_task
   if eval_batches is None and eval_task and config.eval_batches:
     eval_batches = seqio_batches(config, mesh, eval_task, config.eval_split, train=False)
@@ -683,7 +716,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
       except StopIteration:
         raise ValueError(f"train input ran out at batch {number}; use a repeating dataset "
                          "or fewer num_steps") from None
-      _check_batch(batch, config, rows[1] - rows[0], number)
+      _check_batch(batch, config, rows[1] - rows[0], number, model_config)
       return {key: batch[key] for key in BATCH_KEYS}
 
     while step < config.num_steps:

@@ -8,9 +8,12 @@ iterator checkpoint: shuffle buffers, mixture sampler, packer) is saved with eac
 restored, instead of replaying every batch before it. A pipeline with Python state that tf.data
 cannot save (e.g. an HF tokenizer's numpy_function) has no state and is replayed.
 
-Tasks with an 'inputs' feature go through `seqio.PrefixLMFeatureConverter` (inputs then
-targets in one causal sequence; loss on targets only or on every token); tasks with only
-'targets' through `seqio.DecoderFeatureConverter` (every token).
+Tasks with an 'inputs' feature and a loss on targets only go through
+`seqio.PrefixLMFeatureConverter` (inputs then targets in one causal sequence, `seq_len` split
+in half between them). With a loss on every token (students, as the reference trains them)
+inputs and targets are one text of which the last `seq_len` tokens are kept
+(`TailFeatureConverter`, the reference's truncation); tasks with only 'targets' go through
+`seqio.DecoderFeatureConverter` (every token).
 
 Input sharding across processes:
   * 'global' (default): every process builds the same global batch and keeps its own rows.
@@ -44,17 +47,49 @@ _RENAMES = {
 }
 
 
-def feature_converter(task_or_mixture, loss_on: str = "targets",
-                      pack: bool = True) -> seqio.FeatureConverter:
+# Feature length that trims nothing: the tail converter cuts the joined text itself.
+_UNTRIMMED = 1 << 30
+
+
+class TailFeatureConverter(seqio.DecoderFeatureConverter):
+  """Inputs + targets as one text, its last `seq_len` tokens kept, every token a target."""
+
+  def __init__(self, seq_len: int, pack: bool = True):
+    super().__init__(pack=pack)
+    self.seq_len = seq_len
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
+    del task_feature_lengths  # Untrimmed: the cut happens here, after joining.
+    seq_len = self.seq_len
+
+    def join(example):
+      text = tf.concat([example["inputs"], example["targets"]], axis=0)[-seq_len:]
+      return {"targets": text}
+    return super().__call__(ds.map(join, num_parallel_calls=tf.data.AUTOTUNE),
+                            {"targets": seq_len})
+
+
+def _tail(task_or_mixture, loss_on: str) -> bool:
+  return loss_on == "all" and "inputs" in task_or_mixture.output_features
+
+
+def feature_converter(task_or_mixture, loss_on: str = "targets", pack: bool = True,
+                      seq_len: int = 0) -> seqio.FeatureConverter:
   if loss_on not in LOSS_ON:
     raise ValueError(f"loss_on={loss_on!r}: expected one of {LOSS_ON}")
+  if _tail(task_or_mixture, loss_on) and seq_len:
+    return TailFeatureConverter(seq_len, pack=pack)
   if "inputs" in task_or_mixture.output_features:
     return seqio.PrefixLMFeatureConverter(loss_on_targets_only=loss_on == "targets", pack=pack)
   return seqio.DecoderFeatureConverter(pack=pack)
 
 
-def default_feature_lengths(task_or_mixture, seq_len: int) -> Dict[str, int]:
-  """Splits `seq_len` between inputs and targets (PrefixLM packs inputs+targets together)."""
+def default_feature_lengths(task_or_mixture, seq_len: int, loss_on: str = "targets"
+                            ) -> Dict[str, int]:
+  """Splits `seq_len` between inputs and targets (PrefixLM packs inputs+targets together);
+  untrimmed for the tail converter, which keeps the joined text's last `seq_len` tokens."""
+  if _tail(task_or_mixture, loss_on):
+    return {"inputs": _UNTRIMMED, "targets": _UNTRIMMED}
   if "inputs" in task_or_mixture.output_features:
     return {"inputs": seq_len // 2, "targets": seq_len - seq_len // 2}
   return {"targets": seq_len}
@@ -94,8 +129,9 @@ class SeqioBatches:
     self.split = split
     self.seq_len = seq_len
     self.batch_size = batch_size
-    self.converter = feature_converter(self.task, loss_on, pack)
-    self.feature_lengths = dict(feature_lengths or default_feature_lengths(self.task, seq_len))
+    self.converter = feature_converter(self.task, loss_on, pack, seq_len)
+    self.feature_lengths = dict(feature_lengths
+                                or default_feature_lengths(self.task, seq_len, loss_on))
     self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
     self.input_sharding = input_sharding
     self.rows = process_rows or (0, batch_size)
