@@ -16,6 +16,7 @@ change.
 import datetime
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -46,14 +47,19 @@ def _tflop(value) -> str:
   return "-" if value is None else f"{value / 1e12:.3f}"
 
 
+def _count(params) -> str:
+  if params is None:
+    return "-"
+  return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+
+
 def table(records) -> str:
   lines = ["step              params  HBM/chip (GiB)  fits   TFLOP/chip  (cost_analysis)  "
            "est. step s  est. MFU  compile s"]
   for r in records:
     step_s, mfu = r["estimated_step_s"], r["estimated_mfu"]
-    params = r.get("params")
     lines.append(
-        f"{r['step']:<17} {'-' if params is None else f'{params / 1e9:5.2f}B':>6}"
+        f"{r['step']:<17} {_count(r.get('params')):>6}"
         f" {r['hbm_bytes_per_device'] / GiB:6.2f} / {r['hbm_capacity_bytes'] / GiB:<5.3g}"
         f" {str(r['fits']):<6} {_tflop(r['flops_per_device']):>10}"
         f"  {'(' + _tflop(r.get('cost_analysis_flops_per_device')) + ')':>15}"
@@ -68,11 +74,18 @@ def table(records) -> str:
       "Decode FLOPs are one token step.",
       "est. = roofline estimate from the analytic FLOPs (FLOPs at bf16 peak or HBM traffic at "
       "full bandwidth, whichever is slower; no communication): a bound, not a measurement; "
-      "MFU counts useful FLOPs only."]
+      "MFU counts useful FLOPs only (100%: compute-bound with nothing recomputed, the "
+      "roofline's ceiling)."]
   return "\n".join(lines)
 
 
-def results_file(records, title: str) -> dict:
+def host() -> dict:
+  """The compiling host, which the compile seconds depend on (shared hosts: its load)."""
+  return {"host": f"{platform.system()} {platform.machine()}, no TPU", "cpus": os.cpu_count(),
+          "load average at start": round(os.getloadavg()[0], 1)}
+
+
+def results_file(records, title: str, machine: dict) -> dict:
   """The records as a benchmarks/results file: metadata plus one readable row per step."""
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +96,7 @@ def results_file(records, title: str) -> dict:
     rows.append({
         "step": r["step"], "slice": r["topology"],
         "mesh (data x fsdp x tensor)": "x".join(str(v) for v in r["mesh"].values()),
-        "params (B)": None if r.get("params") is None else round(r["params"] / 1e9, 3),
+        "params": r.get("params"),
         "HBM GiB/chip": round(r["hbm_bytes_per_device"] / GiB, 2),
         "of GiB": round(r["hbm_capacity_bytes"] / GiB, 2), "fits": r["fits"],
         "TFLOP/chip/step": tflop(r["flops_per_device"]),
@@ -93,7 +106,7 @@ def results_file(records, title: str) -> dict:
         "est. MFU %": None if mfu is None else round(100 * mfu, 1),
         "compile s": r["compile_s"]})
   return {"title": title, "date": datetime.date.today().isoformat(),
-          "commit": commit.stdout.strip() or None, "estimate": True,
+          "commit": commit.stdout.strip() or None, "estimate": True, "machine": machine,
           "command": "python scripts/aot_compile.py " + " ".join(
               shlex.quote(a) for a in sys.argv[1:] if not a.startswith(("--results", "--title"))),
           "provenance": "TPU estimates from ahead-of-time compiles by libtpu on a CPU host, no "
@@ -101,7 +114,8 @@ def results_file(records, title: str) -> dict:
                         "matmul parameters per trained token plus attention, plus remat's "
                         "recomputation; forward steps 2 x; a decode step is one token), "
                         "cost_analysis TFLOP/chip the compiler's count (a scanned loop's body "
-                        "once); step time and MFU a roofline estimate from the analytic FLOPs",
+                        "once); step time and MFU a roofline estimate from the analytic FLOPs; "
+                        "compile s the wall time of each compile on the machine named above",
           "rows": rows}
 
 
@@ -110,6 +124,7 @@ def main(argv, gin_bindings=()):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from teacherlm_jax.pipeline import aot_steps  # pylint: disable=g-import-not-at-top
   cli.parse_flags_and_gin(gin_bindings)  # After the import, which registers AotConfig.
+  machine = host()
   records = aot_steps.compile_steps(_TOPOLOGY.value, _STEPS.value,
                                     progress=lambda line: print(line, flush=True))
   print(table(records), flush=True)
@@ -120,7 +135,7 @@ def main(argv, gin_bindings=()):
   if _RESULTS.value:
     title = _TITLE.value or f"AOT compile: {', '.join(cli.GIN_FILES.value)} on {_TOPOLOGY.value}"
     with open(_RESULTS.value, "w") as f:
-      json.dump(results_file(records, title), f, indent=1)
+      json.dump(results_file(records, title, machine), f, indent=1)
       f.write("\n")
     print(f"wrote {_RESULTS.value}", flush=True)
   misfits = [r["message"] for r in records if not r["fits"]]

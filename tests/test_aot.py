@@ -207,4 +207,4 @@ def test_bloom176b_annotation_fits_v5p_8(tmp_path):
   assert [r["step"] for r in records] == ["annotate_prefill", "annotate_decode"]
   assert all(r["fits"] for r in records), records
   assert all(r["params"] == pytest.approx(176e9, rel=0.02) for r in records), records
-  assert all(0 < r["estimated_mfu"] < 1 for r in records), records
+  assert all(0 < r["estimated_mfu"] <= 1 + 1e-9 for r in records), records
