@@ -1,6 +1,8 @@
 """Every job compiles for real TPU topologies on this CPU host (libtpu's compiler, no TPU).
 
-The tiny pipeline's steps compile for v5e and v4 over an fsdp x tensor mesh; the paper-scale
+The tiny pipeline's steps compile for v5e and v4 over an fsdp x tensor mesh; each step is
+built for its config's own model (the 7.1B pipeline's for 7.1B parameters); its FLOPs grow
+with depth although the compiler's count takes the scanned layers once; the paper-scale
 configs (slow) fit the HBM of their stated slices; a step that does not fit makes
 scripts/aot_compile.py exit non-zero and say by how much and what to change.
 """
@@ -24,9 +26,11 @@ from teacherlm_jax.runtime import topologies
 
 from conftest import REPO_ROOT
 
+# The einsum attention, quicker to compile; the TPU default's own test is below.
+XLA_ATTENTION = ["TrainConfig.attention_impl = 'xla'", "annotate.attention_impl = 'xla'"]
 FSDP_X_TENSOR = ["TrainConfig.mesh_fsdp = 2", "TrainConfig.mesh_tensor = 2",
                  "annotate.mesh_shape = (1, 2, 2)", "evaluate.mesh_shape = (1, 2, 2)",
-                 "evaluate.max_length = 256"]
+                 "evaluate.max_length = 256"] + XLA_ATTENTION
 
 
 @pytest.fixture
@@ -96,6 +100,60 @@ def test_tiny_pipeline_steps_compile_for_tpu_over_fsdp_and_tensor(gin_config, to
                            "hbm_capacity_bytes", "fits", "flops_per_device", "compile_s"}
 
 
+def test_7b1_pipeline_steps_are_built_for_its_own_models(gin_config):
+  # The file includes the tiny pipeline, whose teacher model_overrides a run from an HF
+  # checkpoint ignores: the teacher (trained, then annotating) is BLOOM-7.1B.
+  gin_config(["gin/pipeline_teacherlm_7b1_tpu.gin"])
+  steps = {step.name: step for step in aot_steps.steps("v5e-16")}
+  for name in ("teacher_train", "annotate_prefill", "annotate_decode"):
+    assert steps[name].params == pytest.approx(7.07e9, rel=0.01), (name, steps[name].model)
+    assert "bloom-7b1" in steps[name].model
+  # OPT-1.3B students on the pipeline's 32,000-token vocabulary.
+  for name in ("student_train", "eval_score"):
+    assert steps[name].params == pytest.approx(1.28e9, rel=0.01), (name, steps[name].model)
+  assert steps["teacher_train"].mesh.shape == {"data": 1, "fsdp": 4, "tensor": 4}
+
+
+def test_a_local_hf_checkpoint_gives_its_config_json_architecture(gin_config, tmp_path):
+  from teacherlm_jax.models import hf, presets  # pylint: disable=g-import-not-at-top
+  config = presets.get("tiny-bloom", num_layers=3, vocab_size=640)
+  (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(config)))
+  gin_config(["gin/pipeline_tiny.gin"],
+             FSDP_X_TENSOR + [f"teacher/TrainConfig.init_hf_checkpoint = '{tmp_path}'"])
+  [step] = aot_steps.steps("v5e:2x2", ["teacher_train"])
+  assert step.model == str(tmp_path / "config.json")
+  assert step.params == config.num_params()  # Not the tiny pipeline's widened teacher.
+
+
+def test_train_flops_grow_with_depth_where_the_compilers_count_does_not(gin_config):
+  records = {}
+  for layers in (1, 2, 4):
+    gin_config(["gin/pipeline_tiny.gin"], FSDP_X_TENSOR + [
+        f"teacher/TrainConfig.model_overrides = {{'hidden_size': 128, 'num_layers': {layers}}}"])
+    [records[layers]] = aot_steps.compile_steps("v5e:2x2", ["teacher_train"])
+  flops = {n: r["flops_per_device"] for n, r in records.items()}
+  compiled = {n: r["cost_analysis_flops_per_device"] for n, r in records.items()}
+  # Where the scan runs once, the analytic count is the compiler's.
+  assert flops[1] == pytest.approx(compiled[1], rel=0.05)
+  # Linear in depth: each layer adds as much; the compiler counts the scanned body once.
+  assert flops[4] - flops[2] == pytest.approx(2 * (flops[2] - flops[1]), rel=1e-6)
+  assert flops[4] > 2 * flops[1]
+  assert compiled[4] == pytest.approx(compiled[1], rel=0.05)
+  for record in records.values():
+    assert record["flops_source"] == "analytic"
+    assert 0 < record["estimated_mfu"] <= 1
+
+
+def test_tpu_default_attention_compiles_over_a_sharded_mesh(gin_config):
+  """TPU's default, the pallas kernel, runs per shard (a shard_map) on fsdp x tensor: every
+  step of the tiny pipeline compiles with it."""
+  gin_config(["gin/pipeline_tiny.gin"], FSDP_X_TENSOR[:-len(XLA_ATTENTION)])
+  records = aot_steps.compile_steps("v5e:2x2")
+  assert {"teacher_train", "annotate_prefill", "annotate_decode", "eval_score"} <= {
+      r["step"] for r in records}
+  assert all(r["fits"] for r in records)
+
+
 def _aot_compile(*args, timeout=1200):
   env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
   return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "aot_compile.py"), *args],
@@ -107,6 +165,7 @@ def test_oversized_batch_exits_non_zero_saying_what_to_change(tmp_path):
   result = _aot_compile("--gin_file=gin/pipeline_tiny.gin", "--topology=v5e:2x2",
                         f"--output={output}", "--steps=teacher_train",
                         "--gin.TrainConfig.mesh_fsdp=2", "--gin.TrainConfig.mesh_tensor=2",
+                        "--gin.TrainConfig.attention_impl='xla'",
                         "--gin.teacher/TrainConfig.batch_size=65536")
   assert result.returncode != 0
   assert ("teacher train step needs " in result.stderr
@@ -133,6 +192,12 @@ def test_7b1_pipeline_fits_v5e_16(tmp_path):
   assert [r["step"] for r in records] == ["teacher_train", "student_train", "annotate_prefill",
                                           "annotate_decode", "eval_score"]
   assert all(r["fits"] for r in records), records
+  teacher = records[0]
+  assert teacher["params"] == pytest.approx(7.07e9, rel=0.01)
+  assert 0 < teacher["estimated_mfu"] < 1
+  # The 7.1B step's own FLOPs: at least 6 x 7.1B parameters x 32 x 1024 tokens, over 16.
+  assert teacher["flops_per_device"] > 6 * 7.0e9 * 32 * 1024 / 16
+  assert "teacher_train" in result.stdout and "7.07B" in result.stdout
 
 
 @pytest.mark.slow
@@ -144,3 +209,5 @@ def test_bloom176b_annotation_fits_v5p_8(tmp_path):
   records = json.loads(output.read_text())
   assert [r["step"] for r in records] == ["annotate_prefill", "annotate_decode"]
   assert all(r["fits"] for r in records), records
+  assert all(r["params"] == pytest.approx(176e9, rel=0.02) for r in records), records
+  assert all(0 < r["estimated_mfu"] <= 1 + 1e-9 for r in records), records

@@ -16,12 +16,20 @@ stages' own step builders, over a mesh of the slice's devices, from abstract sha
 A pipeline config (PipelineConfig bound) has all five of its stages but `train`; otherwise
 the steps are those whose configurable the files bind (TrainConfig, annotate, evaluate).
 What the config leaves to the data or to checkpoints on disk is set by `AotConfig`.
+
+Each step is built for the architecture its stage would run, as `train.model_config_for`
+takes it: a run started from an HF checkpoint has that checkpoint's architecture (read from
+its config.json when the path is here, else the `TrainConfig.model` preset it is declared to
+be) and ignores `model_overrides`, as training does; only shapes are made (`nnx.eval_shape`),
+never weights. Every step carries its model's parameter count, to check against the config.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Callable, List, Optional
+import json
+import math
+from typing import Callable, List, Optional, Tuple
 
 import gin
 import jax
@@ -35,9 +43,11 @@ from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.pipeline import pipeline as pipeline_lib
 from teacherlm_jax.runtime import aot
+from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.runtime import shapes
 from teacherlm_jax.runtime import topologies
+from teacherlm_jax.storage import files
 from teacherlm_jax.training import mfu
 from teacherlm_jax.training import train as train_lib
 
@@ -84,7 +94,10 @@ class Step:
   mesh: jax.sharding.Mesh
   lower: Callable[[], jax.stages.Lowered]
   remedy: str                      # What to change in the config when it does not fit.
-  model_flops_per_device: Optional[float] = None
+  model: str                       # The architecture's source ("preset 'bloom-7b1'", a path).
+  params: int                      # Its parameter count, from shapes.
+  model_flops_per_device: Optional[float] = None      # Useful FLOPs (for MFU).
+  executed_flops_per_device: Optional[float] = None   # Plus remat recomputation.
 
 
 def _bound(binding: str) -> bool:
@@ -104,21 +117,34 @@ def _argument(fn, name: str):
 
 
 def _train_config(scope: str) -> train_lib.TrainConfig:
-  """The scope's TrainConfig without its init checkpoints: an AOT compile takes the
-  architecture from the preset (a pipeline's HF teacher is a checkpoint of that preset)."""
+  """The scope's TrainConfig without its init checkpoints (`_architecture` reads those
+  bindings itself)."""
   with gin.config_scope(scope or None):
     # Explicit arguments satisfy a %gin.REQUIRED init_hf_checkpoint.
     return train_lib.TrainConfig(init_checkpoint="", init_hf_checkpoint="")
 
 
+def _hf_checkpoint(scope: str) -> Optional[str]:
+  """The HF checkpoint the scope's run starts from: its path, '?' when the gin files leave it
+  to the launch command (%gin.REQUIRED), None when the run starts from a preset."""
+  for binding in ([f"{scope}/TrainConfig.init_hf_checkpoint"] if scope else []) + [
+      "TrainConfig.init_hf_checkpoint"]:
+    try:
+      value = gin.query_parameter(binding)
+    except ValueError:
+      continue
+    return value if isinstance(value, str) else "?"
+  return None
+
+
 def _pipeline_vocab_overrides(scope: str) -> dict:
   """A pipeline trains on its own SentencePiece vocabulary (`Pipeline._with_vocab`) unless the
-  stage starts from a checkpoint (PipelineConfig.teacher_checkpoint / students), whose config
-  (the preset's) then decides."""
-  pretrained = {"teacher": ("PipelineConfig.teacher_checkpoint",
-                            "teacher/TrainConfig.init_hf_checkpoint"),
+  stage starts from a checkpoint (an HF one, PipelineConfig.teacher_checkpoint or
+  PipelineConfig.students), whose config (the preset's) then decides."""
+  pretrained = {"teacher": ("PipelineConfig.teacher_checkpoint",),
                 "student": ("PipelineConfig.students",)}.get(scope, ())
-  if any(_bound(binding) and gin.query_parameter(binding) for binding in pretrained):
+  if _hf_checkpoint(scope) or any(_bound(binding) and gin.query_parameter(binding)
+                                  for binding in pretrained):
     return {}
   vocab_size = (gin.query_parameter("PipelineConfig.vocab_size")
                 if _bound("PipelineConfig.vocab_size") else
@@ -126,19 +152,44 @@ def _pipeline_vocab_overrides(scope: str) -> dict:
   return {"vocab_size": vocab_size}
 
 
-def _model_config(config: train_lib.TrainConfig, overrides: dict) -> ModelConfig:
-  return presets.get(config.model, **{**dict(config.model_overrides), **overrides,
-                                      **config.model_numerics()})
+def _architecture(scope: str, config: train_lib.TrainConfig, overrides: dict, device
+                  ) -> Tuple[ModelConfig, str]:
+  """The scope's model as its run builds it (`train.model_config_for`) with the run's
+  numerics for `device` (a TPU of the slice: its attention kernel), and where it comes from."""
+  numerics = config.model_numerics(device)
+  hf_checkpoint = _hf_checkpoint(scope)
+  if hf_checkpoint:
+    config_json = files.join(hf_checkpoint, "config.json") if hf_checkpoint != "?" else ""
+    if config_json and files.exists(config_json):
+      from teacherlm_jax.models import hf  # pylint: disable=g-import-not-at-top
+      hf_config = json.loads(files.read_text(config_json))
+      return (hf.config_from_hf(hf_config, source=config_json).replace(**numerics),
+              config_json)
+    # Given at launch, or not on this host: the preset the checkpoint is declared to be.
+    return presets.get(config.model, **numerics), (
+        f"preset {config.model!r} (the HF checkpoint's architecture)")
+  return (presets.get(config.model, **{**dict(config.model_overrides), **overrides,
+                                       **numerics}),
+          f"preset {config.model!r}" + (" with overrides" if config.model_overrides else ""))
+
+
+def param_count(model_config: ModelConfig) -> int:
+  """Parameters of `model_config`'s model, counted on its abstract (shape-only) state."""
+  params = nnx.state(_abstract_model(model_config), nnx.Param)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 def train_step(name: str, scope: str, slice_name: str, in_pipeline: bool) -> Step:
   config = _train_config(scope)
-  model_config = _model_config(config, _pipeline_vocab_overrides(scope) if in_pipeline else {})
-  mesh = train_lib.make_mesh(config, topologies.devices(slice_name))
+  devices = topologies.devices(slice_name)
+  model_config, source = _architecture(
+      scope, config, _pipeline_vocab_overrides(scope) if in_pipeline else {}, devices[0])
+  mesh = train_lib.make_mesh(config, devices)
   partitioning.check_batch_divides(config.batch_size, mesh,
                                    what=f"{scope + '/' if scope else ''}TrainConfig.batch_size")
   tokens = config.batch_size * config.seq_len
   model_flops = mfu.flops_per_token(model_config, config.seq_len) * tokens
+  recomputed = mfu.recomputed_flops_per_token(model_config, config.seq_len) * tokens
 
   def lower():
     program = train_lib.program_for(config, model_config, mesh)
@@ -146,7 +197,9 @@ def train_step(name: str, scope: str, slice_name: str, in_pipeline: bool) -> Ste
                                     train_lib.abstract_batch(config, mesh))
 
   remedy = _TRAIN_REMEDY.format(scope=f"{scope}/" if scope else "")
-  return Step(name, mesh, lower, remedy, model_flops / mesh.devices.size)
+  size = mesh.devices.size
+  return Step(name, mesh, lower, remedy, source, param_count(model_config), model_flops / size,
+              (model_flops + recomputed) / size)
 
 
 def _forward_flops(model_config: ModelConfig, context: int, tokens: int, head_rows: int
@@ -173,18 +226,23 @@ def _host_mesh(mesh_shape, slice_name: str):
 def annotation_steps(slice_name: str, aot: AotConfig, in_pipeline: bool) -> List[Step]:
   fn = annotate_lib.annotate
   dtype = _argument(fn, "dtype")
+  mesh = _host_mesh(_argument(fn, "mesh_shape"), slice_name)
   if aot.annotation_model:
     model_config = presets.get(aot.annotation_model)
-  elif in_pipeline:
-    teacher = _train_config("teacher")
-    model_config = _model_config(teacher, _pipeline_vocab_overrides("teacher"))
+    source = f"preset {aot.annotation_model!r} (AotConfig.annotation_model)"
+  elif in_pipeline:  # The trained teacher: its training architecture.
+    model_config, source = _architecture("teacher", _train_config("teacher"),
+                                         _pipeline_vocab_overrides("teacher"),
+                                         mesh.devices.flat[0])
   else:
     raise ValueError("AotConfig.annotation_model is unset: an annotation config names its "
                      "teachers by checkpoint path, so bind the architecture for the compile, "
                      "e.g. AotConfig.annotation_model = 'bloom-176b'")
-  # Teachers are loaded with their weights in the annotation dtype (checkpoint_io.load_any).
-  model_config = model_config.replace(dtype=dtype, param_dtype=dtype)
-  mesh = _host_mesh(_argument(fn, "mesh_shape"), slice_name)
+  # Teachers are loaded with their weights in the annotation dtype (checkpoint_io.load_any),
+  # attending with the platform's kernel (annotate._load_teachers).
+  model_config = model_config.replace(
+      dtype=dtype, param_dtype=dtype,
+      **kernels.attention_options(_argument(fn, "attention_impl"), mesh.devices.flat[0]))
   sampling = decoding.SamplingConfig()  # gin-configured (SamplingConfig.*), as annotate's.
   num_slots = _argument(fn, "num_slots")
   width = shapes.bucket_length(aot.prompt_tokens)
@@ -206,22 +264,27 @@ def annotation_steps(slice_name: str, aot: AotConfig, in_pipeline: bool) -> List
       return lowered.pop(which)
     return run
 
-  return [Step("annotate_prefill", mesh, lower("prefill"), _ANNOTATE_REMEDY, prefill_flops),
-          Step("annotate_decode", mesh, lower("decode"), _ANNOTATE_REMEDY, decode_flops)]
+  params = param_count(model_config)
+  return [Step("annotate_prefill", mesh, lower("prefill"), _ANNOTATE_REMEDY, source, params,
+               prefill_flops),
+          Step("annotate_decode", mesh, lower("decode"), _ANNOTATE_REMEDY, source, params,
+               decode_flops)]
 
 
 def eval_step(slice_name: str, aot: AotConfig, in_pipeline: bool) -> Step:
   fn = evaluate_lib.evaluate
+  mesh = _host_mesh(_argument(fn, "mesh_shape"), slice_name)
+  device = mesh.devices.flat[0]
   if in_pipeline:  # The pipeline evaluates its students, as trained (checkpoint_io.load_model).
-    student = _train_config("student")
-    model_config = _model_config(student, _pipeline_vocab_overrides("student"))
-  elif aot.eval_model:
-    model_config = presets.get(aot.eval_model)
+    model_config, source = _architecture("student", _train_config("student"),
+                                         _pipeline_vocab_overrides("student"), device)
+  elif aot.eval_model:  # scripts/evaluate.py: the platform's attention kernel.
+    model_config = presets.get(aot.eval_model, **kernels.attention_options("", device))
+    source = f"preset {aot.eval_model!r} (AotConfig.eval_model)"
   else:
     raise ValueError("AotConfig.eval_model is unset: an evaluation config names its model by "
                      "checkpoint path, so bind the architecture for the compile, e.g. "
                      "AotConfig.eval_model = 'opt-1.3b'")
-  mesh = _host_mesh(_argument(fn, "mesh_shape"), slice_name)
   max_length = _argument(fn, "max_length")
   prompt_tokens = aot.eval_prompt_tokens or max_length
   if not prompt_tokens:
@@ -238,7 +301,8 @@ def eval_step(slice_name: str, aot: AotConfig, in_pipeline: bool) -> Step:
                                      max_length=max_length, mesh=mesh)
     return scorer.lower(prompt_tokens, aot.eval_options, aot.eval_option_tokens)
 
-  return Step("eval_score", mesh, lower, _EVAL_REMEDY, model_flops / mesh.devices.size)
+  return Step("eval_score", mesh, lower, _EVAL_REMEDY, source, param_count(model_config),
+              model_flops / mesh.devices.size)
 
 
 def steps(slice_name: str, only: Optional[List[str]] = None) -> List[Step]:
@@ -282,10 +346,11 @@ def compile_steps(slice_name: str, only: Optional[List[str]] = None,
   `message` saying by how much and what to change."""
   records = []
   for step in steps(slice_name, only):
-    progress(f"compiling {step.name} for {slice_name} on mesh "
-             f"{partitioning.mesh_shape(step.mesh)}")
+    progress(f"compiling {step.name} ({step.model}, {step.params / 1e9:.3g}B parameters) "
+             f"for {slice_name} on mesh {partitioning.mesh_shape(step.mesh)}")
     record = aot.compile_step(step.name, step.lower(), slice_name, step.mesh,
-                              step.model_flops_per_device)
+                              step.model_flops_per_device, step.executed_flops_per_device)
+    record["model"], record["params"] = step.model, step.params
     estimate = aot.estimate(record)
     record["estimated_step_s"] = estimate["step_s"]
     record["estimated_mfu"] = estimate["mfu"]

@@ -2,10 +2,15 @@
 
 `compile_step` compiles a `jax.stages.Lowered` (lowered over a mesh of `topologies.devices`)
 with the real TPU compiler and reads the per-device HBM the program needs from
-`memory_analysis()` (arguments + outputs + temporaries - aliased, i.e. donated, buffers) and
-its FLOPs from `cost_analysis()`. A program larger than HBM fails to compile with
-RESOURCE_EXHAUSTED; that is recorded as `fits: False` with the size the compiler reports
-(often its temporaries alone: at least that much).
+`memory_analysis()` (arguments + outputs + temporaries - aliased, i.e. donated, buffers). A
+program larger than HBM fails to compile with RESOURCE_EXHAUSTED; that is recorded as
+`fits: False` with the size the compiler reports (often its temporaries alone: at least that
+much).
+FLOPs: `cost_analysis()` counts a loop body once, so a model whose layers run as one
+`lax.scan` shows about one layer's FLOPs. Its figure is kept as `cost_analysis_flops_per_device`;
+`flops_per_device` is the step's analytic FLOPs (useful plus remat recomputation, from the
+model's shapes) where the caller gives them, else the cost analysis figure (a loop-free
+program's is right).
 `estimate` turns a record into a roofline step time (FLOPs at peak, or HBM traffic at full
 bandwidth, whichever is slower; no communication) and the MFU that time implies.
 """
@@ -47,18 +52,22 @@ def _cost(compiled) -> dict:
 
 
 def compile_step(step: str, lowered: jax.stages.Lowered, slice_name: str, mesh: Mesh,
-                 model_flops_per_device: Optional[float] = None) -> dict:
+                 model_flops_per_device: Optional[float] = None,
+                 executed_flops_per_device: Optional[float] = None) -> dict:
   """Compiles `lowered` and returns its record:
 
   {step, topology, devices, mesh, hbm_bytes_per_device, hbm_capacity_bytes, fits,
-   flops_per_device, bytes_accessed_per_device, model_flops_per_device, compile_s}
+   flops_per_device, flops_source, cost_analysis_flops_per_device, model_flops_per_device,
+   bytes_accessed_per_device, argument_bytes_per_device, compile_s}
 
-  `model_flops_per_device`: the step's useful FLOPs (no recomputation), for MFU; default the
-  compiled FLOPs.
+  `model_flops_per_device`: the step's useful FLOPs (no recomputation), for MFU;
+  `executed_flops_per_device`: those plus what remat recomputes, the step's `flops_per_device`
+  (`flops_source` 'analytic'). Without them both are the cost analysis figure.
   """
   chip = topologies.by_name(slice_name).chip
   record = {"step": step, "topology": slice_name, "devices": int(mesh.devices.size),
             "mesh": partitioning.mesh_shape(mesh), "hbm_capacity_bytes": chip.hbm_bytes}
+  executed = executed_flops_per_device or model_flops_per_device
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -67,32 +76,44 @@ def compile_step(step: str, lowered: jax.stages.Lowered, slice_name: str, mesh: 
     if "RESOURCE_EXHAUSTED" not in str(e) or not matches:
       raise
     needed = float(matches[0].group(1)) * _UNITS[matches[0].group(2)]
-    record.update(hbm_bytes_per_device=int(needed), fits=False, flops_per_device=None,
-                  bytes_accessed_per_device=None, model_flops_per_device=model_flops_per_device,
+    record.update(hbm_bytes_per_device=int(needed), fits=False, flops_per_device=executed,
+                  flops_source="analytic" if executed else None,
+                  cost_analysis_flops_per_device=None,
+                  model_flops_per_device=model_flops_per_device,
+                  bytes_accessed_per_device=None, argument_bytes_per_device=None,
                   compile_s=round(time.perf_counter() - start, 2))
     return record
   compile_s = time.perf_counter() - start
-  needed = hbm_bytes(compiled.memory_analysis())
+  memory = compiled.memory_analysis()
+  needed = hbm_bytes(memory)
   cost = _cost(compiled)
-  flops = cost.get("flops")
+  compiled_flops = None if cost.get("flops") is None else float(cost["flops"])
   record.update(
       hbm_bytes_per_device=needed, fits=needed <= chip.hbm_bytes,
-      flops_per_device=None if flops is None else float(flops),
+      flops_per_device=executed or compiled_flops,
+      flops_source="analytic" if executed else "cost_analysis",
+      cost_analysis_flops_per_device=compiled_flops,
+      model_flops_per_device=model_flops_per_device,
       bytes_accessed_per_device=cost.get("bytes accessed"),
-      model_flops_per_device=model_flops_per_device, compile_s=round(compile_s, 2))
+      argument_bytes_per_device=int(memory.argument_size_in_bytes),
+      compile_s=round(compile_s, 2))
   return record
 
 
 def estimate(record: dict) -> dict:
   """Roofline estimate of a record's step: {'step_s', 'mfu', 'bound'} (None when the record
-  has no FLOPs). The slower of compute at peak and HBM traffic at full bandwidth; overlap with
-  communication and every other inefficiency is ignored, so real steps are slower."""
+  has no FLOPs). The slower of compute at peak (`flops_per_device`) and HBM traffic at full
+  bandwidth; overlap with communication and every other inefficiency is ignored, so real
+  steps are slower. HBM traffic is at least the arguments read once: the cost analysis's
+  bytes, like its FLOPs, count a scanned body once."""
   chip = topologies.by_name(record["topology"]).chip
   flops = record.get("flops_per_device")
   if not flops:
     return {"step_s": None, "mfu": None, "bound": None}
   compute_s = flops / chip.peak_bf16_flops
-  memory_s = (record.get("bytes_accessed_per_device") or 0.0) / chip.hbm_bytes_per_s
+  traffic = max(record.get("bytes_accessed_per_device") or 0.0,
+                record.get("argument_bytes_per_device") or 0.0)
+  memory_s = traffic / chip.hbm_bytes_per_s
   step_s = max(compute_s, memory_s)
   useful = record.get("model_flops_per_device") or flops
   return {"step_s": step_s, "mfu": useful / (step_s * chip.peak_bf16_flops),

@@ -19,18 +19,45 @@ from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.runtime import chips
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x matmul parameters (LM head included, embedding lookups and
-  norms excluded) plus attention scores and values (6 x 2 x layers x seq_len x heads x head_dim,
-  full square counted as XLA computes it)."""
+def _block_matmul_params(config: ModelConfig) -> int:
+  """Matmul parameters of the blocks: attention projections and MLP, every layer."""
   d, f = config.hidden_size, config.mlp_dim
   h, k, hd = config.num_heads, config.kv_heads, config.dim_per_head
   attn_proj = d * h * hd + 2 * d * k * hd + h * hd * d
   mlp = (3 if config.family == "llama" else 2) * d * f
+  return config.num_layers * (attn_proj + mlp)
+
+
+def _attention_macs_per_token(config: ModelConfig, seq_len: int) -> int:
+  """Multiply-adds of attention scores and values per token, every layer (the full square)."""
+  return 2 * config.num_layers * seq_len * config.num_heads * config.dim_per_head
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul parameters (LM head included, embedding lookups and
+  norms excluded) plus attention scores and values (6 x 2 x layers x seq_len x heads x head_dim,
+  full square counted as XLA computes it)."""
   head = config.embed_dim * config.vocab_size
-  matmul_params = config.num_layers * (attn_proj + mlp) + head
-  attention = 2 * config.num_layers * seq_len * h * hd
-  return 6.0 * matmul_params + 6.0 * attention
+  matmul_params = _block_matmul_params(config) + head
+  return 6.0 * matmul_params + 6.0 * _attention_macs_per_token(config, seq_len)
+
+
+# What each remat policy (models/transformer.REMAT_POLICIES) recomputes in the backward pass
+# beyond the saved values: the blocks' projections, attention, both or neither.
+_RECOMPUTED = {"none": (), "dots": (), "full": ("projections", "attention"),
+               "save_projections": ("attention",), "save_attention": ("projections",)}
+
+
+def recomputed_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per trained token that `config.remat` runs a second time in the backward
+  pass (not useful work: excluded from MFU, included in the time a step takes)."""
+  recomputed = _RECOMPUTED[config.remat]
+  flops = 0.0
+  if "projections" in recomputed:
+    flops += 2.0 * _block_matmul_params(config)
+  if "attention" in recomputed:
+    flops += 2.0 * _attention_macs_per_token(config, seq_len)
+  return flops
 
 
 def measure_matmul_peak_tflops(size: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
