@@ -25,6 +25,8 @@ NUM_RECORDS = 16
 # Settings shared by in-process runs and the scripts/annotate.py subprocesses.
 MAX_NEW_TOKENS = 6
 SETTINGS = dict(num_slots=4, chunk_size=2, id_field="ex_id")
+# Greedy, as the in-process runs the scripts' output is compared with (gin/annotate.gin samples).
+GREEDY = ["--gin.SamplingConfig.temperature=0.0", "--gin.SamplingConfig.top_k=0"]
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +78,8 @@ def reference(workdir):
 
 def _script(workdir, output, *extra):
   _, teacher, records = workdir
-  # Greedy, as the in-process runs these are compared with (gin/annotate.gin samples).
   bindings = [f"--gin.annotate.teachers='{teacher}'",
-              f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}",
-              "--gin.SamplingConfig.temperature=0.0", "--gin.SamplingConfig.top_k=0"] + [
+              f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}", *GREEDY] + [
       f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen(

@@ -28,7 +28,8 @@ from teacherlm_jax.training import train
 from teacherlm_jax.training import train_data
 
 # The tiny teacher, input records and uninterrupted reference annotation of test_annotate.py.
-from test_annotate import MAX_NEW_TOKENS, NUM_RECORDS, SETTINGS, _same_annotations  # pylint: disable=g-bad-import-order
+from test_annotate import (  # pylint: disable=g-bad-import-order
+    GREEDY, MAX_NEW_TOKENS, NUM_RECORDS, SETTINGS, _same_annotations)
 from test_annotate import creak_rows, reference, workdir  # pylint: disable=unused-import  (fixtures)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -125,7 +126,7 @@ def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
 
 
 def _annotate_on_gs(teacher, input_uri, output, *extra):
-  bindings = [f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}"] + [
+  bindings = [f"--gin.SamplingConfig.max_new_tokens={MAX_NEW_TOKENS}", *GREEDY] + [
       f"--gin.annotate.{k}={v!r}" for k, v in SETTINGS.items()]
   return subprocess.Popen(
       [sys.executable, str(REPO / "scripts" / "annotate.py"), "--gin_file=gin/annotate.gin",
