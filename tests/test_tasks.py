@@ -169,6 +169,7 @@ def test_annotated_tfds_builder(shared_data, vocabulary, tmp_path):
 
 
 def test_bad_input(shared_data, vocabulary, tmp_path):
+  tasks.set_on_bad_row("raise")  # Process-wide: a student mixture built earlier leaves 'skip'.
   _write_shard(tmp_path / "bad.jsonl", [{"id": "nope", "chain_of_thought": "x"}])
   with open(tmp_path / "bad.jsonl", "a") as f:
     f.write("{broken\n")
