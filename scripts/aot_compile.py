@@ -3,7 +3,7 @@ r"""Compiles every step of a job for a TPU slice ahead of time, on this host, wi
   python scripts/aot_compile.py --gin_file=gin/pipeline_teacherlm_7b1_tpu.gin \
       --topology=v5e-16 --output=aot.json
   python scripts/aot_compile.py --gin_file=gin/annotate_bloom176b_tpu.gin --topology=v5p-8
-  python scripts/aot_compile.py ... --steps=teacher_train --gin.teacher/TrainConfig.remat="'full'"
+  python scripts/aot_compile.py ... --steps=teacher_train --gin.teacher/ModelSettings.remat="'full'"
 
 Each step (teacher/student train steps, annotation prefill and decode, evaluation scoring) is
 compiled by the real TPU compiler with the config's own mesh, shardings, dtypes and remat, for

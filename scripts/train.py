@@ -5,7 +5,7 @@ r"""Trains a model: teacher specialisations, multi-stage SFT, or a student (one 
   # A pretrained student on an annotation run's output, tokenised with the student
   # checkpoint's own tokenizer (the original:annotated rates and QC action from gin):
   python scripts/train.py --gin_file=gin/students/opt_1.3b.gin --input=/tmp/annotations \
-      --model_dir=/tmp/student --gin.TrainConfig.init_hf_checkpoint="'/ckpt/opt-1.3b'" \
+      --model_dir=/tmp/student --gin.ModelSettings.init_hf_checkpoint="'/ckpt/opt-1.3b'" \
       --gin.student_input_mixture.fmt="'CMF'" --gin.student_input_mixture.qc_action="'skip'"
   # A student from random weights takes its vocabulary from gin instead:
   #   --gin.get_vocabulary.spec="'hf:/ckpt/opt-1.3b'"
@@ -27,8 +27,8 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "checkpoints, metrics and co
 _INPUT = flags.DEFINE_string(
     "input", None, "train a student on annotation output: an annotate.py --output directory "
     "(its merged.jsonl, from annotate.py --merge) or a JSONL glob, mixed with the original data "
-    "by student_input_mixture (gin); sets TrainConfig.train_task")
-MESH_BINDINGS = ("TrainConfig.mesh_data", "TrainConfig.mesh_fsdp", "TrainConfig.mesh_tensor")
+    "by student_input_mixture (gin); sets DataConfig.train_task")
+MESH_BINDINGS = ("MeshConfig.data", "MeshConfig.fsdp", "MeshConfig.tensor")
 _MESH = cli.define_mesh_flag(*MESH_BINDINGS)
 
 
@@ -39,7 +39,7 @@ def configure(gin_bindings=()) -> None:
   from teacherlm_jax.training import train  # pylint: disable=g-import-not-at-top,unused-import
   cli.parse_flags_and_gin(list(gin_bindings) + cli.mesh_bindings(_MESH.value, *MESH_BINDINGS))
   if _INPUT.value:
-    gin.bind_parameter("TrainConfig.train_task", mixtures.STUDENT_INPUT_MIXTURE)
+    gin.bind_parameter("DataConfig.train_task", mixtures.STUDENT_INPUT_MIXTURE)
 
 
 def main(argv, gin_bindings=()):
@@ -56,7 +56,7 @@ def main(argv, gin_bindings=()):
     from teacherlm_jax.training import stage_vocab  # pylint: disable=g-import-not-at-top
     # The student's data is tokenised with its checkpoint's tokenizer unless gin names one.
     vocabulary = (None if cli.is_bound("student_input_mixture.vocabulary")
-                  else stage_vocab.data_vocabulary(config))
+                  else stage_vocab.data_vocabulary(config.model))
     mixtures.student_input_mixture(_INPUT.value, **(
         {"vocabulary": vocabulary} if vocabulary is not None else {}))
   result = train.train(config, _MODEL_DIR.value)

@@ -111,8 +111,8 @@ def is_bound(name: str) -> bool:
 
 def gin_error_message(error: Exception, gin_files: Sequence[str] = ()) -> str:
   """One line for a gin parse error: what is wrong, with which binding, where, and the
-  nearest known name, e.g. "gin: unknown binding 'TrainConfig.lr' in --gin_file=gin/x.gin
-  line 3 (did you mean TrainConfig.learning_rate?)"."""
+  nearest known name, e.g. "gin: unknown binding 'OptimizerConfig.lr' in --gin_file=gin/x.gin
+  line 3 (did you mean OptimizerConfig.learning_rate?)"."""
   lines = str(error).splitlines() or [type(error).__name__]
   reason = lines[0].strip()
   where = _gin_location(lines[1] if len(lines) > 1 else "", gin_files)
@@ -128,9 +128,16 @@ def gin_error_message(error: Exception, gin_files: Sequence[str] = ()) -> str:
   unknown_configurable = re.match(r"No configurable matching '(.+)'\.", reason)
   if unknown_parameter:
     selector, name = unknown_parameter.groups()
-    guess = _closest(name, _parameters(selector))
+    # A parameter of one other configurable (a TrainConfig field that lives in a group).
+    owners = [other for other in _configurable_names()
+              if "." not in other and other != selector and name in _parameters(other)]
+    guess = f"{owners[0]}.{name}" if len(owners) == 1 else None
+    close = _closest(name, _parameters(selector))
+    guess = guess or (f"{selector}.{close}" if close else None)
+    scope = key.rpartition("/")[0] if "/" in key.rpartition(".")[0] else ""
+    guess = f"{scope}/{guess}" if guess and scope else guess
     return (f"gin: unknown binding '{key}' in {where}"
-            + (f" (did you mean {selector}.{guess}?)" if guess else
+            + (f" (did you mean {guess}?)" if guess else
                f" ({selector} has no parameter '{name}')"))
   if unknown_configurable:
     selector = unknown_configurable.group(1)

@@ -27,8 +27,8 @@ from teacherlm_jax.runtime import topologies
 from conftest import REPO_ROOT
 
 # The einsum attention, quicker to compile; the TPU default's own test is below.
-XLA_ATTENTION = ["TrainConfig.attention_impl = 'xla'", "annotate.attention_impl = 'xla'"]
-FSDP_X_TENSOR = ["TrainConfig.mesh_fsdp = 2", "TrainConfig.mesh_tensor = 2",
+XLA_ATTENTION = ["ModelSettings.attention_impl = 'xla'", "annotate.attention_impl = 'xla'"]
+FSDP_X_TENSOR = ["MeshConfig.fsdp = 2", "MeshConfig.tensor = 2",
                  "annotate.mesh_shape = (1, 2, 2)", "evaluate.mesh_shape = (1, 2, 2)",
                  "evaluate.max_length = 256"] + XLA_ATTENTION
 
@@ -120,7 +120,7 @@ def test_a_local_hf_checkpoint_gives_its_config_json_architecture(gin_config, tm
   config = presets.get("tiny-bloom", num_layers=3, vocab_size=640)
   (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(config)))
   gin_config(["gin/pipeline_tiny.gin"],
-             FSDP_X_TENSOR + [f"teacher/TrainConfig.init_hf_checkpoint = '{tmp_path}'"])
+             FSDP_X_TENSOR + [f"teacher/ModelSettings.init_hf_checkpoint = '{tmp_path}'"])
   [step] = aot_steps.steps("v5e:2x2", ["teacher_train"])
   assert step.model == str(tmp_path / "config.json")
   assert step.params == config.num_params()  # Not the tiny pipeline's widened teacher.
@@ -130,7 +130,7 @@ def test_train_flops_grow_with_depth_where_the_compilers_count_does_not(gin_conf
   records = {}
   for layers in (1, 2, 4):
     gin_config(["gin/pipeline_tiny.gin"], FSDP_X_TENSOR + [
-        f"teacher/TrainConfig.model_overrides = {{'hidden_size': 128, 'num_layers': {layers}}}"])
+        f"teacher/ModelSettings.overrides = {{'hidden_size': 128, 'num_layers': {layers}}}"])
     [records[layers]] = aot_steps.compile_steps("v5e:2x2", ["teacher_train"])
   flops = {n: r["flops_per_device"] for n, r in records.items()}
   compiled = {n: r["cost_analysis_flops_per_device"] for n, r in records.items()}
@@ -165,13 +165,13 @@ def test_oversized_batch_exits_non_zero_saying_what_to_change(tmp_path):
   output = tmp_path / "aot.json"
   result = _aot_compile("--gin_file=gin/pipeline_tiny.gin", "--topology=v5e:2x2",
                         f"--output={output}", "--steps=teacher_train",
-                        "--gin.TrainConfig.mesh_fsdp=2", "--gin.TrainConfig.mesh_tensor=2",
-                        "--gin.TrainConfig.attention_impl='xla'",
-                        "--gin.teacher/TrainConfig.batch_size=65536")
+                        "--gin.MeshConfig.fsdp=2", "--gin.MeshConfig.tensor=2",
+                        "--gin.ModelSettings.attention_impl='xla'",
+                        "--gin.teacher/DataConfig.batch_size=65536")
   assert result.returncode != 0
   assert ("teacher train step needs " in result.stderr
-          and " GiB of 16 GiB per chip on v5e:2x2: raise teacher/TrainConfig.mesh_fsdp, use "
-          "teacher/TrainConfig.remat='full' or lower teacher/TrainConfig.batch_size"
+          and " GiB of 16 GiB per chip on v5e:2x2: raise teacher/MeshConfig.fsdp, use "
+          "teacher/ModelSettings.remat='full' or lower teacher/DataConfig.batch_size"
           in result.stderr), result.stderr[-2000:]
   [record] = json.loads(output.read_text())
   assert record["fits"] is False and record["hbm_bytes_per_device"] > 16 * chips.GiB

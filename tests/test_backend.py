@@ -20,6 +20,7 @@ from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.runtime import program
 from teacherlm_jax.training import optimizer
 from teacherlm_jax.training import train
+from teacherlm_jax.training import train_config
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "teacherlm_jax" / "models"
 _CPUINFO = ("processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: x\n"
@@ -110,7 +111,7 @@ def _abstract_model(config):
 
 def _train_step_jaxpr(config, mesh):
   runtime = program.Program(mesh)
-  tx, _ = optimizer.make_optimizer(*train._optimizer_args(train.TrainConfig()))
+  tx, _ = optimizer.make_optimizer(train_config.OptimizerConfig())
   graphdef, params = runtime.split(_abstract_model(config))
   state_sh = batch_sh = None
   if mesh is not None:

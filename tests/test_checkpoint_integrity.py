@@ -14,6 +14,7 @@ from teacherlm_jax.data import vocab
 from teacherlm_jax.models import checkpoint_io
 from teacherlm_jax.runtime import checkpointing
 from teacherlm_jax.training import train
+from teacherlm_jax.training import train_config
 
 SEQ_LEN, BATCH = 32, 8
 
@@ -31,10 +32,15 @@ def _batches(start):
 
 
 def _config(**changes):
-  return train.TrainConfig(**{**dict(
-      model="tiny-bloom", seq_len=SEQ_LEN, batch_size=BATCH, num_steps=4, checkpoint_every=2,
-      log_every=2, schedule="constant", eval_batches=0, mesh_devices=1, mesh_fsdp=1,
-      peak_tflops_per_device=1.0, tensorboard=False), **changes})
+  base = train_config.TrainConfig(
+      model=train_config.ModelSettings(preset="tiny-bloom"),
+      data=train_config.DataConfig(seq_len=SEQ_LEN, batch_size=BATCH),
+      optimizer=train_config.OptimizerConfig(schedule="constant"),
+      mesh=train_config.MeshConfig(devices=1, fsdp=1),
+      checkpoint=train_config.CheckpointConfig(every=2),
+      logging=train_config.LoggingConfig(every=2, peak_tflops_per_device=1.0, tensorboard=False),
+      num_steps=4, eval_batches=0)
+  return base.replace(**changes)
 
 
 def _flip_bytes(step_dir: pathlib.Path):
@@ -109,5 +115,5 @@ def test_nan_guard_names_its_step_and_calls_only_a_verified_step_verified(tmp_pa
   with pytest.raises(FloatingPointError, match=r"NaN/Inf at step 4 .*stopped there .*newest "
                                                r"checkpoint, step 2 in .*, passed checksum "
                                                r"verification when it was restored"):
-    train.train(_config(num_steps=6, log_every=1, checkpoint_every=10), str(model_dir),
-                train_batches=poisoned)
+    train.train(_config(num_steps=6, logging=dict(every=1), checkpoint=dict(every=10)),
+                str(model_dir), train_batches=poisoned)

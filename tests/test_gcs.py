@@ -6,7 +6,6 @@ parameters of an uninterrupted run; an annotation run reading and writing gs:// 
 texts; a training run's TensorBoard events are in the bucket at each flush and read back; the
 pipeline runs to its report on gs://; no local folder named 'gs:' appears anywhere.
 """
-import dataclasses
 import json
 import os
 import pathlib
@@ -25,12 +24,12 @@ from teacherlm_jax.annotation import io as annotation_io
 from teacherlm_jax.storage import files
 from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import train
-from teacherlm_jax.training import train_data
 
 # The tiny teacher, input records and uninterrupted reference annotation of test_annotate.py.
 from test_annotate import (  # pylint: disable=g-bad-import-order
     GREEDY, MAX_NEW_TOKENS, NUM_RECORDS, SETTINGS, _same_annotations)
 from test_annotate import creak_rows, reference, workdir  # pylint: disable=unused-import  (fixtures)
+from test_train_multiprocess import _config as train_multiprocess_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,17 +54,13 @@ def _no_local_gs_folder(*roots: pathlib.Path) -> None:
 
 
 def _train_config(data_dir, **changes):
-  base = dict(model="tiny-bloom", train_task=train_data.FLAN_COT_BYTES_TASK, eval_batches=0,
-              data_dir=str(data_dir), seq_len=64, batch_size=8, learning_rate=3e-3,
-              schedule="constant", num_steps=16, log_every=1, checkpoint_every=4,
-              keep_checkpoints=100, mesh_data=1, mesh_fsdp=4, mesh_tensor=2,
-              peak_tflops_per_device=1.0, tensorboard=False)
-  return train.TrainConfig(**{**base, **changes})
+  """test_train_multiprocess's 2-process run, 16 steps, without TensorBoard by default."""
+  base = train_multiprocess_config(data_dir, num_steps=16, logging=dict(tensorboard=False))
+  return base.replace(**changes)
 
 
 def _launch_training(config, model_dir, log_path, process_id, port, emulator):
-  bindings = [f"--gin_bindings=TrainConfig.{f.name} = {getattr(config, f.name)!r}"
-              for f in dataclasses.fields(config)]
+  bindings = [f"--gin_bindings={binding}" for binding in config.gin_bindings()]
   env = {**os.environ, **emulator.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
   with open(log_path, "w") as log:
@@ -86,7 +81,7 @@ def _two_processes(config, model_dir, tmp_path, emulator, name):
 def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
     flan_data, gcs_emulator, gcs_dir, tmp_path):
   config = _train_config(flan_data)
-  reference = train.train(config.replace(mesh_fsdp=8, mesh_tensor=1), str(tmp_path / "local"))
+  reference = train.train(config.replace(mesh=dict(fsdp=8, tensor=1)), str(tmp_path / "local"))
   model_dir = f"{gcs_dir}/run"
   processes, logs = _two_processes(config, model_dir, tmp_path, gcs_emulator, "first")
   committed = f"{model_dir}/checkpoints/4/commit_success.txt"  # orbax's mark of a whole step.
@@ -116,7 +111,7 @@ def test_two_processes_train_on_gs_are_killed_and_resume_like_one_run(
   assert "input: continuing from the position saved at step" in log  # Not replayed.
   assert files.exists(f"{model_dir}/input_position/16/process-00001-of-00002.bin")
 
-  finished = train.train(config.replace(mesh_fsdp=8, mesh_tensor=1), model_dir)
+  finished = train.train(config.replace(mesh=dict(fsdp=8, tensor=1)), model_dir)
   assert finished["start_step"] == 16
   # gloo sums gradients in another order than one process (see test_train_multiprocess.py).
   for a, b in zip(jax.tree.leaves(finished["state"]["params"]),
@@ -200,8 +195,8 @@ def _events_in_bucket(logdir, local_dir) -> dict:
 def test_training_on_gs_leaves_its_tensorboard_events_in_the_bucket(
     flan_data, gcs_emulator, gcs_dir, tmp_path):
   model_dir = f"{gcs_dir}/run"
-  config = _train_config(flan_data, num_steps=8, log_every=2, checkpoint_every=4,
-                         mesh_fsdp=8, mesh_tensor=1, tensorboard=True)
+  config = _train_config(flan_data, num_steps=8, logging=dict(every=2, tensorboard=True),
+                         checkpoint=dict(every=4), mesh=dict(fsdp=8, tensor=1))
   result = train.train(config, model_dir)
   scalars = _events_in_bucket(metrics_lib.tensorboard_dir(model_dir), tmp_path)
   assert sorted(scalars["train/loss"]) == [2, 4, 6, 8]
@@ -305,8 +300,8 @@ PIPELINE_SHRUNKEN = [
     "--gin.PipelineConfig.synthetic_creatures=64",
     "--gin.PipelineConfig.student_epochs=1",
     "--gin.teacher/TrainConfig.num_steps=80",
-    "--gin.TrainConfig.checkpoint_every=40",
-    "--gin.TrainConfig.log_every=20",
+    "--gin.CheckpointConfig.every=40",
+    "--gin.LoggingConfig.every=20",
     "--gin.SamplingConfig.max_new_tokens=24",
     "--gin.annotate.chunk_size=32",
 ]

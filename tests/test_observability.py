@@ -10,6 +10,7 @@ from teacherlm_jax.runtime import chips
 from teacherlm_jax.training import metrics
 from teacherlm_jax.training import mfu
 from teacherlm_jax.training import train
+from teacherlm_jax.training import train_config
 
 SEQ_LEN, BATCH, VOCAB = 32, 4, 1000  # tiny-bloom's vocabulary.
 
@@ -35,10 +36,14 @@ def _events(logdir):
 
 
 def test_training_writes_tensorboard_events_and_logs_progress(tmp_path, caplog):
-  config = train.TrainConfig(model="tiny-bloom", seq_len=SEQ_LEN, batch_size=BATCH,
-                             learning_rate=3e-3, schedule="constant", num_steps=4, log_every=2,
-                             eval_batches=1, checkpoint_every=1000, mesh_devices=1, mesh_fsdp=1)
-  assert config.tensorboard  # On by default.
+  config = train.TrainConfig(
+      num_steps=4, eval_batches=1, model=train_config.ModelSettings(preset="tiny-bloom"),
+      data=train_config.DataConfig(seq_len=SEQ_LEN, batch_size=BATCH),
+      optimizer=train_config.OptimizerConfig(learning_rate=3e-3, schedule="constant"),
+      logging=train_config.LoggingConfig(every=2),
+      checkpoint=train_config.CheckpointConfig(every=1000),
+      mesh=train_config.MeshConfig(devices=1, fsdp=1))
+  assert config.logging.tensorboard  # On by default.
   with caplog.at_level(logging.INFO, logger="absl"):  # clu and the trainer log through absl.
     train.train(config, str(tmp_path), train_batches=_batches, eval_batches=_batches)
 

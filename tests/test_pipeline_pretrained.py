@@ -26,16 +26,16 @@ SHRUNKEN = [
     # Learning rate 0: the students' parameters stay their checkpoints' (step 0), which this
     # test compares with transformers; the other stages train.
     "student/TrainConfig.num_steps = 1",
-    "student/TrainConfig.learning_rate = 0.0",
-    "TrainConfig.checkpoint_every = 10",
-    "TrainConfig.batch_size = 2",
-    "TrainConfig.seq_len = 64",
+    "student/OptimizerConfig.learning_rate = 0.0",
+    "CheckpointConfig.every = 10",
+    "DataConfig.batch_size = 2",
+    "DataConfig.seq_len = 64",
     "TrainConfig.eval_batches = 1",
-    "TrainConfig.mesh_devices = 1",
+    "MeshConfig.devices = 1",
     "SamplingConfig.max_new_tokens = 8",
     "annotate.num_slots = 8",
 ] + [  # One optimizer for the teacher stages: they then share one compiled train step.
-    f"{scope}/TrainConfig.{name} = {value}"
+    f"{scope}/OptimizerConfig.{name} = {value}"
     for scope in ("teacher_multitask", "teacher", "teacher_specialist")
     for name, value in (("learning_rate", "1e-3"), ("schedule", "'constant'"),
                         ("warmup_steps", "0"))]
@@ -78,13 +78,13 @@ def test_teacher_runs_three_stages_and_three_specialists_annotate(experiment):
     specialist = json.loads((exp / f"teacher_{kind}" / "DONE.json").read_text())
     # Started from stage 2, which started from stage 1, which started from the checkpoint.
     assert json.loads((exp / f"teacher_{kind}" / "train_config.json").read_text())[
-        "init_checkpoint"] == str(exp / "teacher")
+        "model"]["init_checkpoint"] == str(exp / "teacher")
     assert all(row["teacher"][kind] == str(pathlib.Path(specialist["hf_dir"]).resolve())
                for row in rows)
   assert json.loads((exp / "teacher" / "train_config.json").read_text())[
-      "init_checkpoint"] == str(exp / "teacher_multitask")
+      "model"]["init_checkpoint"] == str(exp / "teacher_multitask")
   assert json.loads((exp / "teacher_multitask" / "train_config.json").read_text())[
-      "init_hf_checkpoint"] == str(root / "bloom")
+      "model"]["init_hf_checkpoint"] == str(root / "bloom")
   # Sampled as the reference does.
   assert rows[0]["decoding"]["temperature"] == 1.0 and rows[0]["decoding"]["top_k"] == 50
 

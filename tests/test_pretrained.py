@@ -14,13 +14,18 @@ from hf_peers import make_hf_model
 from teacherlm_jax.data import hf_tokenizers, prompts, record_tasks, synthetic, vocab
 from teacherlm_jax.models import checkpoint_io, checkpoint_vocab
 from teacherlm_jax.training import train as train_lib
+from teacherlm_jax.training import train_config
 from teacherlm_jax.training import train_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A stage small enough to run in seconds on one CPU device.
-TINY_RUN = dict(seq_len=64, batch_size=2, num_steps=1, eval_batches=0, tensorboard=False,
-                peak_tflops_per_device=0.1, async_checkpoints=False, mesh_devices=1,
-                checkpoint_every=1)
+TINY_RUN = train_config.TrainConfig(
+    data=train_config.DataConfig(seq_len=64, batch_size=2, loss_on="all"),
+    optimizer=train_config.OptimizerConfig(learning_rate=0.0),
+    mesh=train_config.MeshConfig(devices=1),
+    checkpoint=train_config.CheckpointConfig(every=1, async_save=False),
+    logging=train_config.LoggingConfig(tensorboard=False, peak_tflops_per_device=0.1),
+    num_steps=1, eval_batches=0)
 
 
 def make_pretrained(directory: pathlib.Path, family: str, texts, **model_overrides):
@@ -59,28 +64,30 @@ def _task(workdir, spec: str, name: str) -> str:
                                             student_path=root / "student.jsonl")["original"]
 
 
-def _config(task: str, **overrides):
-  return train_lib.TrainConfig(train_task=task, loss_on="all", learning_rate=0.0,
-                               **{**TINY_RUN, **overrides})
+def _config(task: str, **changes):
+  return TINY_RUN.replace(data=dict(train_task=task)).replace(**changes)
 
 
 def test_sentencepiece_data_with_a_pretrained_checkpoint_fails_naming_both(workdir, tmp_path):
   root, spm = workdir
   task = _task(workdir, f"spm:{spm}", "spm_data")
   with pytest.raises(checkpoint_vocab.VocabularyMismatch) as error:
-    train_lib.train(_config(task, init_hf_checkpoint=str(root / "bloom")), str(tmp_path / "a"))
+    train_lib.train(_config(task, model=dict(init_hf_checkpoint=str(root / "bloom"))),
+                    str(tmp_path / "a"))
   assert spm in str(error.value) and str(root / "bloom") in str(error.value)
   # Another family's tokenizer is just as wrong.
   task = _task(workdir, f"hf:{root / 'opt'}", "opt_data")
   with pytest.raises(checkpoint_vocab.VocabularyMismatch, match="opt.*bloom"):
-    train_lib.train(_config(task, init_hf_checkpoint=str(root / "bloom")), str(tmp_path / "b"))
+    train_lib.train(_config(task, model=dict(init_hf_checkpoint=str(root / "bloom"))),
+                    str(tmp_path / "b"))
 
 
 def test_reinit_embeddings_is_the_one_way_to_change_vocabulary(workdir, tmp_path):
   root, spm = workdir
   task = _task(workdir, f"spm:{spm}", "spm_data")
-  result = train_lib.train(_config(task, init_hf_checkpoint=str(root / "bloom"),
-                                   reinit_embeddings=True), str(tmp_path / "student"))
+  result = train_lib.train(
+      _config(task, model=dict(init_hf_checkpoint=str(root / "bloom"), reinit_embeddings=True)),
+      str(tmp_path / "student"))
   assert result["step"] == 1
   spm_size = vocab.get_vocabulary(f"spm:{spm}").vocab_size
   assert checkpoint_io.read_model_config(tmp_path / "student").vocab_size == spm_size
@@ -91,8 +98,8 @@ def test_reinit_embeddings_is_the_one_way_to_change_vocabulary(workdir, tmp_path
 def test_vocab_size_override_contradicting_the_checkpoint_fails(workdir, tmp_path):
   root, _ = workdir
   task = _task(workdir, f"hf:{root / 'bloom'}", "bloom_data")
-  config = _config(task, init_hf_checkpoint=str(root / "bloom"),
-                   model_overrides={"vocab_size": 32000})
+  config = _config(
+      task, model=dict(init_hf_checkpoint=str(root / "bloom"), overrides={"vocab_size": 32000}))
   with pytest.raises(checkpoint_vocab.VocabularyMismatch, match="vocab_size=32000"):
     train_lib.train(config, str(tmp_path / "a"))
 
@@ -106,7 +113,7 @@ def test_tokenizer_larger_than_the_model_fails(workdir, tmp_path):
   task = _task(workdir, f"hf:{small}", "small_data")
   with pytest.raises(checkpoint_vocab.VocabularyMismatch,
                      match=rf"{size} tokens.*{small}.*vocab_size={size - 20}"):
-    train_lib.train(_config(task, init_hf_checkpoint=str(small)), str(tmp_path / "a"))
+    train_lib.train(_config(task, model=dict(init_hf_checkpoint=str(small))), str(tmp_path / "a"))
 
 
 def test_a_token_id_beyond_the_vocabulary_is_an_error_not_clamped(workdir, tmp_path):
@@ -121,7 +128,7 @@ def test_a_token_id_beyond_the_vocabulary_is_an_error_not_clamped(workdir, tmp_p
       yield {"tokens": tokens, "targets": tokens, "loss_weights": np.ones((2, 64), np.float32),
              "segment_ids": np.ones((2, 64), np.int32),
              "positions": np.tile(np.arange(64, dtype=np.int32), (2, 1))}
-  config = _config("", init_hf_checkpoint=str(root / "bloom"))
+  config = _config("", model=dict(init_hf_checkpoint=str(root / "bloom")))
   with pytest.raises(checkpoint_vocab.VocabularyMismatch, match=rf"token id {size}.*bloom"):
     train_lib.train(config, str(tmp_path / "a"), train_batches=batches)
 
@@ -162,16 +169,16 @@ def test_student_trains_from_an_annotation_directory_with_scripts_train(workdir,
   root, _ = workdir
   model_dir = tmp_path / "student"
   bindings = {
-      "TrainConfig.init_hf_checkpoint": repr(str(root / "opt")),
+      "ModelSettings.init_hf_checkpoint": repr(str(root / "opt")),
       "student_input_mixture.dataset": "None",
       "student_input_mixture.fmt": "'CMF'", "student_input_mixture.qc_action": "'skip'",
       "student_input_mixture.original_rate": "1.0",
       "student_input_mixture.annotated_rate": "3.0",
-      "TrainConfig.compute_dtype": "'float32'", "TrainConfig.mesh_fsdp": "1",
-      "TrainConfig.num_steps": "2", "TrainConfig.learning_rate": "0.0",
-      "TrainConfig.eval_batches": "0", "TrainConfig.seq_len": "64",
-      "TrainConfig.batch_size": "2", "TrainConfig.tensorboard": "False",
-      "TrainConfig.peak_tflops_per_device": "0.1"}
+      "ModelSettings.compute_dtype": "'float32'", "MeshConfig.fsdp": "1",
+      "TrainConfig.num_steps": "2", "OptimizerConfig.learning_rate": "0.0",
+      "TrainConfig.eval_batches": "0", "DataConfig.seq_len": "64",
+      "DataConfig.batch_size": "2", "LoggingConfig.tensorboard": "False",
+      "LoggingConfig.peak_tflops_per_device": "0.1"}
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
@@ -182,7 +189,7 @@ def test_student_trains_from_an_annotation_directory_with_scripts_train(workdir,
   assert result.returncode == 0, result.stderr[-3000:]
   assert "done: step 2" in result.stdout + result.stderr
   saved = json.loads((model_dir / train_lib.TRAIN_CONFIG_FILE).read_text())
-  assert saved["train_task"] == "student_input"
+  assert saved["data"]["train_task"] == "student_input"
   # The student carries the OPT tokenizer it trained with; AutoTokenizer loads it.
   import transformers
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
@@ -219,13 +226,14 @@ def test_paper_student_variants_carry_the_paper_hyperparameters(variant):
   from teacherlm_jax.data import mixtures  # pylint: disable=unused-import  (student.gin's)
   gin.clear_config()
   try:
-    cli.parse([f"gin/students/{variant}.gin"], ["TrainConfig.init_hf_checkpoint = '/ckpt'"])
+    cli.parse([f"gin/students/{variant}.gin"], ["ModelSettings.init_hf_checkpoint = '/ckpt'"])
     config = train_lib.TrainConfig()
   finally:
     gin.clear_config()
-  assert config.model == variant.replace("_", "-")
-  assert (config.learning_rate, config.batch_size, config.schedule) == (6e-6, 64, "constant")
-  assert (config.loss_on, config.seq_len) == ("all", 2048)
+  assert config.model.preset == variant.replace("_", "-")
+  assert (config.optimizer.learning_rate, config.data.batch_size,
+          config.optimizer.schedule) == (6e-6, 64, "constant")
+  assert (config.data.loss_on, config.data.seq_len) == ("all", 2048)
 
 
 def test_the_old_paper_config_32k_sentencepiece_with_bloom_7b1_fails(tmp_path):
@@ -235,8 +243,8 @@ def test_the_old_paper_config_32k_sentencepiece_with_bloom_7b1_fails(tmp_path):
   bloom = tmp_path / "bloom-7b1"
   bloom.mkdir()
   (bloom / "config.json").write_text(json.dumps(hf.config_to_hf(presets.get("bloom-7b1"))))
-  config = train_lib.TrainConfig(init_hf_checkpoint=str(bloom),
-                                 model_overrides={"vocab_size": 32000})
+  config = train_lib.TrainConfig(model=train_config.ModelSettings(
+      init_hf_checkpoint=str(bloom), overrides={"vocab_size": 32000}))
   with pytest.raises(checkpoint_vocab.VocabularyMismatch,
                      match=rf"vocab_size=32000.*{bloom}.*vocab_size=250880"):
     train_lib.model_config_for(config, str(tmp_path / "teacher"))
@@ -277,9 +285,10 @@ def test_paper_pipeline_config_holds_the_paper_recipe():
   assert config.eval_tasks == ("teacherlm_eval",)
   for scope in ("teacher_multitask", "teacher", "teacher_specialist"):
     teacher = stages[scope]
-    assert teacher.learning_rate == 2e-5
-    assert teacher.batch_size * teacher.grad_accum_steps == 768
-    assert not teacher.model_overrides  # The vocabulary is the checkpoint's.
+    assert teacher.optimizer.learning_rate == 2e-5
+    assert teacher.data.batch_size * teacher.optimizer.grad_accum_steps == 768
+    assert not teacher.model.overrides  # The vocabulary is the checkpoint's.
   student = stages["student"]
-  assert (student.learning_rate, student.batch_size, student.schedule) == (6e-6, 64, "constant")
-  assert (student.loss_on, student.seq_len) == ("all", 2048)
+  assert (student.optimizer.learning_rate, student.data.batch_size,
+          student.optimizer.schedule) == (6e-6, 64, "constant")
+  assert (student.data.loss_on, student.data.seq_len) == ("all", 2048)

@@ -112,5 +112,5 @@ def test_a_recipe_with_an_unknown_flag_or_binding_fails():
 def test_header_fragments_become_whole_commands(tmp_path):
   gin_file = tmp_path / "student_x.gin"
   gin_file.write_text("# Students.\n#   --gin.TrainConfig.num_steps=5   # fewer steps\n"
-                      "TrainConfig.seq_len = 8\n# --not.a.header=1\n")
+                      "DataConfig.seq_len = 8\n# --not.a.header=1\n")
   assert recipes.gin_header_commands(gin_file) == [["--gin.TrainConfig.num_steps=5"]]

@@ -6,6 +6,7 @@ import pytest
 
 from teacherlm_jax.training import input_position
 from teacherlm_jax.training import train
+from teacherlm_jax.training import train_config
 from teacherlm_jax.training import train_data
 
 SEQ_LEN, BATCH = 64, 8
@@ -55,10 +56,13 @@ def test_a_position_of_another_pipeline_is_refused(flan_task):
 
 def test_training_resumes_from_the_saved_input_position(flan_task, tmp_path, caplog):
   config = train.TrainConfig(
-      model="tiny-bloom", train_task=flan_task, seq_len=SEQ_LEN, batch_size=BATCH,
-      learning_rate=3e-3, schedule="constant", num_steps=4, log_every=2, checkpoint_every=2,
-      eval_batches=0, mesh_devices=1, mesh_fsdp=1, peak_tflops_per_device=1.0,
-      tensorboard=False, data_seed=3)
+      num_steps=4, eval_batches=0, model=train_config.ModelSettings(preset="tiny-bloom"),
+      data=train_config.DataConfig(train_task=flan_task, seq_len=SEQ_LEN, batch_size=BATCH,
+                                   seed=3),
+      optimizer=train_config.OptimizerConfig(learning_rate=3e-3, schedule="constant"),
+      logging=train_config.LoggingConfig(every=2, peak_tflops_per_device=1.0, tensorboard=False),
+      checkpoint=train_config.CheckpointConfig(every=2),
+      mesh=train_config.MeshConfig(devices=1, fsdp=1))
   whole = train.train(config, str(tmp_path / "whole"))
   train.train(config.replace(num_steps=2), str(tmp_path / "split"))
   assert input_position.load(str(tmp_path / "split"), 2, 0, 1) is not None

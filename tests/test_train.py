@@ -20,11 +20,12 @@ from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.training import metrics
 from teacherlm_jax.training import optimizer
 from teacherlm_jax.training import train
+from teacherlm_jax.training import train_config
 from teacherlm_jax.training import train_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN, BATCH = 64, 8
-MESH = dict(mesh_data=1, mesh_fsdp=4, mesh_tensor=2)  # One mesh: tests share its programs.
+MESH = dict(mesh=dict(data=1, fsdp=4, tensor=2))  # One mesh: tests share its programs.
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,14 @@ def flan_batches():
 
 
 def _config(**changes):
-  base = dict(model="tiny-bloom", seq_len=SEQ_LEN, batch_size=BATCH, learning_rate=3e-3,
-              schedule="constant", num_steps=3, log_every=1, checkpoint_every=1000,
-              peak_tflops_per_device=1.0)
-  return train.TrainConfig(**{**base, **changes})
+  """A 3-step tiny-BLOOM run with `changes` (a group's as a dict: `data=dict(seq_len=32)`)."""
+  base = train_config.TrainConfig(
+      model=train_config.ModelSettings(preset="tiny-bloom"),
+      data=train_config.DataConfig(seq_len=SEQ_LEN, batch_size=BATCH),
+      optimizer=train_config.OptimizerConfig(learning_rate=3e-3, schedule="constant"),
+      checkpoint=train_config.CheckpointConfig(every=1000),
+      logging=train_config.LoggingConfig(every=1, peak_tflops_per_device=1.0), num_steps=3)
+  return base.replace(**changes)
 
 
 def _run(config, model_dir, batches, **kwargs):
@@ -61,12 +66,12 @@ def _assert_trees_close(a, b, rtol, atol):
 
 @pytest.fixture(scope="module")
 def one_device_run(flan_batches, tmp_path_factory):
-  config = _config(mesh_devices=1, mesh_fsdp=1)
+  config = _config(mesh=dict(devices=1, fsdp=1))
   return _run(config, tmp_path_factory.mktemp("one_device"), flan_batches)
 
 
 @pytest.mark.parametrize("mesh", [MESH,
-                                  dict(mesh_data=8, mesh_fsdp=1, mesh_tensor=1)],
+                                  dict(mesh=dict(data=8, fsdp=1, tensor=1))],
                          ids=["fsdp4_tensor2", "data8"])
 def test_sharded_training_equals_one_device(mesh, flan_batches, one_device_run, tmp_path):
   sharded = _run(_config(**mesh), tmp_path, flan_batches)
@@ -81,8 +86,9 @@ def test_sharded_training_equals_one_device(mesh, flan_batches, one_device_run, 
 
 def test_loss_goes_down_on_flan_cot_through_the_seqio_task(shared_data, tmp_path):
   # Same shapes and optimizer as the other tests, so the compiled step is shared.
-  config = _config(train_task=train_data.FLAN_COT_BYTES_TASK, data_dir=str(shared_data),
-                   num_steps=150, log_every=50, eval_batches=2, checkpoint_every=75, **MESH)
+  config = _config(num_steps=150, eval_batches=2, **MESH,
+                   data=dict(train_task=train_data.FLAN_COT_BYTES_TASK, data_dir=str(shared_data)),
+                   logging=dict(every=50), checkpoint=dict(every=75))
   result = train.train(config, str(tmp_path))
   losses = result["losses"]
   assert losses[0] > 6.0  # ~log(259): an untrained byte model.
@@ -104,8 +110,9 @@ def test_gradient_accumulation_equals_the_large_batch(flan_batches, tmp_path):
   halves = [{k: v[rows] for k, v in b.items()} for b in ones
             for rows in (slice(0, 4), slice(4, 8))]
   large = _run(_config(num_steps=2, **MESH), tmp_path / "large", ones)
-  accumulated = _run(_config(num_steps=2, batch_size=4, grad_accum_steps=2, **MESH),
-                     tmp_path / "accumulated", halves)
+  accumulated = _run(
+      _config(num_steps=2, **MESH, data=dict(batch_size=4), optimizer=dict(grad_accum_steps=2)),
+      tmp_path / "accumulated", halves)
   assert int(accumulated["state"]["step"]) == 4  # Microbatches.
   # Adam divides by sqrt(v): float rounding in near-zero gradients moves a weight by up to
   # ~lr * 1e-3, hence atol 1e-5 at lr 3e-3.
@@ -115,7 +122,7 @@ def test_gradient_accumulation_equals_the_large_batch(flan_batches, tmp_path):
 def test_several_steps_per_call_equal_one_step_per_call(flan_batches, tmp_path):
   # 7 steps of 2 microbatches, logged every 3: calls of 2 steps (0->2, 3->5) and, where a call
   # would cross a log or num_steps, single steps (2->3, 5->6, 6->7).
-  config = _config(num_steps=7, log_every=3, grad_accum_steps=2, **MESH)
+  config = _config(num_steps=7, **MESH, logging=dict(every=3), optimizer=dict(grad_accum_steps=2))
   one = _run(config, tmp_path / "one", flan_batches)
   several = _run(config.replace(steps_per_call=2), tmp_path / "several", flan_batches)
   assert int(several["state"]["step"]) == 14  # Microbatches.
@@ -127,7 +134,7 @@ def test_several_steps_per_call_equal_one_step_per_call(flan_batches, tmp_path):
 
 
 def test_bf16_compute_keeps_float32_master_weights(flan_batches, one_device_run, tmp_path):
-  result = _run(_config(compute_dtype="bfloat16", **MESH), tmp_path,
+  result = _run(_config(**MESH, model=dict(compute_dtype="bfloat16")), tmp_path,
                 flan_batches)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(_params(result)))
   np.testing.assert_allclose(result["losses"], one_device_run["losses"], rtol=2e-2)
@@ -202,8 +209,8 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_returns(
       if number == 4:  # A real SIGTERM to this process, as a TPU preemption sends.
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
-  config = _config(num_steps=20, checkpoint_every=1000, log_every=10,
-                   steps_per_call=steps_per_call, **MESH)
+  config = _config(num_steps=20, steps_per_call=steps_per_call, **MESH, checkpoint=dict(every=1000),
+                   logging=dict(every=10))
   handler_before = signal.getsignal(signal.SIGTERM)
   result = train.train(config, str(tmp_path), train_batches=batches)
   assert result["preempted"] and result["step"] == saved_step
@@ -233,13 +240,13 @@ def test_batches_are_a_function_of_their_number(shared_data):
 
 def test_mesh_and_batch_that_do_not_fit_are_refused(flan_batches, tmp_path):
   with pytest.raises(ValueError, match="cannot fill 8 devices"):
-    _run(_config(mesh_data=3), tmp_path, flan_batches)
-  with pytest.raises(ValueError, match=r"TrainConfig.batch_size=6 .*multiple of 8"):
-    _run(_config(batch_size=6, mesh_data=8, mesh_fsdp=1), tmp_path, flan_batches)
+    _run(_config(mesh=dict(data=3)), tmp_path, flan_batches)
+  with pytest.raises(ValueError, match=r"DataConfig.batch_size=6 .*multiple of 8"):
+    _run(_config(data=dict(batch_size=6), mesh=dict(data=8, fsdp=1)), tmp_path, flan_batches)
 
 
 def test_corrupt_checkpoint_is_refused_with_what_to_delete(flan_batches, tmp_path):
-  _run(_config(num_steps=2, checkpoint_every=2, **MESH), tmp_path, flan_batches)
+  _run(_config(num_steps=2, **MESH, checkpoint=dict(every=2)), tmp_path, flan_batches)
   params_dir = tmp_path / "checkpoints" / "2" / "params"
   for path in params_dir.rglob("*"):
     if path.is_file():
@@ -252,7 +259,7 @@ def test_corrupt_checkpoint_is_refused_with_what_to_delete(flan_batches, tmp_pat
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(flan_batches, tmp_path):
   poisoned = [dict(b) for b in flan_batches[:6]]
   poisoned[2]["loss_weights"] = np.full_like(poisoned[2]["loss_weights"], np.nan)
-  config = _config(num_steps=6, checkpoint_every=1, keep_checkpoints=1, log_every=10, **MESH)
+  config = _config(num_steps=6, **MESH, checkpoint=dict(every=1, keep=1), logging=dict(every=10))
   with pytest.raises(FloatingPointError, match=r"NaN/Inf at step 3 .*newest checkpoint is "
                                                r"step 2 .*saved from finite values"):
     _run(config, tmp_path, poisoned)
@@ -264,12 +271,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(flan_batches, 
 
 
 def test_next_stage_starts_from_the_previous_stage_params(flan_batches, tmp_path):
-  first = _run(_config(num_steps=3, checkpoint_every=2, **MESH), tmp_path / "stage1",
+  first = _run(_config(num_steps=3, **MESH, checkpoint=dict(every=2)), tmp_path / "stage1",
                flan_batches)
   # Stage 2 starts from stage 1's step-2 params with a fresh optimizer: its first loss (before
   # any update) on batch 2 is exactly stage 1's third loss.
   stage1_step2 = str(tmp_path / "stage1" / "checkpoints" / "2")
-  second = _run(_config(num_steps=2, init_checkpoint=stage1_step2, **MESH),
+  second = _run(_config(num_steps=2, **MESH, model=dict(init_checkpoint=stage1_step2)),
                 tmp_path / "stage2", flan_batches[2:])
   assert second["start_step"] == 0 and int(second["state"]["step"]) == 2
   assert second["losses"][0] == first["losses"][2]
@@ -283,8 +290,10 @@ def test_stage_can_start_from_an_imported_hf_checkpoint(flan_batches, tmp_path):
   hf_peers.make_hf_model("bloom", tmp_path / "hf")
   small = [{**b, "tokens": b["tokens"] % 101, "targets": b["targets"] % 101}
            for b in flan_batches[:1]]
-  result = _run(_config(num_steps=1, learning_rate=0.0, init_hf_checkpoint=str(tmp_path / "hf"),
-                        mesh_data=2, mesh_fsdp=1, mesh_devices=2), tmp_path / "run", small)
+  result = _run(
+      _config(num_steps=1, optimizer=dict(learning_rate=0.0),
+              model=dict(init_hf_checkpoint=str(tmp_path / "hf")),
+              mesh=dict(data=2, fsdp=1, devices=2)), tmp_path / "run", small)
   _, model = hf.import_checkpoint(tmp_path / "hf")
   from flax import nnx
   expected = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -3,7 +3,6 @@
 Every run is the same tiny config on real FLAN CoT data (constant learning rate, so runs of
 different lengths agree step by step). One uninterrupted single-process run is the reference.
 """
-import dataclasses
 import os
 import pathlib
 import shutil
@@ -20,6 +19,7 @@ import pytest
 from teacherlm_jax.runtime import checkpointing
 from teacherlm_jax.training import metrics
 from teacherlm_jax.training import train
+from teacherlm_jax.training import train_config
 from teacherlm_jax.training import train_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,18 +27,21 @@ NUM_STEPS = 12
 
 
 def _config(data_dir, **changes):
-  base = dict(model="tiny-bloom", train_task=train_data.FLAN_COT_BYTES_TASK, eval_batches=0,
-              data_dir=str(data_dir), seq_len=64, batch_size=8, learning_rate=3e-3,
-              schedule="constant", num_steps=NUM_STEPS, log_every=1, checkpoint_every=4,
-              keep_checkpoints=100, mesh_data=1, mesh_fsdp=4, mesh_tensor=2,
-              peak_tflops_per_device=1.0)
-  return train.TrainConfig(**{**base, **changes})
+  base = train_config.TrainConfig(
+      model=train_config.ModelSettings(preset="tiny-bloom"),
+      data=train_config.DataConfig(train_task=train_data.FLAN_COT_BYTES_TASK,
+                                   data_dir=str(data_dir), seq_len=64, batch_size=8),
+      optimizer=train_config.OptimizerConfig(learning_rate=3e-3, schedule="constant"),
+      mesh=train_config.MeshConfig(data=1, fsdp=4, tensor=2),
+      checkpoint=train_config.CheckpointConfig(every=4, keep=100),
+      logging=train_config.LoggingConfig(every=1, peak_tflops_per_device=1.0),
+      num_steps=NUM_STEPS, eval_batches=0)
+  return base.replace(**changes)
 
 
 def _launch(config, model_dir, log_path, devices=8, process_id=None, num_processes=None,
             port=None):
-  bindings = [f"--gin_bindings=TrainConfig.{f.name} = {getattr(config, f.name)!r}"
-              for f in dataclasses.fields(config)]
+  bindings = [f"--gin_bindings={binding}" for binding in config.gin_bindings()]
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
   args = [sys.executable, str(REPO / "scripts" / "train.py"), f"--model_dir={model_dir}",
@@ -135,7 +138,7 @@ def test_two_processes_train_like_one_and_checkpoints_move_between_settings(
 def test_kill_9_then_resume_gives_the_uninterrupted_params(shared_data, reference, tmp_path):
   _, ref_losses, ref_params = reference
   model_dir = tmp_path / "run"
-  config = _config(shared_data, checkpoint_every=2)
+  config = _config(shared_data, checkpoint=dict(every=2))
   log = tmp_path / "train.log"
   process = _launch(config, model_dir, log)
   checkpoints = model_dir / "checkpoints"
@@ -189,7 +192,7 @@ def test_sigterm_to_both_processes_saves_one_checkpoint_at_the_step_they_agree_o
   both processes stop after the same step, save it together and exit 0."""
   _, ref_losses, _ = reference
   model_dir = tmp_path / "run"
-  config = _config(shared_data, num_steps=1000, checkpoint_every=1000)
+  config = _config(shared_data, num_steps=1000, checkpoint=dict(every=1000))
   saved = _sigterm_two_processes(config, model_dir, tmp_path, after_step=3)
   losses = _train_losses(model_dir)
   steps = range(1, min(saved, NUM_STEPS) + 1)  # The same run as the reference's so far.
@@ -203,13 +206,13 @@ def test_two_processes_with_several_steps_per_call_stop_together_on_sigterm(
   point at every step of a call, save the step after that call together, and that checkpoint
   holds the parameters one process reaches in single steps."""
   model_dir = tmp_path / "run"
-  config = _config(shared_data, num_steps=1000, checkpoint_every=1000, log_every=2,
-                   steps_per_call=2)
+  config = _config(shared_data, num_steps=1000, steps_per_call=2, checkpoint=dict(every=1000),
+                   logging=dict(every=2))
   saved = _sigterm_two_processes(config, model_dir, tmp_path, after_step=4)
   assert saved % 2 == 0, saved  # After a call.
   restored = train.train(config.replace(num_steps=saved), str(model_dir))
   assert restored["start_step"] == saved
-  single = train.train(_config(shared_data, num_steps=saved, checkpoint_every=1000),
+  single = train.train(_config(shared_data, num_steps=saved, checkpoint=dict(every=1000)),
                        str(tmp_path / "single"))
   # gloo's sums in another order: as in the two-process test above.
   for a, b in zip(jax.tree.leaves(_params(restored["state"])),
@@ -223,7 +226,7 @@ def test_per_process_input_builds_the_global_batch_from_each_process_shard(
   holds both. One process fed the two shards' batches together trains the same steps (same
   losses; they differ if a process reads the other's shard or the same one twice)."""
   steps = 3
-  config = _config(shared_data, num_steps=steps, input_sharding="per_process")
+  config = _config(shared_data, num_steps=steps, data=dict(input_sharding="per_process"))
   port = _free_port()
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   processes = [_launch(config, tmp_path / "run", logs[i], devices=4, process_id=i,
@@ -233,9 +236,9 @@ def test_per_process_input_builds_the_global_batch_from_each_process_shard(
   losses = _train_losses(tmp_path / "run")
 
   task = train_data.register_flan_cot_bytes_task(str(shared_data))
-  half = config.batch_size // 2
+  half = config.data.batch_size // 2
   shards = [train_data.SeqioBatches(
-      task, "train", config.seq_len, config.batch_size, seed=config.data_seed,
+      task, "train", config.data.seq_len, config.data.batch_size, seed=config.data.seed,
       input_sharding="per_process", process_rows=(i * half, (i + 1) * half), process_index=i,
       process_count=2) for i in range(2)]
 
@@ -244,9 +247,9 @@ def test_per_process_input_builds_the_global_batch_from_each_process_shard(
       yield {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
 
   first = next(global_batches(0))
-  assert first["tokens"].shape == (config.batch_size, config.seq_len)
+  assert first["tokens"].shape == (config.data.batch_size, config.data.seq_len)
   assert not np.array_equal(first["tokens"][:half], first["tokens"][half:])
-  result = train.train(config.replace(input_sharding="global"), str(tmp_path / "one_process"),
-                       train_batches=global_batches)
+  result = train.train(config.replace(data=dict(input_sharding="global")),
+                       str(tmp_path / "one_process"), train_batches=global_batches)
   np.testing.assert_allclose(result["losses"], [losses[s] for s in range(1, steps + 1)],
                              rtol=1e-5)

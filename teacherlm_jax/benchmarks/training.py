@@ -21,12 +21,12 @@ multi-step `lax.scan`), torch the same number of steps per timed run; a second r
 at one step per call in the same alternation.
 
 With `device=True` on an accelerator both sides run there: ours with the platform's attention
-(`TrainConfig.attention_impl` left to the launch: 'cudnn' on GPU), torch with its SDPA where the
+(`ModelSettings.attention_impl` left to the launch: 'cudnn' on GPU), torch with its SDPA where the
 family has it (`attn_implementation='sdpa'`; the notes say which ran), and MFU is against the
 chip's vendor bf16 peak (`runtime/chips.py`).
 
 `precision='bfloat16'` compares mixed precision with mixed precision: our bf16 compute with
-float32 master weights (`TrainConfig.compute_dtype`) against torch CPU autocast to bf16 with
+float32 master weights (`ModelSettings.compute_dtype`) against torch CPU autocast to bf16 with
 float32 parameters; MFU is then against the best measured bf16 matmul.
 """
 from __future__ import annotations
@@ -77,6 +77,7 @@ def benchmark_training(device: bool = False, quick: bool = False,
   from teacherlm_jax.runtime import partitioning
   from teacherlm_jax.training import mfu
   from teacherlm_jax.training import train as train_lib
+  from teacherlm_jax.training import train_config
 
   the_hf_config = models.hf_config(family, "quick" if quick else size)
   vocab = the_hf_config.vocab_size
@@ -119,11 +120,13 @@ def benchmark_training(device: bool = False, quick: bool = False,
     return float(loss.detach())
 
   # Ours: the trainer's own compiled program (same step the training loop runs), one device.
-  run = train_lib.TrainConfig(
-      model="small-bloom-50m", seq_len=seq_len, batch_size=batch_size, learning_rate=1e-4,
-      schedule="constant", adam_b1=0.9, adam_b2=0.95, clip_norm=1.0, mesh_devices=1,
-      mesh_fsdp=1, compute_dtype=precision)
-  config = config.replace(**run.model_numerics())  # The trainer's numerics.
+  run = train_config.TrainConfig(
+      model=train_config.ModelSettings(preset="small-bloom-50m", compute_dtype=precision),
+      data=train_config.DataConfig(seq_len=seq_len, batch_size=batch_size),
+      optimizer=train_config.OptimizerConfig(learning_rate=1e-4, schedule="constant",
+                                             adam_b1=0.9, adam_b2=0.95, clip_norm=1.0),
+      mesh=train_config.MeshConfig(devices=1, fsdp=1))
+  config = config.replace(**run.model.numerics())  # The trainer's numerics.
   mesh = train_lib.make_mesh(run)
   program = train_lib.program_for(run, config, mesh)
   state = program.fresh_state(program.init_params())

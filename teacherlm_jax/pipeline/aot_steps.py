@@ -19,9 +19,9 @@ What the config leaves to the data or to checkpoints on disk is set by `AotConfi
 
 Each step is built for the architecture its stage would run, as `train.model_config_for`
 takes it: a run started from an HF checkpoint has that checkpoint's architecture (read from
-its config.json when the path is here, else the `TrainConfig.model` preset it is declared to
-be) and ignores `model_overrides`, as training does; only shapes are made (`nnx.eval_shape`),
-never weights. Every step carries its model's parameter count, to check against the config.
+its config.json when the path is here, else the preset (`ModelSettings.preset`) it is declared
+to be) and ignores `ModelSettings.overrides`, as training does; only shapes are made
+(`nnx.eval_shape`), never weights. Every step carries its model's parameter count, to check against the config.
 """
 from __future__ import annotations
 
@@ -50,12 +50,13 @@ from teacherlm_jax.runtime import topologies
 from teacherlm_jax.storage import files
 from teacherlm_jax.training import mfu
 from teacherlm_jax.training import train as train_lib
+from teacherlm_jax.training import train_config
 
 STEP_NAMES = ("teacher_train", "student_train", "train", "annotate_prefill", "annotate_decode",
               "eval_score")
 
-_TRAIN_REMEDY = ("raise {scope}TrainConfig.mesh_fsdp, use {scope}TrainConfig.remat='full' or "
-                 "lower {scope}TrainConfig.batch_size (grad_accum_steps keeps the tokens per "
+_TRAIN_REMEDY = ("raise {scope}MeshConfig.fsdp, use {scope}ModelSettings.remat='full' or "
+                 "lower {scope}DataConfig.batch_size (grad_accum_steps keeps the tokens per "
                  "update)")
 _ANNOTATE_REMEDY = ("lower annotate.num_slots or SamplingConfig.max_new_tokens, or split the "
                     "model over more of a host's chips in annotate.mesh_shape")
@@ -70,7 +71,7 @@ class AotConfig:
 
   Attributes:
     annotation_model: preset of the annotating teacher when the config names only a
-      checkpoint path (annotate.teachers); default the pipeline's teacher/TrainConfig.model.
+      checkpoint path (annotate.teachers); default the pipeline's teacher/ModelSettings.preset.
     eval_model: preset of the evaluated model outside a pipeline (a pipeline evaluates its
       students).
     prompt_tokens: the longest annotation prompt in tokens (the slot engine buckets it to a
@@ -121,14 +122,15 @@ def _train_config(scope: str) -> train_lib.TrainConfig:
   bindings itself)."""
   with gin.config_scope(scope or None):
     # Explicit arguments satisfy a %gin.REQUIRED init_hf_checkpoint.
-    return train_lib.TrainConfig(init_checkpoint="", init_hf_checkpoint="")
+    return train_lib.TrainConfig(
+        model=train_config.ModelSettings(init_checkpoint="", init_hf_checkpoint=""))
 
 
 def _hf_checkpoint(scope: str) -> Optional[str]:
   """The HF checkpoint the scope's run starts from: its path, '?' when the gin files leave it
   to the launch command (%gin.REQUIRED), None when the run starts from a preset."""
-  for binding in ([f"{scope}/TrainConfig.init_hf_checkpoint"] if scope else []) + [
-      "TrainConfig.init_hf_checkpoint"]:
+  for binding in ([f"{scope}/ModelSettings.init_hf_checkpoint"] if scope else []) + [
+      "ModelSettings.init_hf_checkpoint"]:
     try:
       value = gin.query_parameter(binding)
     except ValueError:
@@ -156,7 +158,8 @@ def _architecture(scope: str, config: train_lib.TrainConfig, overrides: dict, de
                   ) -> Tuple[ModelConfig, str]:
   """The scope's model as its run builds it (`train.model_config_for`) with the run's
   numerics for `device` (a TPU of the slice: its attention kernel), and where it comes from."""
-  numerics = config.model_numerics(device)
+  settings = config.model
+  numerics = settings.numerics(device)
   hf_checkpoint = _hf_checkpoint(scope)
   if hf_checkpoint:
     config_json = files.join(hf_checkpoint, "config.json") if hf_checkpoint != "?" else ""
@@ -166,11 +169,10 @@ def _architecture(scope: str, config: train_lib.TrainConfig, overrides: dict, de
       return (hf.config_from_hf(hf_config, source=config_json).replace(**numerics),
               config_json)
     # Given at launch, or not on this host: the preset the checkpoint is declared to be.
-    return presets.get(config.model, **numerics), (
-        f"preset {config.model!r} (the HF checkpoint's architecture)")
-  return (presets.get(config.model, **{**dict(config.model_overrides), **overrides,
-                                       **numerics}),
-          f"preset {config.model!r}" + (" with overrides" if config.model_overrides else ""))
+    return presets.get(settings.preset, **numerics), (
+        f"preset {settings.preset!r} (the HF checkpoint's architecture)")
+  return (presets.get(settings.preset, **{**dict(settings.overrides), **overrides, **numerics}),
+          f"preset {settings.preset!r}" + (" with overrides" if settings.overrides else ""))
 
 
 def param_count(model_config: ModelConfig) -> int:
@@ -185,11 +187,12 @@ def train_step(name: str, scope: str, slice_name: str, in_pipeline: bool) -> Ste
   model_config, source = _architecture(
       scope, config, _pipeline_vocab_overrides(scope) if in_pipeline else {}, devices[0])
   mesh = train_lib.make_mesh(config, devices)
-  partitioning.check_batch_divides(config.batch_size, mesh,
-                                   what=f"{scope + '/' if scope else ''}TrainConfig.batch_size")
-  tokens = config.batch_size * config.seq_len
-  model_flops = mfu.flops_per_token(model_config, config.seq_len) * tokens
-  recomputed = mfu.recomputed_flops_per_token(model_config, config.seq_len) * tokens
+  data = config.data
+  partitioning.check_batch_divides(data.batch_size, mesh,
+                                   what=f"{scope + '/' if scope else ''}DataConfig.batch_size")
+  tokens = data.batch_size * data.seq_len
+  model_flops = mfu.flops_per_token(model_config, data.seq_len) * tokens
+  recomputed = mfu.recomputed_flops_per_token(model_config, data.seq_len) * tokens
 
   def lower():
     program = train_lib.program_for(config, model_config, mesh)
@@ -316,7 +319,7 @@ def steps(slice_name: str, only: Optional[List[str]] = None) -> List[Step]:
                                                     True)]
     builders["student_train"] = lambda: [train_step("student_train", "student", slice_name,
                                                     True)]
-  elif _bound("TrainConfig.model"):
+  elif _bound("ModelSettings.preset"):
     builders["train"] = lambda: [train_step("train", "", slice_name, False)]
   if in_pipeline or _bound("annotate.teachers"):
     annotation = lambda: annotation_steps(slice_name, aot_config, in_pipeline)

@@ -103,7 +103,7 @@ class PipelineConfig:
       model is trained. '' = random weights and a trained vocabulary.
     students: {name: checkpoint} of pretrained students, each trained (every arm, per seed)
       and evaluated with its own tokenizer, with a report of its own; empty = one student
-      from random weights (student/TrainConfig.model) with the teacher's vocabulary.
+      from random weights (student/ModelSettings.preset) with the teacher's vocabulary.
   """
   dataset: str = "synthetic"
   seeds: Sequence[int] = (0, 1, 2)
@@ -325,7 +325,8 @@ class Pipeline:
     # The held-out measurements of this pipeline are annotation QC and student accuracy; the
     # trainer's periodic eval reads a few batches of the training split as a sanity check.
     config = self._started_from(
-        config.replace(train_task=task, eval_task=task, eval_split="train"), start, spec)
+        config.replace(data=dict(train_task=task, eval_task=task, eval_split="train")), start,
+        spec)
     model_dir = self.dir / name
     result = train_lib.train(config, str(model_dir))
     out = {"final_step": result["step"], "model_dir": str(model_dir),
@@ -344,15 +345,15 @@ class Pipeline:
     if not checkpoint:
       return self._with_vocab(config, spec)
     if checkpoint_io.is_hf_directory(checkpoint):
-      return config.replace(init_hf_checkpoint=checkpoint, init_checkpoint="")
-    return config.replace(init_checkpoint=checkpoint, init_hf_checkpoint="")
+      return config.replace(model=dict(init_hf_checkpoint=checkpoint, init_checkpoint=""))
+    return config.replace(model=dict(init_checkpoint=checkpoint, init_hf_checkpoint=""))
 
   def _with_vocab(self, config, spec: str):
     vocabulary = vocab.get_vocabulary(spec)
-    return config.replace(model_overrides={
-        **dict(config.model_overrides), "vocab_size": vocabulary.vocab_size,
+    return config.replace(model=dict(overrides={
+        **dict(config.model.overrides), "vocab_size": vocabulary.vocab_size,
         "pad_token_id": vocabulary.pad_id, "eos_token_id": vocabulary.eos_id,
-        "bos_token_id": vocabulary.eos_id})
+        "bos_token_id": vocabulary.eos_id}))
 
   def annotation(self, data: dict, spec: str, teachers: Dict[str, dict]) -> dict:
     out = self.dir / "annotations"
@@ -391,9 +392,9 @@ class Pipeline:
               model_dir) -> dict:
     with gin.config_scope("student"):
       config = train_lib.TrainConfig()
-    config = self._started_from(config.replace(train_task=task, eval_task=task,
-                                               eval_split="train", seed=seed, data_seed=seed),
-                                checkpoint, spec)
+    config = config.replace(seed=seed, data=dict(train_task=task, eval_task=task,
+                                                  eval_split="train", seed=seed))
+    config = self._started_from(config, checkpoint, spec)
     batches_per_epoch = None
     if self.config.student_epochs is not None:
       batches_per_epoch = _batches_per_epoch(task, config)
@@ -528,8 +529,9 @@ def _tokenizer_of(checkpoint: str, binding: str) -> str:
 
 def _batches_per_epoch(task: str, config: train_lib.TrainConfig) -> int:
   """Packed training rows of one pass over `task` (each part of a mixture once), in batches."""
-  rows = _packed_rows(task, config.train_split, config.seq_len, config.loss_on, config.pack)
-  return math.ceil(rows / config.batch_size)
+  data = config.data
+  rows = _packed_rows(task, data.train_split, data.seq_len, data.loss_on, data.pack)
+  return math.ceil(rows / data.batch_size)
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,7 +3,7 @@ and clu's progress report extended with tokens/s, TFLOP/s per device and MFU.
 
 The peak is the vendor's dense bf16 figure for the chip (`runtime/chips.py`), as MaxText and
 the PaLM paper report MFU; only on CPU, which has no vendor figure, is a matmul timed.
-`TrainConfig.peak_tflops_per_device` overrides both.
+`LoggingConfig.peak_tflops_per_device` overrides both.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def peak_flops_per_device(device_kind: str, platform: str, *, override_tflops: f
 
   Args:
     device_kind, platform: of the device (`jax.devices()[0].device_kind`, `.platform`).
-    override_tflops: `TrainConfig.peak_tflops_per_device`; above 0 it wins everywhere.
+    override_tflops: `LoggingConfig.peak_tflops_per_device`; above 0 it wins everywhere.
     measure_cpu_tflops: called on CPU only, which has no vendor figure.
   """
   if override_tflops > 0:

@@ -11,6 +11,8 @@ from typing import Callable, Tuple
 import jax
 import optax
 
+from teacherlm_jax.training.train_config import OptimizerConfig
+
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -43,23 +45,20 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(learning_rate: float = 1e-4, schedule: str = "cosine", warmup_steps: int = 0,
-                   num_steps: int = 1, end_fraction: float = 0.1, weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, clip_norm: float = 1.0,
-                   grad_accum_steps: int = 1,
+def make_optimizer(config: OptimizerConfig, num_steps: int = 1
                    ) -> Tuple[optax.GradientTransformation, Callable]:
-  """(optimizer, schedule): clip -> AdamW, accumulated over `grad_accum_steps` microbatches."""
-  if grad_accum_steps < 1:
-    raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
-  lr = learning_rate_schedule(learning_rate, schedule, warmup_steps, num_steps, end_fraction)
+  """(optimizer, schedule): clip -> AdamW, accumulated over `config.grad_accum_steps`
+  microbatches, the schedule decaying over `num_steps` updates."""
+  lr = learning_rate_schedule(config.learning_rate, config.schedule, config.warmup_steps,
+                              num_steps, config.end_fraction)
   parts = []
-  if clip_norm and clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(clip_norm))
-  parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=_decay_mask))
+  if config.clip_norm and config.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.clip_norm))
+  parts.append(optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                           weight_decay=config.weight_decay, mask=_decay_mask))
   tx = optax.chain(*parts)
-  if grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
+  if config.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
   return tx, lr
 
 

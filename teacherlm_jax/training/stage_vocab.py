@@ -1,8 +1,8 @@
 """A training stage's vocabulary: the checkpoint it starts from decides it.
 
-A stage started from a pretrained checkpoint (`TrainConfig.init_hf_checkpoint` or
+A stage started from a pretrained checkpoint (`ModelSettings.init_hf_checkpoint` or
 `init_checkpoint`) tokenises with that checkpoint's tokenizer: data tokenised with any other
-vocabulary is an error naming both, unless `TrainConfig.reinit_embeddings` asks for fresh
+vocabulary is an error naming both, unless `ModelSettings.reinit_embeddings` asks for fresh
 embeddings of the data's vocabulary. Every stage saves its data's tokenizer beside its
 checkpoints, so the next stage, annotation and evaluation take it from there.
 """
@@ -13,11 +13,6 @@ from typing import Optional
 from teacherlm_jax.models import checkpoint_vocab
 from teacherlm_jax.storage import files
 from teacherlm_jax.models.config import ModelConfig
-
-
-def init_source(config) -> str:
-  """The checkpoint a new run starts from ('' for random weights)."""
-  return config.init_checkpoint or config.init_hf_checkpoint
 
 
 def task_vocabulary(task_name: str):
@@ -42,30 +37,30 @@ def with_fresh_embeddings(pretrained: dict, fresh: dict) -> dict:
   return jax.tree.map(lambda p, f: p if p.shape == f.shape else f, pretrained, fresh)
 
 
-def check_overrides(config, model_config: ModelConfig, source: str) -> None:
+def check_overrides(settings, model_config: ModelConfig, source: str) -> None:
   """A vocab_size override that contradicts the checkpoint is an error, never ignored."""
-  wanted = dict(config.model_overrides).get("vocab_size")
+  wanted = dict(settings.overrides).get("vocab_size")
   if wanted is not None and int(wanted) != model_config.vocab_size and not (
-      config.reinit_embeddings):
+      settings.reinit_embeddings):
     raise checkpoint_vocab.VocabularyMismatch(
-        f"TrainConfig.model_overrides sets vocab_size={wanted} but the checkpoint {source} has "
+        f"ModelSettings.overrides sets vocab_size={wanted} but the checkpoint {source} has "
         f"vocab_size={model_config.vocab_size}; drop the override to train with the "
-        "checkpoint's tokenizer, or set TrainConfig.reinit_embeddings=True to replace its "
+        "checkpoint's tokenizer, or set ModelSettings.reinit_embeddings=True to replace its "
         "embeddings")
 
 
-def check_and_save(config, model_config: ModelConfig, vocabulary, model_dir: str, *,
+def check_and_save(settings, model_config: ModelConfig, vocabulary, model_dir: str, *,
                    resuming: bool, task_name: str, write: bool) -> Optional[str]:
   """Checks the data's vocabulary against the starting checkpoint and the model, and saves it
   beside this stage's checkpoints; returns its spec (None when it has no file)."""
   data_spec = checkpoint_vocab.vocabulary_spec(vocabulary)
-  source = init_source(config)
-  model_name = source or f"{model_dir} (TrainConfig.model={config.model!r})"
-  if source and not resuming and not config.reinit_embeddings:
+  source = settings.init_source
+  model_name = source or f"{model_dir} (ModelSettings.preset={settings.preset!r})"
+  if source and not resuming and not settings.reinit_embeddings:
     source_spec = checkpoint_vocab.tokenizer_spec(source)
     fix = ("Tokenise the data with the checkpoint's tokenizer (e.g. "
            f"register_all.vocabulary = @get_vocabulary() with get_vocabulary.spec = "
-           f"'hf:{files.resolve(source)}'), or set TrainConfig.reinit_embeddings=True to train "
+           f"'hf:{files.resolve(source)}'), or set ModelSettings.reinit_embeddings=True to train "
            "new embeddings for the data's vocabulary")
     if source_spec is None:
       raise checkpoint_vocab.VocabularyMismatch(
@@ -90,13 +85,13 @@ def check_and_save(config, model_config: ModelConfig, vocabulary, model_dir: str
   return data_spec
 
 
-def data_vocabulary(config):
+def data_vocabulary(settings):
   """The vocabulary this stage's data must be tokenised with: the starting checkpoint's
   tokenizer; for random weights or new embeddings, `get_vocabulary.spec` from gin."""
   from teacherlm_jax.data import vocab  # pylint: disable=g-import-not-at-top
-  source = init_source(config)
+  source = settings.init_source
   spec = checkpoint_vocab.tokenizer_spec(source) if source else None
-  if spec is None or config.reinit_embeddings:
+  if spec is None or settings.reinit_embeddings:
     try:
       return vocab.get_vocabulary()
     except TypeError as e:  # gin.REQUIRED left unbound.

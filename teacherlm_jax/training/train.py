@@ -1,6 +1,7 @@
 """The trainer of every stage: teacher specialisations, multi-stage SFT, student training.
 
-One `TrainConfig` (gin-configurable) describes a run; `train(config, model_dir)` runs it:
+One `TrainConfig` (training/train_config.py, gin-configurable) describes a run;
+`train(config, model_dir)` runs it:
 
   * state = {'params', 'opt_state', 'step'} as plain pytrees, created directly in their shards
     or restored from the latest checkpoint in `model_dir`, a
@@ -18,7 +19,6 @@ One `TrainConfig` (gin-configurable) describes a run; `train(config, model_dir)`
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -26,7 +26,6 @@ import signal
 import threading
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +41,6 @@ from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.runtime import backend
 from teacherlm_jax.runtime import checkpointing
-from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
 from teacherlm_jax.runtime import program as program_lib
 from teacherlm_jax.storage import files
@@ -51,6 +49,7 @@ from teacherlm_jax.training import metrics as metrics_lib
 from teacherlm_jax.training import mfu
 from teacherlm_jax.training import optimizer as optimizer_lib
 from teacherlm_jax.training import stage_vocab
+from teacherlm_jax.training.train_config import DataConfig, OptimizerConfig, TrainConfig
 
 # A callable giving the batches numbered start, start+1, ... (this process's rows, numpy).
 BatchesFn = Callable[[int], Iterator[Dict[str, np.ndarray]]]
@@ -58,121 +57,9 @@ BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything a training run needs (bind fields in gin as `TrainConfig.field = value`).
-
-  Model: `model` is a preset name or JSON path (configs/models/); `compute_dtype` 'bfloat16' computes in bf16
-  with float32 master weights. Data: a seqio task or mixture; `batch_size` is global per
-  microbatch; `loss_on` 'targets' (prompt tokens masked) or 'all' (every token). Mesh: sizes
-  of ('data', 'fsdp', 'tensor'), one may be -1 (fill the remaining devices).
-  """
-  model: str = "tiny-bloom"
-  # ModelConfig fields replaced on the preset, e.g. {'vocab_size': 800} for a trained vocabulary.
-  model_overrides: Dict[str, object] = dataclasses.field(default_factory=dict)
-  compute_dtype: str = "float32"
-  # 'dots' keeps matmul outputs and recomputes the rest in the backward pass: less memory and,
-  # measured on CPU (BLOOM-42M, scanned blocks), faster than keeping everything ('none').
-  remat: str = "dots"
-  # 'xla', 'pallas' (TPU) or 'cudnn' (GPU); '' = the platform's default, set at launch
-  # (runtime/kernels.py), with the kernel tiles of the chip.
-  attention_impl: str = ""
-  # Data.
-  train_task: str = ""
-  eval_task: str = ""  # Default: train_task.
-  train_split: str = "train"
-  eval_split: str = "validation"
-  seq_len: int = 256
-  batch_size: int = 8
-  loss_on: str = "targets"
-  pack: bool = True
-  data_seed: int = 0
-  input_sharding: str = "global"
-  data_dir: str = ""  # Real datasets (default $TEACHERLM_DATA_DIR or ../shared/data).
-  # Optimizer.
-  learning_rate: float = 1e-4
-  schedule: str = "cosine"
-  warmup_steps: int = 0
-  end_fraction: float = 0.1
-  weight_decay: float = 0.0
-  adam_b1: float = 0.9
-  adam_b2: float = 0.95
-  adam_eps: float = 1e-8
-  clip_norm: float = 1.0
-  grad_accum_steps: int = 1
-  z_loss: float = 0.0
-  # The LM head and loss run in sequence chunks of at least this many tokens a device
-  # (models/head_loss.py): fewer re-read the head's weights more than they compute with them;
-  # more hold more float32 logits (1024 x BLOOM's 250,880-token vocabulary: 1 GiB).
-  loss_chunk_tokens: int = head_loss.MIN_CHUNK_TOKENS
-  # Loop.
-  num_steps: int = 100
-  log_every: int = 10
-  eval_every: int = 0  # 0: evaluate once at the end (if there is an eval task).
-  eval_batches: int = 4  # 0: no evaluation.
-  checkpoint_every: int = 100
-  # Optimizer steps per jitted call (a `lax.scan` over that many batches; see
-  # `make_train_step`). Logs, evaluations and checkpoints fall between calls: a call runs
-  # single steps where a multi-step one would cross one of their boundaries or num_steps.
-  steps_per_call: int = 1
-  keep_checkpoints: int = 3
-  async_checkpoints: bool = True
-  seed: int = 0
-  # Mesh.
-  mesh_data: int = 1
-  mesh_fsdp: int = -1
-  mesh_tensor: int = 1
-  mesh_devices: int = 0  # Use the first N devices (0: all of them).
-  # Initialisation of a new run (ignored when model_dir already holds a checkpoint).
-  init_checkpoint: str = ""  # A previous stage's model_dir (or a checkpoint step dir).
-  init_hf_checkpoint: str = ""  # A local HF checkpoint directory.
-  # A run started from a checkpoint trains with that checkpoint's tokenizer; data tokenised
-  # with another vocabulary is an error (training/stage_vocab.py). True: replace the
-  # checkpoint's vocabulary-shaped parameters with fresh ones for the data's vocabulary.
-  reinit_embeddings: bool = False
-  # Metrics. MFU is against the chip's vendor bf16 peak (runtime/chips.py), on CPU against a
-  # matmul timed at start-up; above 0 this overrides both.
-  peak_tflops_per_device: float = 0.0
-  tensorboard: bool = True  # Event files in <model_dir>/tensorboard; False: the log only.
-
-  def __post_init__(self):
-    if self.batch_size <= 0 or self.seq_len <= 0 or self.num_steps <= 0:
-      raise ValueError(f"batch_size={self.batch_size}, seq_len={self.seq_len} and "
-                       f"num_steps={self.num_steps} must be positive")
-    if self.init_checkpoint and self.init_hf_checkpoint:
-      raise ValueError("set at most one of TrainConfig.init_checkpoint and "
-                       "TrainConfig.init_hf_checkpoint")
-    if self.compute_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"TrainConfig.compute_dtype={self.compute_dtype!r}: expected 'float32' "
-                       "or 'bfloat16'")
-    for name in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints",
-                 "loss_chunk_tokens", "steps_per_call"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
-
-  def model_numerics(self, device=None) -> dict:
-    """ModelConfig fields this run sets on any architecture: compute dtype, float32 master
-    weights, remat, and attention for `device` (default: this process's first device; a
-    TPU topology's device for an ahead-of-time compile)."""
-    device = device if device is not None else jax.devices()[0]
-    return dict(dtype=self.compute_dtype, param_dtype="float32", remat=self.remat,
-                **kernels.attention_options(self.attention_impl, device))
-
-  def replace(self, **changes) -> "TrainConfig":
-    return dataclasses.replace(self, **changes)
-
-
 def make_mesh(config: TrainConfig, devices: Optional[List[jax.Device]] = None):
   """The run's mesh over `devices` (default every device; a TPU topology's for AOT compiles)."""
-  devices = jax.devices() if devices is None else list(devices)
-  if config.mesh_devices:
-    if config.mesh_devices > len(devices):
-      raise ValueError(f"TrainConfig.mesh_devices={config.mesh_devices} but only "
-                       f"{len(devices)} devices exist; lower it or set 0 (all devices)")
-    devices = devices[:config.mesh_devices]
-  return partitioning.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor,
-                                devices=devices)
+  return config.mesh.make(devices)
 
 
 def model_config_for(config: TrainConfig, model_dir: str, vocabulary=None) -> ModelConfig:
@@ -180,34 +67,35 @@ def model_config_for(config: TrainConfig, model_dir: str, vocabulary=None) -> Mo
   checkpoint's, or the preset; with this run's compute dtype and remat. A checkpoint's
   vocabulary is kept (an override contradicting it is an error) unless
   `reinit_embeddings`, which sizes the embedding for `vocabulary`, the data's."""
-  numerics = config.model_numerics()
+  numerics = config.model.numerics()
   if model_dir and files.exists(files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE)):
     return checkpoint_io.read_model_config(model_dir).replace(**numerics)
-  source = stage_vocab.init_source(config)
-  if config.init_checkpoint and files.exists(
-      files.join(config.init_checkpoint, checkpoint_io.MODEL_CONFIG_FILE)):
-    model_config = checkpoint_io.read_model_config(config.init_checkpoint)
-  elif config.init_hf_checkpoint:
+  source = config.model.init_source
+  if config.model.init_checkpoint and files.exists(
+      files.join(config.model.init_checkpoint, checkpoint_io.MODEL_CONFIG_FILE)):
+    model_config = checkpoint_io.read_model_config(config.model.init_checkpoint)
+  elif config.model.init_hf_checkpoint:
     from teacherlm_jax.models import hf  # Imports torch-free readers only.
-    hf_config = json.loads(files.read_text(files.join(config.init_hf_checkpoint, "config.json")))
-    model_config = hf.config_from_hf(hf_config, source=config.init_hf_checkpoint)
+    hf_config = json.loads(files.read_text(files.join(config.model.init_hf_checkpoint,
+                                                      "config.json")))
+    model_config = hf.config_from_hf(hf_config, source=config.model.init_hf_checkpoint)
   else:
-    return presets.get(config.model, **{**dict(config.model_overrides), **numerics})
-  stage_vocab.check_overrides(config, model_config, source)
-  if config.reinit_embeddings and vocabulary is not None:
+    return presets.get(config.model.preset, **{**dict(config.model.overrides), **numerics})
+  stage_vocab.check_overrides(config.model, model_config, source)
+  if config.model.reinit_embeddings and vocabulary is not None:
     model_config = stage_vocab.with_vocabulary(model_config, vocabulary)
   return model_config.replace(**numerics)
 
 
 def model_source(config: TrainConfig, model_dir: str) -> str:
   """Where `model_config_for` takes the architecture from (for error messages)."""
-  for directory in (model_dir, config.init_checkpoint):
+  for directory in (model_dir, config.model.init_checkpoint):
     path = os.path.join(directory or "", checkpoint_io.MODEL_CONFIG_FILE)
     if directory and files.exists(path):
       return path
-  if config.init_hf_checkpoint:
-    return os.path.join(config.init_hf_checkpoint, "config.json")
-  return f"preset {config.model!r} (TrainConfig.model, with model_overrides)"
+  if config.model.init_hf_checkpoint:
+    return os.path.join(config.model.init_hf_checkpoint, "config.json")
+  return f"preset {config.model.preset!r} (ModelSettings.preset, with its overrides)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,17 +160,12 @@ def make_eval_step(runtime: program_lib.Program, graphdef, param_shardings, batc
 # Inputs.
 
 
-def data_dir_for(config: TrainConfig) -> str:
-  if config.data_dir:
-    return config.data_dir
-  return os.environ.get("TEACHERLM_DATA_DIR", os.path.join(os.getcwd(), "..", "shared", "data"))
-
-
-def seqio_batches(config: TrainConfig, mesh, task: str, split: str, *, train: bool) -> BatchesFn:
+def seqio_batches(data: DataConfig, mesh, task: str, split: str, *, train: bool) -> BatchesFn:
+  """The batches of `task`'s `split` as `data` cuts them, this process's rows."""
   import seqio  # Imports TensorFlow; only needed for seqio inputs.
   from teacherlm_jax.training import train_data
   if task == train_data.FLAN_COT_BYTES_TASK:
-    train_data.register_flan_cot_bytes_task(data_dir_for(config))
+    train_data.register_flan_cot_bytes_task(data.resolved_data_dir())
   elif task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
     # The project's fixed tasks and mixtures need a vocabulary, bound in gin as
     # `register_all.vocabulary = ...` (see gin/teacher_sft.gin).
@@ -295,9 +178,9 @@ def seqio_batches(config: TrainConfig, mesh, task: str, split: str, *, train: bo
                        "register_all.vocabulary in the gin file or register the task "
                        "before training") from e
   return train_data.SeqioBatches(
-      task, split, config.seq_len, config.batch_size, loss_on=config.loss_on, pack=config.pack,
-      shuffle=train, seed=config.data_seed, repeat=train, input_sharding=config.input_sharding,
-      process_rows=partitioning.process_batch_rows(mesh, config.batch_size),
+      task, split, data.seq_len, data.batch_size, loss_on=data.loss_on, pack=data.pack,
+      shuffle=train, seed=data.seed, repeat=train, input_sharding=data.input_sharding,
+      process_rows=partitioning.process_batch_rows(mesh, data.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -331,14 +214,15 @@ def _check_batch(batch: Dict[str, np.ndarray], config: TrainConfig, rows: int, n
   if missing:
     raise ValueError(f"input batch {number} lacks {missing}; batches need {BATCH_KEYS}")
   shape = batch["tokens"].shape
-  if shape != (rows, config.seq_len):
+  if shape != (rows, config.data.seq_len):
     raise ValueError(f"input batch {number} has shape {shape}, expected ({rows}, "
-                     f"{config.seq_len}) = this process's rows of batch_size={config.batch_size}"
-                     f" by seq_len={config.seq_len}")
+                     f"{config.data.seq_len}) = this process's rows of DataConfig.batch_size="
+                     f"{config.data.batch_size} by seq_len={config.data.seq_len}")
   for key in ("tokens", "targets"):
     checkpoint_vocab.check_token_ids(
         batch[key], model_config.vocab_size, source=f"input batch {number} ({key!r})",
-        model_name=stage_vocab.init_source(config) or f"TrainConfig.model={config.model!r}")
+        model_name=(config.model.init_source
+                    or f"ModelSettings.preset={config.model.preset!r}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,20 +287,17 @@ class Program(NamedTuple):
             "step": jax.device_put(jnp.zeros((), jnp.int32), self.state_sh["step"])}
 
 
-def _optimizer_args(config: TrainConfig) -> tuple:
+def _schedule_steps(config: TrainConfig) -> int:
   # A constant schedule does not depend on the run length: runs of different lengths (and
   # later stages) then share one compiled program.
-  num_steps = 1 if config.schedule == "constant" else config.num_steps
-  return (config.learning_rate, config.schedule, config.warmup_steps, num_steps,
-          config.end_fraction, config.weight_decay, config.adam_b1, config.adam_b2,
-          config.adam_eps, config.clip_norm, config.grad_accum_steps)
+  return 1 if config.optimizer.schedule == "constant" else config.num_steps
 
 
 def program_for(config: TrainConfig, model_config: ModelConfig, mesh) -> Program:
   """What `train` compiles for `config`'s run of `model_config` on `mesh` (its steps,
   shardings and initialisers); runs with the same settings in one process share it."""
-  program = _program(model_config, _optimizer_args(config), config.z_loss, mesh,
-                     config.loss_chunk_tokens)
+  program = _program(model_config, config.optimizer, _schedule_steps(config), config.z_loss,
+                     mesh, config.loss_chunk_tokens)
   seed = np.int32(config.seed)
   return program._replace(init_params=lambda: program.init_params(seed))
 
@@ -424,10 +305,10 @@ def program_for(config: TrainConfig, model_config: ModelConfig, mesh) -> Program
 # Not keyed by the seed (an argument of init_params): runs differing only in their seed, e.g.
 # the pipeline's students, share one compile.
 @functools.lru_cache(maxsize=8)
-def _program(model_config: ModelConfig, optimizer_args: tuple, z_loss: float, mesh,
-             chunk_tokens: int) -> Program:
+def _program(model_config: ModelConfig, optimizer: OptimizerConfig, schedule_steps: int,
+             z_loss: float, mesh, chunk_tokens: int) -> Program:
   runtime = program_lib.Program(mesh)
-  tx, schedule = optimizer_lib.make_optimizer(*optimizer_args)
+  tx, schedule = optimizer_lib.make_optimizer(optimizer, schedule_steps)
   model_fn = lambda seed: transformer.DecoderLM(model_config,
                                                 rngs=nnx.Rngs(jax.random.key(seed)))
   graphdef, abstract_params = runtime.split(nnx.eval_shape(model_fn, 0))
@@ -462,7 +343,7 @@ def abstract_batch(config: TrainConfig, mesh) -> Dict[str, jax.ShapeDtypeStruct]
   """One microbatch as the train step takes it, shapes and shardings only (AOT compiles)."""
   sharding = partitioning.batch_sharding(mesh, 2)
   dtype = lambda key: jnp.float32 if key == "loss_weights" else jnp.int32
-  return {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), dtype(key),
+  return {key: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), dtype(key),
                                     sharding=sharding) for key in BATCH_KEYS}
 
 
@@ -486,7 +367,7 @@ def _restore_newest_good(config: TrainConfig, program: Program, checkpointer):
   """(state, step) of the newest checkpoint that restores and passes verification, or None
   when there is none. Newer steps that fail are reported, then moved to damaged_checkpoints/
   (so the run can save those step numbers again) once an older step proved good."""
-  k = config.grad_accum_steps
+  k = config.optimizer.grad_accum_steps
   abstract = _with_shardings(program.abstract_state, program.state_sh)
   failed = []
   for step in sorted(checkpointer.all_steps(), reverse=True):
@@ -521,23 +402,23 @@ def _initial_state(config: TrainConfig, program: Program, checkpointer):
   restored = _restore_newest_good(config, program, checkpointer)
   if restored is not None:
     return restored
-  if config.init_checkpoint:
+  if config.model.init_checkpoint:
     params = checkpointing.restore_params(
-        config.init_checkpoint, _with_shardings(program.abstract_state["params"],
-                                                program.param_sh))
-    logging.info("initialised params from %s", config.init_checkpoint)
-  elif config.reinit_embeddings and stage_vocab.init_source(config):
-    source = stage_vocab.init_source(config)
+        config.model.init_checkpoint,
+        _with_shardings(program.abstract_state["params"], program.param_sh))
+    logging.info("initialised params from %s", config.model.init_checkpoint)
+  elif config.model.reinit_embeddings and config.model.init_source:
+    source = config.model.init_source
     pretrained = nnx.to_pure_dict(nnx.state(checkpoint_io.load_any(source), nnx.Param))
     params = jax.device_put(stage_vocab.with_fresh_embeddings(
         pretrained, jax.device_get(program.init_params())), program.param_sh)
     logging.info("initialised params from %s, vocabulary-shaped ones afresh", source)
-  elif config.init_hf_checkpoint:
+  elif config.model.init_hf_checkpoint:
     from teacherlm_jax.models import hf
-    _, hf_model = hf.import_checkpoint(files.local_copy(config.init_hf_checkpoint),
-                                       dtype=config.compute_dtype, param_dtype="float32")
+    _, hf_model = hf.import_checkpoint(files.local_copy(config.model.init_hf_checkpoint),
+                                       dtype=config.model.compute_dtype, param_dtype="float32")
     params = jax.device_put(nnx.to_pure_dict(nnx.state(hf_model, nnx.Param)), program.param_sh)
-    logging.info("initialised params from HF checkpoint %s", config.init_hf_checkpoint)
+    logging.info("initialised params from HF checkpoint %s", config.model.init_hf_checkpoint)
   else:
     params = program.init_params()
   return program.fresh_state(params), 0
@@ -562,11 +443,11 @@ class _Evaluator:
         if len(self._cached) == self.config.eval_batches:
           break
         self._cached.append(partitioning.shard_batch(
-            {key: batch[key] for key in BATCH_KEYS}, self.mesh, self.config.batch_size))
+            {key: batch[key] for key in BATCH_KEYS}, self.mesh, self.config.data.batch_size))
       if not self._cached:
-        raise ValueError(f"eval split {self.config.eval_split!r} gave no batch of "
-                         f"{self.config.batch_size}x{self.config.seq_len}; check "
-                         "TrainConfig.eval_task/eval_split or set eval_batches=0")
+        raise ValueError(f"eval split {self.config.data.eval_split!r} gave no batch of "
+                         f"{self.config.data.batch_size}x{self.config.data.seq_len}; check "
+                         "DataConfig.eval_task/eval_split or set eval_batches=0")
     sums = [self.eval_step(params, batch) for batch in self._cached]
     total = jax.tree.map(lambda *x: np.sum(x), *jax.device_get(sums))
     result = metrics_lib.mean_of(total, len(sums))
@@ -608,7 +489,7 @@ class _FiniteGuard:
       raise FloatingPointError(
           f"loss or gradient became NaN/Inf at step {bad // self.k + 1} (microbatch {bad}, "
           f"counted from 0); training stopped there without saving it. "
-          f"{self._checkpoint_note()} Lower TrainConfig.learning_rate, set clip_norm, use "
+          f"{self._checkpoint_note()} Lower OptimizerConfig.learning_rate, set clip_norm, use "
           "compute_dtype='float32', or inspect that batch")
     self.first += len(self.flags)
     self.flags = []
@@ -617,7 +498,7 @@ class _FiniteGuard:
 def _call_fits(step: int, n: int, config: TrainConfig) -> bool:
   """Whether steps step+1 .. step+n can run in one call: none of them but the last ends a
   log, eval or checkpoint period, and the last is at most num_steps."""
-  periods = [config.log_every, config.checkpoint_every] + (
+  periods = [config.logging.every, config.checkpoint.every] + (
       [config.eval_every] if config.eval_every else [])
   return step + n <= config.num_steps and all(
       (step + n - 1) // p == step // p for p in periods)
@@ -636,35 +517,36 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     {'step': last optimizer step, 'losses': per-microbatch losses of this invocation,
      'eval': last eval metrics, 'preempted': bool, 'state': final state, 'start_step': int}.
   """
-  if train_batches is None and not config.train_task:
-    raise ValueError("TrainConfig.train_task is empty: set it to a registered seqio task or "
+  if train_batches is None and not config.data.train_task:
+    raise ValueError("DataConfig.train_task is empty: set it to a registered seqio task or "
                      "mixture (e.g. in the gin file), or pass scripts/train.py "
                      "--input=<annotation directory>")
   mesh = make_mesh(config)
-  partitioning.check_batch_divides(config.batch_size, mesh, what="TrainConfig.batch_size")
-  rows = partitioning.process_batch_rows(mesh, config.batch_size)
+  partitioning.check_batch_divides(config.data.batch_size, mesh, what="DataConfig.batch_size")
+  rows = partitioning.process_batch_rows(mesh, config.data.batch_size)
   vocabulary = None
   if train_batches is None:
-    train_batches = seqio_batches(config, mesh, config.train_task, config.train_split,
-                                  train=True)
-    vocabulary = stage_vocab.task_vocabulary(config.train_task)
+    train_batches = seqio_batches(config.data, mesh, config.data.train_task,
+                                  config.data.train_split, train=True)
+    vocabulary = stage_vocab.task_vocabulary(config.data.train_task)
   resuming = files.exists(files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
   model_config = model_config_for(config, model_dir, vocabulary)
   if vocabulary is not None:
     from teacherlm_jax.training import train_data
-    train_data.check_vocabulary(config.train_task, model_config.vocab_size,
+    train_data.check_vocabulary(config.data.train_task, model_config.vocab_size,
                                 model_source(config, model_dir))
-    stage_vocab.check_and_save(config, model_config, vocabulary, model_dir, resuming=resuming,
-                               task_name=config.train_task, write=jax.process_index() == 0)
-  k = config.grad_accum_steps
+    stage_vocab.check_and_save(config.model, model_config, vocabulary, model_dir,
+                               resuming=resuming, task_name=config.data.train_task,
+                               write=jax.process_index() == 0)
+  k = config.optimizer.grad_accum_steps
   program = program_for(config, model_config, mesh)
-  eval_task = config.eval_task or config.train_task
+  eval_task = config.data.eval_task or config.data.train_task
   if eval_batches is None and eval_task and config.eval_batches:
-    eval_batches = seqio_batches(config, mesh, eval_task, config.eval_split, train=False)
+    eval_batches = seqio_batches(config.data, mesh, eval_task, config.data.eval_split, train=False)
 
-  checkpointer = checkpointing.Checkpointer(model_dir, config.keep_checkpoints,
-                                            config.async_checkpoints)
-  writer = metrics_lib.create_writer(model_dir, config.tensorboard)
+  checkpointer = checkpointing.Checkpointer(model_dir, config.checkpoint.keep,
+                                            config.checkpoint.async_save)
+  writer = metrics_lib.create_writer(model_dir, config.logging.tensorboard)
   preemption = None
   try:
     state, start = _initial_state(config, program, checkpointer)
@@ -672,21 +554,21 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
       checkpoint_io.write_model_config(
           model_config, files.join(model_dir, checkpoint_io.MODEL_CONFIG_FILE))
       files.write_atomic(files.join(model_dir, TRAIN_CONFIG_FILE),
-                         json.dumps(dataclasses.asdict(config), indent=1))
+                         json.dumps(config.to_dict(), indent=1))
     evaluate = _Evaluator(config, eval_batches, program.eval_step, mesh, writer)
     device = mesh.devices.flat[0]
     peak = mfu.peak_flops_per_device(device.device_kind, device.platform,
-                                     override_tflops=config.peak_tflops_per_device)
+                                     override_tflops=config.logging.peak_tflops_per_device)
     if peak is None:
       logging.warning("no MFU: %r has no vendor peak in runtime/chips.py; set "
-                      "TrainConfig.peak_tflops_per_device", device.device_kind)
+                      "LoggingConfig.peak_tflops_per_device", device.device_kind)
     # Steps/s, tokens/s, TFLOP/s and MFU at each log step, timed from the first step's end.
     report_progress = mfu.ReportThroughput(
-        num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every,
-        every_secs=None, tokens_per_step=config.batch_size * config.seq_len * k,
-        flops_per_token=mfu.flops_per_token(model_config, config.seq_len),
+        num_train_steps=config.num_steps, writer=writer, every_steps=config.logging.every,
+        every_secs=None, tokens_per_step=config.data.batch_size * config.data.seq_len * k,
+        flops_per_token=mfu.flops_per_token(model_config, config.data.seq_len),
         num_devices=mesh.devices.size, peak_flops_per_device=peak)
-    writer.write_hparams(metrics_lib.hparams(dataclasses.asdict(config)))
+    writer.write_hparams(metrics_lib.hparams(config.flat()))
     logging.info("model %s %.1fM params, mesh %s, %d process(es), steps %d->%d, peak %s "
                  "TFLOP/s per device (%s)", model_config.family,
                  model_config.num_params() / 1e6, partitioning.mesh_shape(mesh),
@@ -725,14 +607,14 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
         n, per_micro = 1, []
         for micro in range(k):
           global_batch = partitioning.shard_batch(next_batch(step * k + micro), mesh,
-                                                  config.batch_size)
+                                                  config.data.batch_size)
           state, step_metrics = program.train_step(state, global_batch)
           per_micro.append(step_metrics)
       else:  # One call of n optimizer steps = n * k microbatches, stacked in order.
         local = [next_batch(step * k + micro) for micro in range(n * k)]
         stacked = {key: np.stack([b[key] for b in local]) for key in BATCH_KEYS}
         state, step_metrics = program.train_steps(
-            state, partitioning.shard_batch(stacked, mesh, config.batch_size, stacked=True))
+            state, partitioning.shard_batch(stacked, mesh, config.data.batch_size, stacked=True))
         per_micro = [jax.tree.map(lambda x, i=i: x[i], step_metrics) for i in range(n * k)]
       for micro_metrics in per_micro:
         losses.append(micro_metrics["loss"])
@@ -743,7 +625,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
       step += n
       # A collective in multi-process runs: every process calls it once per step, in order.
       preempted = any([preemption.reached(s) for s in range(step - n + 1, step + 1)])
-      if step % config.log_every == 0 or step == config.num_steps or preempted:
+      if step % config.logging.every == 0 or step == config.num_steps or preempted:
         guard.check()
         fetched = jax.device_get(window)  # Waits for the steps: the progress report's clock.
         total = jax.tree.map(lambda *x: np.sum(x), *fetched)
@@ -763,7 +645,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
       if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
         with report_progress.timed("eval", wait_jax_async_dispatch=False):
           eval_result = evaluate(state["params"], step)
-      if step % config.checkpoint_every == 0 or step == config.num_steps:
+      if step % config.checkpoint.every == 0 or step == config.num_steps:
         save(step)
     if not preempted:
       eval_result = evaluate(state["params"], step) or eval_result

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Dict, Iterator, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import seqio
