@@ -4,6 +4,7 @@ on 2 key/value heads) and OPT, on packed and left-padded batches and against a p
 cache; and the same kernels compile for TPU with the real compiler (Mosaic)."""
 import functools
 import os
+import re
 
 # Several engineers' test runs may load libtpu at once; it only compiles here, never runs.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -17,6 +18,7 @@ from teacherlm_jax.models import attention_impl
 from teacherlm_jax.models import transformer
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.models.kernels import flash_attention
+from teacherlm_jax.models.kernels import splash_attention
 
 LENGTH = 256
 HEAD_DIM = 32
@@ -34,11 +36,20 @@ def _config(name: str, impl: str, **changes) -> ModelConfig:
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch, request):
-  """The kernel on CPU: Pallas's interpreter runs the same kernel body on XLA:CPU."""
+  """The kernels on CPU: Pallas's interpreter runs the same kernel bodies on XLA:CPU. Returns
+  the names of the kernels called, in order."""
+  called = []
   if "compile_for_tpu" in request.node.name:
-    return
-  monkeypatch.setattr(attention_impl.flash_attention, "flash_attention",
-                      functools.partial(flash_attention.flash_attention, interpret=True))
+    return called
+  for module, name in ((flash_attention, "flash_attention"),
+                       (splash_attention, "splash_attention")):
+
+    def interpreted(*args, _kernel=getattr(module, name), _name=name, **kwargs):
+      called.append(_name)
+      return _kernel(*args, interpret=True, **kwargs)
+
+    monkeypatch.setattr(module, name, interpreted)
+  return called
 
 
 def _segment_ids() -> jax.Array:
@@ -59,7 +70,8 @@ def _qkv(config: ModelConfig, rows: int, keys: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_cache_free_pallas_matches_xla_outputs_and_gradients(name):
+def test_cache_free_pallas_matches_xla_outputs_and_gradients(name, _interpret):
+  """BLOOM on our kernel, OPT and LLaMA on upstream's splash attention."""
   segment_ids = _segment_ids()
   positions = transformer.positions_from_segments(segment_ids)
   q, k, v = _qkv(_config(name, "xla"), LENGTH, LENGTH)
@@ -68,20 +80,23 @@ def test_cache_free_pallas_matches_xla_outputs_and_gradients(name):
     config = _config(name, impl)
     out, vjp = jax.vjp(lambda q, k, v: attention_impl.cache_free(config, q, k, v, segment_ids,
                                                                  positions), q, k, v)
-    # Pad queries see no key: their outputs are never used and get no gradient.
+    # Pad queries: their outputs are never used and get no gradient (their keys differ: none
+    # in ours and xla's rule, the earlier pads in splash's).
     text = np.asarray(segment_ids != 0)[:, None, None, :, None]
-    d_out = jnp.where(text, jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape),
-                      0.0)
-    results[impl] = (np.where(text, out, 0.0), *vjp(d_out))
+    cotangent = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+    results[impl] = (np.where(text, out, 0.0), *vjp(jnp.where(text, cotangent, 0.0)))
+    if impl == "pallas":  # Nothing non-finite from pad rows, even with a cotangent on them.
+      assert all(np.isfinite(x).all() for x in (out, *vjp(cotangent)))
+  assert _interpret == ["flash_attention" if name == "bloom" else "splash_attention"]
   for what, got, want in zip(("output", "dq", "dk", "dv"), results["pallas"], results["xla"]):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=what)
 
 
 @pytest.mark.parametrize("name", ["bloom", "llama"])
-def test_pallas_runs_per_shard_on_a_sharded_mesh(name):
-  """Under a (data 2, fsdp 2, tensor 2) mesh the kernel runs in a shard_map (rows over data x
-  fsdp; LLaMA's 2 key/value heads over tensor, BLOOM's 5 heads whole with each shard's ALiBi
-  slopes): outputs and gradients equal the unsharded xla path's."""
+def test_pallas_runs_per_shard_on_a_sharded_mesh(name, _interpret):
+  """Under a (data 2, fsdp 2, tensor 2) mesh the kernel (ours for BLOOM, splash for LLaMA) runs
+  in a shard_map (rows over data x fsdp; LLaMA's 2 key/value heads over tensor, BLOOM's 5 heads
+  whole with each shard's ALiBi slopes): outputs and gradients equal the unsharded xla path's."""
   from teacherlm_jax.runtime import partitioning
   segment_ids = jnp.concatenate([_segment_ids()] * 2)
   positions = transformer.positions_from_segments(segment_ids)
@@ -99,6 +114,7 @@ def test_pallas_runs_per_shard_on_a_sharded_mesh(name):
   with jax.set_mesh(mesh):
     got = step(q, k, v)
     assert "sdy.manual_computation" in step.lower(q, k, v).as_text()  # The shard_map.
+  assert set(_interpret) == {"flash_attention" if name == "bloom" else "splash_attention"}
   np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
   for what, a, b in zip(("dq", "dk", "dv"), got[1], want[1]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=what)
@@ -127,9 +143,9 @@ def test_cached_pallas_matches_xla_on_a_partly_filled_cache(name, rows):
   np.testing.assert_allclose(outputs["pallas"], outputs["xla"], rtol=1e-5, atol=1e-5)
 
 
-def test_pallas_pads_lengths_that_are_not_whole_tiles():
-  """A 72-token forward and a 200-slot cache (the slot engine sizes caches as prompt bucket +
-  new tokens) are padded to the kernel's 128-key tiles with invisible keys."""
+def test_pallas_pads_lengths_that_are_not_whole_tiles(_interpret):
+  """A 78-token forward (splash) and a 200-slot cache (ours; the slot engine sizes caches as
+  prompt bucket + new tokens) are padded to the kernels' 128-key tiles with invisible keys."""
   segment_ids = _segment_ids()[:, 178:]
   positions = transformer.positions_from_segments(segment_ids)
   q, k, v = _qkv(_config("llama", "xla"), 78, 78)
@@ -146,12 +162,14 @@ def test_pallas_pads_lengths_that_are_not_whole_tiles():
                                          key_segment_ids, key_positions)
              for impl in ("xla", "pallas")}
   np.testing.assert_allclose(outputs["pallas"], outputs["xla"], rtol=1e-5, atol=1e-5)
+  assert _interpret == ["splash_attention", "flash_attention"]
 
 
-def test_model_with_pallas_attention_matches_xla_forward_and_decode_step():
-  """The whole BLOOM decoder dispatches on attention_impl: logits of a packed forward, and of a
-  decode step after a prefill into the cache."""
-  configs = {impl: _config("bloom", impl) for impl in ("xla", "pallas")}
+@pytest.mark.parametrize("name", ["bloom", "llama"])
+def test_model_with_pallas_attention_matches_xla_forward_and_decode_step(name):
+  """The whole decoder dispatches on attention_impl: logits of a packed forward (LLaMA's through
+  splash), and of a decode step after a prefill into the cache (both through ours)."""
+  configs = {impl: _config(name, impl) for impl in ("xla", "pallas")}
   model_xla = transformer.DecoderLM(configs["xla"], rngs=transformer.nnx.Rngs(0))
   model_pallas = transformer.DecoderLM(configs["pallas"], rngs=transformer.nnx.Rngs(0))
   segment_ids = _segment_ids()
@@ -205,8 +223,9 @@ def _tpu_device(topology: str):
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v4:2x2x1"])
 def test_kernels_compile_for_tpu(topology):
-  """Mosaic compiles the training kernels (forward and backward: BLOOM's ALiBi, LLaMA's GQA) and
-  the decode kernel (LLaMA's grouped rows, BLOOM's per-head slopes), bf16 at head_dim 128."""
+  """Mosaic compiles the training kernels (forward and backward: BLOOM's ALiBi in ours, LLaMA's
+  GQA in splash) and the decode kernel (ours: LLaMA's grouped rows, BLOOM's per-head slopes),
+  bf16 at head_dim 128."""
   device = _tpu_device(topology)
   sharding = jax.sharding.SingleDeviceSharding(device)
   spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -221,9 +240,18 @@ def test_kernels_compile_for_tpu(topology):
       return jnp.sum(out.astype(jnp.float32))
 
     ids = spec((batch, length), jnp.int32)
-    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
         spec((batch, kv_heads, groups, length, 128)), spec((batch, kv_heads, length, 128)),
-        spec((batch, kv_heads, length, 128)), ids, ids).compile()
+        spec((batch, kv_heads, length, 128)), ids, ids)
+    kernels = set(re.findall(r"(splash_mha_\w+|alibi_flash_attention\w*)", lowered.as_text()))
+    if name == "bloom":
+      assert kernels == {"alibi_flash_attention_fwd", "alibi_flash_attention_dkv",
+                         "alibi_flash_attention_dq"}, kernels
+    else:
+      assert kernels == {"splash_mha_fwd_segmented_residuals",
+                         "splash_mha_dkv_segmented_no_residuals",
+                         "splash_mha_dq_segmented_no_residuals"}, kernels
+    lowered.compile()
     step = jax.jit(functools.partial(attention_impl.cached, config))
     rows, keys = spec((batch, 1), jnp.int32), spec((batch, slots), jnp.int32)
     step.lower(spec((batch, kv_heads, groups, 1, 128)), spec((batch, kv_heads, slots, 128)),

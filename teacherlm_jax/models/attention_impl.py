@@ -1,6 +1,11 @@
 """The attention implementation a `ModelConfig` names ('xla', 'pallas' or 'cudnn'), for a
 cache-free forward and for a cached one (prefill and decoding), in the model's layouts.
 
+'pallas' runs upstream's splash attention (models/kernels/splash_attention.py) for the
+cache-free forward and backward of OPT and LLaMA, and our kernel (models/kernels/
+flash_attention.py) for BLOOM's (ALiBi: splash takes no bias) and for every cached call (cache
+slots are visible by their stored segment ids and positions, not by a static row mask).
+
 Shapes: queries (B, K, G, L, D), keys and values (B, K, S, D), as in models/attention.py. The
 choice is a config value set at launch (runtime/kernels.py); nothing here reads the backend.
 """
@@ -16,6 +21,7 @@ from teacherlm_jax.models import attention
 from teacherlm_jax.models.config import ModelConfig
 from teacherlm_jax.models.kernels import cudnn_attention
 from teacherlm_jax.models.kernels import flash_attention
+from teacherlm_jax.models.kernels import splash_attention
 from teacherlm_jax.runtime import partitioning
 
 
@@ -63,30 +69,49 @@ def _flash(config: ModelConfig, q_BxHxLxD, k_BxKxSxD, v_BxKxSxD, q_segment_ids_B
   if causal:  # Queries and keys are one sequence.
     row_multiple = key_multiple = max(row_multiple, key_multiple)
   slopes = _slopes(config)
-  operands = (_padded(q_BxHxLxD, 2, row_multiple), _padded(k_BxKxSxD, 2, key_multiple),
-              _padded(v_BxKxSxD, 2, key_multiple), _padded(q_segment_ids_BxL, 1, row_multiple),
+  rows_BxL = (_padded(q_segment_ids_BxL, 1, row_multiple),
               _padded(q_positions_BxL, 1, row_multiple),
               _padded(kv_segment_ids_BxS, 1, key_multiple),
-              _padded(kv_positions_BxS, 1, key_multiple),
-              None if slopes is None else jnp.asarray(slopes, jnp.float32))
+              _padded(kv_positions_BxS, 1, key_multiple))
 
   def kernel(q, k, v, q_ids, q_pos, kv_ids, kv_pos, slopes_H):
     return flash_attention.flash_attention(
         q, k, v, q_ids, q_pos, kv_ids, kv_pos, alibi_slopes=slopes_H, causal=causal,
         block_q=config.attention_block_q, block_kv=config.attention_block_kv)
 
-  out = _per_shard(kernel, operands)
+  out = _per_shard(kernel, _padded(q_BxHxLxD, 2, row_multiple),
+                   _padded(k_BxKxSxD, 2, key_multiple), _padded(v_BxKxSxD, 2, key_multiple),
+                   rows_BxL, None if slopes is None else jnp.asarray(slopes, jnp.float32))
   return out[:, :, :rows]
 
 
-def _per_shard(kernel, operands):
-  """`kernel` on each device's part of the context mesh (a Mosaic kernel cannot be
-  partitioned by XLA): rows split as the activations' batch, heads as theirs when every
-  shard gets whole key/value groups, lengths whole. Without a mesh, `kernel` itself."""
+def _splash(config: ModelConfig, q_BxHxLxD, k_BxKxLxD, v_BxKxLxD,
+            segment_ids_BxL) -> jax.Array:
+  """Upstream's splash attention on any length: padded to its tiles, the padding cut off
+  after (the added tokens have segment id 0, so no real query sees them)."""
+  length = q_BxHxLxD.shape[2]
+  padded, block_q, block_kv = splash_attention.blocks(length, config.attention_block_q,
+                                                      config.attention_block_kv)
+  pad = lambda x, axis: _padded(x, axis, padded)
+
+  def kernel(q, k, v, segment_ids, _):
+    return splash_attention.splash_attention(q, k, v, segment_ids, block_q=block_q,
+                                             block_kv=block_kv)
+
+  out = _per_shard(kernel, pad(q_BxHxLxD, 2), pad(k_BxKxLxD, 2), pad(v_BxKxLxD, 2),
+                   (pad(segment_ids_BxL, 1),))
+  return out[:, :, :length]
+
+
+def _per_shard(kernel, q, k, v, rows_BxL, slopes_H=None):
+  """`kernel(q, k, v, *rows_BxL, slopes_H)` on each device's part of the context mesh (a
+  Mosaic kernel cannot be partitioned by XLA): rows split as the activations' batch, heads as
+  theirs when every shard gets whole key/value groups, lengths whole. Without a mesh,
+  `kernel` itself."""
+  operands = (q, k, v, *rows_BxL, slopes_H)
   mesh = partitioning.context_mesh()
   if mesh is None or mesh.size == 1:
     return kernel(*operands)
-  q, k = operands[0], operands[1]
   batch, = partitioning.logical_to_spec(("activation_batch",), mesh=mesh)
   if batch is not None and q.shape[0] % partitioning.shard_count(("activation_batch",)):
     batch = None
@@ -94,8 +119,8 @@ def _per_shard(kernel, operands):
   if heads is not None and k.shape[1] % partitioning.shard_count(("activation_heads",)):
     heads = None  # Uneven groups: every shard computes all heads of its rows.
   P = jax.sharding.PartitionSpec
-  specs = (P(batch, heads), P(batch, heads), P(batch, heads), P(batch), P(batch), P(batch),
-           P(batch), None if operands[-1] is None else P(heads))
+  specs = ((P(batch, heads),) * 3 + (P(batch),) * len(rows_BxL)
+           + (None if slopes_H is None else P(heads),))
   return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=P(batch, heads),
                        check_vma=False)(*operands)
 
@@ -114,9 +139,12 @@ def cache_free(config: ModelConfig, q_BxKxGxLxD: jax.Array, k_BxKxLxD: jax.Array
         positions_BxL, alibi_slopes=_slopes(config), causal=True)
     return checkpoint_name(out, attention.ATTENTION_OUTPUT)
   b, kv_heads, groups, l, d = q_BxKxGxLxD.shape
-  out_BxHxLxD = _flash(config, q_BxKxGxLxD.reshape(b, kv_heads * groups, l, d), k_BxKxLxD,
-                       v_BxKxLxD, segment_ids_BxL, positions_BxL, segment_ids_BxL,
-                       positions_BxL, causal=True)
+  q_BxHxLxD = q_BxKxGxLxD.reshape(b, kv_heads * groups, l, d)
+  if alibi:
+    out_BxHxLxD = _flash(config, q_BxHxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL,
+                         positions_BxL, segment_ids_BxL, positions_BxL, causal=True)
+  else:  # Causal by row equals our rule by position here (kernels/splash_attention.py).
+    out_BxHxLxD = _splash(config, q_BxHxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids_BxL)
   return out_BxHxLxD.reshape(b, kv_heads, groups, l, d)
 
 
