@@ -150,7 +150,7 @@ def test_tpu_default_attention_compiles_over_a_sharded_mesh(gin_config, model):
   """TPU's default, 'pallas', runs per shard (a shard_map) on fsdp x tensor: every step of the
   tiny pipeline compiles with it (LLaMA's training and scoring through splash attention)."""
   gin_config(["gin/pipeline_tiny.gin"],
-             FSDP_X_TENSOR[:-len(XLA_ATTENTION)] + [f"TrainConfig.model = '{model}'"])
+             FSDP_X_TENSOR[:-len(XLA_ATTENTION)] + [f"ModelSettings.preset = '{model}'"])
   records = aot_steps.compile_steps("v5e:2x2")
   assert {"teacher_train", "annotate_prefill", "annotate_decode", "eval_score"} <= {
       r["step"] for r in records}
