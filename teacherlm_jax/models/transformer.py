@@ -355,6 +355,9 @@ class DecoderLM(nnx.Module):
 
     if layer_caches is None and self.config.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat])
+      # Kernels cast once for all layers (as Dense would per use): the scan then stacks their
+      # gradients in the compute dtype, not float32; the same numbers (Dense rounds both).
+      stacked_state = _kernels_in(stacked_state, self.config.compute_dtype)
     return jax.lax.scan(body, x_BxLxD, (stacked_state, layer_caches))
 
   def __call__(self, tokens_BxL: jax.Array, *, segment_ids_BxL: Optional[jax.Array] = None,
@@ -405,6 +408,13 @@ class DecoderLM(nnx.Module):
       new_cache = {"layers": new_layer_caches, "segment_ids": key_segment_ids,
                    "positions": key_positions, "index": index_B + tokens_BxL.shape[1]}
     return out, new_cache
+
+
+def _kernels_in(state, dtype):
+  """`state` with every Dense kernel cast to `dtype`, the dtype Dense computes in."""
+  is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(dtype) if is_kernel(path) else x, state)
 
 
 def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
