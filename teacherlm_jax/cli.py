@@ -134,7 +134,7 @@ def gin_error_message(error: Exception, gin_files: Sequence[str] = ()) -> str:
     guess = f"{owners[0]}.{name}" if len(owners) == 1 else None
     close = _closest(name, _parameters(selector))
     guess = guess or (f"{selector}.{close}" if close else None)
-    scope = key.rpartition("/")[0] if "/" in key.rpartition(".")[0] else ""
+    scope = key.rpartition(".")[0].rpartition("/")[0]
     guess = f"{scope}/{guess}" if guess and scope else guess
     return (f"gin: unknown binding '{key}' in {where}"
             + (f" (did you mean {guess}?)" if guess else

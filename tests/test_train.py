@@ -145,7 +145,7 @@ def test_train_step_compiles_once_from_a_fresh_state(flan_batches, caplog):
   """`fresh_state` places every leaf as the step returns it, so step 2 reuses step 1's
   program (the benchmark's uncommitted step counter compiled it twice)."""
   config = _config(**MESH)
-  mesh = train.make_mesh(config)
+  mesh = config.mesh.make()
   program = train.program_for(config, train.model_config_for(config, ""), mesh)
   batch = partitioning.shard_batch({key: flan_batches[0][key] for key in train.BATCH_KEYS},
                                    mesh, BATCH)
@@ -306,7 +306,7 @@ def test_runs_differing_only_in_seed_share_one_compile(flan_batches, caplog):
   of the compiled program, so a second seed's first step compiles nothing new."""
   from flax import nnx
   from teacherlm_jax.models import transformer
-  mesh = train.make_mesh(_config(**MESH))
+  mesh = _config(**MESH).mesh.make()
   programs = {seed: train.program_for(_config(seed=seed, **MESH),
                                       train.model_config_for(_config(**MESH), ""), mesh)
               for seed in (0, 1)}

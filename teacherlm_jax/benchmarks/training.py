@@ -127,7 +127,7 @@ def benchmark_training(device: bool = False, quick: bool = False,
                                              adam_b1=0.9, adam_b2=0.95, clip_norm=1.0),
       mesh=train_config.MeshConfig(devices=1, fsdp=1))
   config = config.replace(**run.model.numerics())  # The trainer's numerics.
-  mesh = train_lib.make_mesh(run)
+  mesh = run.mesh.make()
   program = train_lib.program_for(run, config, mesh)
   state = program.fresh_state(program.init_params())
   batch_np = {"tokens": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),

@@ -21,7 +21,8 @@ Each step is built for the architecture its stage would run, as `train.model_con
 takes it: a run started from an HF checkpoint has that checkpoint's architecture (read from
 its config.json when the path is here, else the preset (`ModelSettings.preset`) it is declared
 to be) and ignores `ModelSettings.overrides`, as training does; only shapes are made
-(`nnx.eval_shape`), never weights. Every step carries its model's parameter count, to check against the config.
+(`nnx.eval_shape`), never weights. Every step carries its model's parameter count, to check
+against the config.
 """
 from __future__ import annotations
 
@@ -148,10 +149,7 @@ def _pipeline_vocab_overrides(scope: str) -> dict:
   if _hf_checkpoint(scope) or any(_bound(binding) and gin.query_parameter(binding)
                                   for binding in pretrained):
     return {}
-  vocab_size = (gin.query_parameter("PipelineConfig.vocab_size")
-                if _bound("PipelineConfig.vocab_size") else
-                inspect.signature(pipeline_lib.PipelineConfig).parameters["vocab_size"].default)
-  return {"vocab_size": vocab_size}
+  return {"vocab_size": _argument(pipeline_lib.PipelineConfig, "vocab_size")}
 
 
 def _architecture(scope: str, config: train_lib.TrainConfig, overrides: dict, device
@@ -186,7 +184,7 @@ def train_step(name: str, scope: str, slice_name: str, in_pipeline: bool) -> Ste
   devices = topologies.devices(slice_name)
   model_config, source = _architecture(
       scope, config, _pipeline_vocab_overrides(scope) if in_pipeline else {}, devices[0])
-  mesh = train_lib.make_mesh(config, devices)
+  mesh = config.mesh.make(devices)
   data = config.data
   partitioning.check_batch_divides(data.batch_size, mesh,
                                    what=f"{scope + '/' if scope else ''}DataConfig.batch_size")

@@ -57,11 +57,6 @@ BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
-def make_mesh(config: TrainConfig, devices: Optional[List[jax.Device]] = None):
-  """The run's mesh over `devices` (default every device; a TPU topology's for AOT compiles)."""
-  return config.mesh.make(devices)
-
-
 def model_config_for(config: TrainConfig, model_dir: str, vocabulary=None) -> ModelConfig:
   """The architecture: this run's saved one (resume), the previous stage's, the HF
   checkpoint's, or the preset; with this run's compute dtype and remat. A checkpoint's
@@ -521,7 +516,7 @@ def train(config: TrainConfig, model_dir: str, *, train_batches: Optional[Batche
     raise ValueError("DataConfig.train_task is empty: set it to a registered seqio task or "
                      "mixture (e.g. in the gin file), or pass scripts/train.py "
                      "--input=<annotation directory>")
-  mesh = make_mesh(config)
+  mesh = config.mesh.make()
   partitioning.check_batch_divides(config.data.batch_size, mesh, what="DataConfig.batch_size")
   rows = partitioning.process_batch_rows(mesh, config.data.batch_size)
   vocabulary = None

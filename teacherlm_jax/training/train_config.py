@@ -10,12 +10,12 @@ takes a group's changes as a dict.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Dict, List, Mapping, Optional
 
 import gin
 import jax
 
+from teacherlm_jax.data import sources
 from teacherlm_jax.models import head_loss
 from teacherlm_jax.runtime import kernels
 from teacherlm_jax.runtime import partitioning
@@ -102,10 +102,8 @@ class DataConfig(_Group):
   POSITIVE = ("seq_len", "batch_size")
 
   def resolved_data_dir(self) -> str:
-    if self.data_dir:
-      return self.data_dir
-    return os.environ.get("TEACHERLM_DATA_DIR",
-                          os.path.join(os.getcwd(), "..", "shared", "data"))
+    """`data_dir`, else the project's datasets root (data/sources.py)."""
+    return self.data_dir or str(sources.data_dir())
 
 
 @gin.configurable
